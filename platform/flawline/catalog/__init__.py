@@ -1,0 +1,25 @@
+"""The SQL catalog: datasets, images, annotations, runs, model versions, active-learning queues."""
+
+from flawline.catalog.db import Catalog, check_schema, current_revision, downgrade, head_revision, upgrade
+from flawline.catalog.models import (
+    ActiveLearningRound,
+    Annotation,
+    AnnotationSource,
+    Base,
+    Dataset,
+    Image,
+    Label,
+    ModelStage,
+    ModelVersion,
+    QueueItem,
+    QueueStatus,
+    RunStatus,
+    Split,
+    TrainingRun,
+)
+
+__all__ = [
+    "ActiveLearningRound", "Annotation", "AnnotationSource", "Base", "Catalog", "Dataset", "Image",
+    "Label", "ModelStage", "ModelVersion", "QueueItem", "QueueStatus", "RunStatus", "Split",
+    "TrainingRun", "check_schema", "current_revision", "downgrade", "head_revision", "upgrade",
+]

@@ -1,0 +1,85 @@
+"""Read-side queries over the catalog, shared by the CLI, jobs and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from flawline.catalog.models import Annotation, AnnotationSource, Dataset, Image, Label
+from flawline.errors import NotFound
+
+# Which annotation decides an image's label when several exist: a person's word beats an import.
+LABEL_SOURCES = (AnnotationSource.human, AnnotationSource.imported)
+
+
+def get_dataset(session: Session, name: str) -> Dataset:
+    ds = session.scalar(select(Dataset).where(Dataset.name == name))
+    if ds is None:
+        names = session.scalars(select(Dataset.name).order_by(Dataset.name)).all()
+        hint = f"; datasets: {', '.join(names)}" if names else "; the catalog has no datasets yet"
+        raise NotFound(f"no dataset named {name!r}{hint}")
+    return ds
+
+
+def image_labels(session: Session, dataset_id: int) -> dict[int, tuple[Label | None, str | None]]:
+    """image id → (label, defect class) from the deciding annotation; unlabelled images map to None."""
+    rank = {AnnotationSource.human: 0, AnnotationSource.imported: 1}
+    rows = session.execute(
+        select(Image.id, Annotation.label, Annotation.defect_class, Annotation.source, Annotation.updated_at)
+        .outerjoin(Annotation, (Annotation.image_id == Image.id) & Annotation.source.in_(LABEL_SOURCES)
+                   & Annotation.label.is_not(None))
+        .where(Image.dataset_id == dataset_id)
+    ).all()
+    best: dict[int, tuple[tuple[int, float], Label | None, str | None]] = {}
+    for image_id, label, defect_class, source, updated in rows:
+        key = (rank.get(source, 9), -(updated.timestamp() if updated else 0.0))
+        if image_id not in best or (label is not None and key < best[image_id][0]):
+            best[image_id] = (key, label, defect_class)
+    return {i: (v[1], v[2]) for i, v in best.items()}
+
+
+@dataclass
+class DatasetSummary:
+    name: str
+    layout: str | None
+    source: str | None
+    images: int = 0
+    bytes: int = 0
+    masks: int = 0
+    by_label: dict[str, int] = field(default_factory=dict)
+    by_class: dict[str, int] = field(default_factory=dict)
+    by_split: dict[str, int] = field(default_factory=dict)
+    split_info: dict[str, Any] | None = None
+    created_at: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summarize_dataset(session: Session, ds: Dataset) -> DatasetSummary:
+    summary = DatasetSummary(ds.name, ds.layout, ds.source_uri, split_info=ds.split_info,
+                             created_at=ds.created_at.isoformat() if ds.created_at else None)
+    count, size = session.execute(
+        select(func.count(Image.id), func.coalesce(func.sum(Image.byte_size), 0)).where(Image.dataset_id == ds.id)
+    ).one()
+    summary.images, summary.bytes = int(count), int(size)
+    summary.masks = int(session.scalar(
+        select(func.count(func.distinct(Annotation.image_id))).join(Image)
+        .where(Image.dataset_id == ds.id, Annotation.mask_key.is_not(None))) or 0)
+    for label, defect_class in image_labels(session, ds.id).values():
+        key = label.value if label else "unlabeled"
+        summary.by_label[key] = summary.by_label.get(key, 0) + 1
+        if defect_class:
+            summary.by_class[defect_class] = summary.by_class.get(defect_class, 0) + 1
+    for split, n in session.execute(
+        select(Image.split, func.count(Image.id)).where(Image.dataset_id == ds.id).group_by(Image.split)
+    ):
+        summary.by_split[split.value if split else "unassigned"] = int(n)
+    return summary
+
+
+def list_summaries(session: Session) -> list[DatasetSummary]:
+    return [summarize_dataset(session, ds) for ds in session.scalars(select(Dataset).order_by(Dataset.name))]

@@ -1,0 +1,63 @@
+"""Typer plumbing shared by every command group: one-line errors, consoles, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from flawline.errors import FlawlineError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    # Plain echo, not rich: one line, never re-wrapped.
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+class FlawlineTyper(typer.Typer):
+    """A Typer whose commands turn flawline errors into ``error: <one line>`` and exit code 1."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("no_args_is_help", True)
+        kwargs.setdefault("pretty_exceptions_enable", False)
+        kwargs.setdefault("rich_markup_mode", "rich")
+        super().__init__(**kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                try:
+                    return fn(*a, **kw)
+                except FlawlineError as err:
+                    _fail(str(err), err.exit_code)
+                except KeyboardInterrupt:
+                    _fail("interrupted", 130)
+
+            register(wrapper)
+            return fn
+
+        return decorator
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

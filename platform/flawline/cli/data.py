@@ -1,0 +1,149 @@
+"""``flawline data``: import, list, inspect and split datasets."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flawline.catalog.queries import get_dataset, list_summaries, summarize_dataset
+from flawline.cli.app import FlawlineTyper, console, err_console, human_bytes, print_json
+from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
+from flawline.data.importers import importer_names
+from flawline.data.ingest import ImportReport, ProgressFn, import_dataset
+from flawline.data.split import SplitSpec, assign_splits
+
+app = FlawlineTyper(help="Datasets: import images into S3 + catalog, list them, split them.")
+
+_LAYOUTS = ", ".join(["auto", *importer_names()])
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[ProgressFn | None]:
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+@app.command("import")
+def import_(
+    path: Optional[Path] = typer.Argument(None, help="Folder to import (optional for --layout elpv)."),
+    layout: str = typer.Option("auto", "--layout", "-l", help=f"Source layout: {_LAYOUTS}."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (default from the layout)."),
+    category: Optional[str] = typer.Option(None, help="MVTec AD category, when PATH holds several."),
+    workers: Optional[int] = typer.Option(None, min=1, max=256, help="Parallel uploads (default from settings)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Import only the first N images found."),
+    skip_invalid: bool = typer.Option(False, help="Skip unreadable files instead of stopping; lists them."),
+    full_decode: bool = typer.Option(False, help="Decode every pixel of every file (slower; default checks stream integrity)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Import images (and masks and labels) into object storage and the catalog.
+
+    Layouts: folder (normal/, defect/<class>/, unlabeled/, masks/ mirroring them), mvtec (MVTec AD),
+    magnetic-tile (MT_<Class>/Imgs), elpv (the elpv-dataset package). Re-running is safe: images
+    already in the dataset are recognised by content hash and skipped.
+    """
+    settings = get_settings()
+    options = {"category": category} if category else {}
+    with _progress(not as_json) as progress:
+        report = import_dataset(
+            open_catalog(settings), open_store(settings), path, layout=layout, dataset=dataset,
+            workers=workers or settings.upload_workers, skip_invalid=skip_invalid, full_decode=full_decode, limit=limit,
+            options=options, progress=progress,
+        )
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        _print_report(report)
+
+
+def _print_report(r: ImportReport) -> None:
+    rate = r.objects_uploaded / r.seconds if r.seconds else 0.0
+    console.print(
+        f"[bold]{r.dataset}[/] ({r.layout}): {r.scanned} files scanned, {r.new_images} new images, "
+        f"{r.already_present} already present, {r.duplicates} duplicate files, {r.masks} with masks; "
+        f"{r.objects_uploaded} objects ({human_bytes(r.bytes_uploaded)}) uploaded in {r.seconds:.1f}s "
+        f"({rate:.0f} objects/s)"
+    )
+    if r.labels_added:
+        console.print(f"labels added to {r.labels_added} images that had none")
+    if r.by_label:
+        console.print("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(r.by_label.items())))
+    if r.skipped:
+        err_console.print(f"[yellow]skipped {len(r.skipped)} invalid files:[/]")
+        for line in r.skipped:
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List datasets with image counts by label and split."""
+    with open_catalog().session() as session:
+        summaries = list_summaries(session)
+    if as_json:
+        print_json([s.as_dict() for s in summaries])
+        return
+    if not summaries:
+        console.print("no datasets yet; `flawline data import PATH` adds one")
+        return
+    table = Table("dataset", "layout", "images", "size", "labels", "splits")
+    for s in summaries:
+        table.add_row(s.name, s.layout or "", str(s.images), human_bytes(s.bytes),
+                      ", ".join(f"{k} {v}" for k, v in sorted(s.by_label.items())),
+                      ", ".join(f"{k} {v}" for k, v in sorted(s.by_split.items())))
+    console.print(table)
+
+
+@app.command()
+def show(name: str = typer.Argument(..., help="Dataset name."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show one dataset: counts by label, defect class and split, masks, source and split seed."""
+    with open_catalog().session() as session:
+        s = summarize_dataset(session, get_dataset(session, name))
+    if as_json:
+        print_json(s.as_dict())
+        return
+    table = Table(show_header=False, title=f"dataset {s.name}")
+    rows = [
+        ("layout", s.layout or ""), ("source", s.source or ""), ("created", s.created_at or ""),
+        ("images", str(s.images)), ("size", human_bytes(s.bytes)), ("with masks", str(s.masks)),
+        ("labels", ", ".join(f"{k} {v}" for k, v in sorted(s.by_label.items()))),
+        ("defect classes", ", ".join(f"{k} {v}" for k, v in sorted(s.by_class.items())) or "-"),
+        ("splits", ", ".join(f"{k} {v}" for k, v in sorted(s.by_split.items()))),
+        ("split seed", "-" if not s.split_info else
+         f"seed {s.split_info['seed']} train/val/test {s.split_info['train']}/{s.split_info['val']}/"
+         f"{s.split_info['test']}" + (" (normal-only train)" if s.split_info.get("normal_only_train") else "")),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def split(
+    name: str = typer.Argument(..., help="Dataset name."),
+    train: float = typer.Option(0.7, min=0.0, max=1.0, help="Fraction for training."),
+    val: float = typer.Option(0.1, min=0.0, max=1.0, help="Fraction for validation (thresholds)."),
+    test: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction for testing."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same split."),
+    normal_only_train: bool = typer.Option(
+        False, help="Anomaly-detection protocol: train on normal images only; defects go to val/test."),
+) -> None:
+    """Assign a seeded train/val/test split, stratified by label and defect class, in the catalog."""
+    counts = assign_splits(open_catalog(), name, SplitSpec(train, val, test, seed, normal_only_train))
+    console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (seed {seed})")

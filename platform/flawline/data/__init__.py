@@ -1,0 +1,1 @@
+"""Datasets: importers for source layouts, the import pipeline, splits, image checks."""

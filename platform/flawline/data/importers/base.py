@@ -1,0 +1,125 @@
+"""What an importer yields, and the registry importers add themselves to.
+
+An importer only *describes* a source (which files, which labels, which masks); checking,
+de-duplicating, uploading and cataloguing is done once for all of them by ``flawline.data.ingest``.
+Adding a layout = writing one module with a ``@register_importer`` class and importing it in
+``flawline/data/importers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from flawline.catalog.models import Label, Split
+from flawline.errors import InvalidInput
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Blob:
+    """Bytes from a file, or bytes already in memory (e.g. from a package)."""
+
+    name: str  # shown in errors: a path, or package:item
+    path: Path | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        try:
+            return self.path.read_bytes()
+        except OSError as err:
+            raise InvalidInput(f"{self.name}: cannot read file ({err.strerror or err})") from None
+
+
+@dataclass
+class ImportItem:
+    """One image as an importer found it."""
+
+    image: Blob
+    label: Label | None  # None: unlabeled
+    defect_class: str | None = None
+    mask: Blob | None = None
+    split: Split | None = None
+    image_attrs: dict[str, Any] = field(default_factory=dict)
+    annotation_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Importer:
+    """Base class; subclasses set ``name`` and implement ``scan``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_path: ClassVar[bool] = True
+
+    def detect(self, root: Path) -> bool:
+        """Whether ``root`` looks like this layout (used by ``--layout auto``)."""
+        return False
+
+    def scan(self, root: Path | None, **options: Any) -> Iterator[ImportItem]:
+        raise NotImplementedError
+
+    def default_dataset_name(self, root: Path | None) -> str:
+        return root.resolve().name if root is not None else self.name
+
+
+_REGISTRY: dict[str, type[Importer]] = {}
+
+
+def register_importer(cls: type[Importer]) -> type[Importer]:
+    """Class decorator: make an importer available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"importer {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def importer_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_importer(name: str) -> Importer:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise InvalidInput(f"unknown layout {name!r}; choose one of: {', '.join(importer_names())}") from None
+
+
+def detect_layout(root: Path) -> Importer:
+    """The importer whose layout ``root`` matches."""
+    if not root.is_dir():
+        raise InvalidInput(f"{root}: not a directory")
+    matches = [cls() for cls in _REGISTRY.values() if cls.needs_path and cls().detect(root)]
+    if not matches:
+        raise InvalidInput(
+            f"{root}: layout not recognised; expected one of {', '.join(importer_names())} "
+            "(pass --layout to choose)"
+        )
+    return matches[0]
+
+
+def iter_files(folder: Path) -> Iterator[Path]:
+    """Every regular, non-hidden file below ``folder``, in a stable order."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            yield path
+
+
+def find_mask(candidates: list[Path]) -> Path | None:
+    for path in candidates:
+        if path.is_file():
+            return path
+    return None
+
+
+def mask_candidates(folder: Path, stem: str) -> list[Path]:
+    """``stem.png``/``stem_mask.png`` (any image suffix) in ``folder``."""
+    return [folder / f"{base}{suffix}" for base in (stem, f"{stem}_mask") for suffix in sorted(IMAGE_SUFFIXES)]
+
+
+Scanner = Callable[..., Iterator[ImportItem]]
