@@ -45,7 +45,8 @@ class Settings(BaseSettings):
         default=Path("~/.flawline"), description="Local state: SQLite catalog, S3 server data, logs."
     )
     catalog_url: str | None = Field(
-        default=None, description="SQLAlchemy URL of the catalog; default SQLite in data_dir."
+        default=None, repr=False,  # may carry a password; redacted() shows it masked
+        description="SQLAlchemy URL of the catalog; default SQLite in data_dir.",
     )
 
     s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of the S3 server.")

@@ -45,7 +45,7 @@ def check_s3(settings: Settings) -> ServiceHealth:
     endpoint = f"{settings.s3_url}/{settings.s3_bucket}"
     try:
         store = ObjectStore.from_settings(settings, retries=0)  # answer fast when it is down
-        exists = store.client.bucket_exists(settings.s3_bucket)
+        exists = store.bucket_exists()
     except FlawlineError as err:
         return ServiceHealth("S3", "down", endpoint, str(err))
     return ServiceHealth("S3", "ok", endpoint, "bucket exists" if exists else "reachable; bucket not created yet")

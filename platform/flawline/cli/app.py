@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,9 @@ import typer
 from rich.console import Console
 
 from flawline.errors import FlawlineError
+
+# Retries are ours to report: urllib3's own retry warnings would break the one-line error rule.
+logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -28,16 +28,22 @@ def _progress(enabled: bool) -> Iterator[ProgressFn | None]:
     if not enabled:
         yield None
         return
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+    bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err_console, transient=False)
+    tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # only once there is work to show: an early error prints nothing else
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 @app.command("import")

@@ -128,7 +128,9 @@ class LocalS3Server:
             f"-dir={self.root / 'data'}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            "-master.electionTimeout=1s",  # one master: no peers to wait for on a restart
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+            "-volume.preStopSeconds=1",  # a lone local server has no peers to hand over to
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             f"-filer.localSocket={self.root / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
@@ -158,6 +160,11 @@ class LocalS3Server:
                                f"{self.host}; set FLAWLINE_S3_ENDPOINT / FLAWLINE_LOCAL_S3_*_PORT")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         self._write_identity()
+        # SeaweedFS grows 7 volumes per collection (= per bucket) by default, and runs out of
+        # volume slots after a handful of buckets on a laptop; one at a time is plenty here.
+        # It reads master.toml from its working directory, which is self.root.
+        (self.root / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
@@ -187,8 +194,12 @@ class LocalS3Server:
                 time.sleep(0.3)
         raise ServiceError(f"local S3 server did not become ready in {timeout:.0f}s ({last}); see {self.log_file}")
 
-    def stop(self, timeout: float = 15.0) -> bool:
-        """Stop the server; returns False if it was not running."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the server; returns False if it was not running.
+
+        SIGTERM shuts the volume server down at once, but the filer then waits 15 s for the S3
+        gateway's metadata stream to end; after ``timeout`` the process is killed. Both its stores
+        (append-only volume files, LevelDB with its journal) survive that."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)

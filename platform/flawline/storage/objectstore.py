@@ -80,10 +80,10 @@ class ObjectStore:
             if not self.client.bucket_exists(self.bucket):
                 self.client.make_bucket(self.bucket)
 
-    def ping(self) -> None:
-        """Raise unless the server answers and accepts the keys (a bucket lookup needs both)."""
+    def bucket_exists(self) -> bool:
+        """Whether the bucket exists; raises unless the server answers and accepts the keys."""
         with self._errors("check bucket"):
-            self.client.bucket_exists(self.bucket)
+            return self.client.bucket_exists(self.bucket)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with self._errors("upload", key):
