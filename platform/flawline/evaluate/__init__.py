@@ -1,0 +1,1 @@
+"""Evaluation: metrics, thresholds and reports."""

@@ -1,0 +1,135 @@
+"""Decision thresholds a person can understand and control.
+
+From normal validation images, the four methods of the survey (Bergmann et al.): maximum score,
+p-quantile, k-sigma and maximum defect area; with labelled defects also best-F1. Each returns a
+``Threshold`` that records how and on what data it was chosen; a manual value overrides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from flawline.errors import InvalidInput
+
+METHODS = ("max", "quantile", "k-sigma", "max-area", "best-f1", "manual")
+
+
+@dataclass
+class Threshold:
+    value: float
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # what it was computed on (dataset, split, counts)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Threshold:
+        return cls(**values)
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        on = ", ".join(f"{k} {v}" for k, v in self.data.items())
+        return f"{self.value:.6g} ({self.method}{': ' + params if params else ''}{'; on ' + on if on else ''})"
+
+
+def _normal_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise InvalidInput("threshold needs at least one normal validation score")
+    if not np.isfinite(scores).all():
+        raise InvalidInput("threshold: validation scores contain NaN or infinite values")
+    return scores
+
+
+def max_score(scores: np.ndarray, data: dict | None = None) -> Threshold:
+    """The highest normal score: no false positive on the validation set (conservative)."""
+    s = _normal_scores(scores)
+    return Threshold(float(np.nextafter(s.max(), np.inf)), "max", {}, data or {"normal_images": s.size})
+
+
+def quantile(scores: np.ndarray, p: float = 0.99, data: dict | None = None) -> Threshold:
+    """The p-quantile of normal scores: tolerates a few noisy validation images."""
+    if not 0.0 < p <= 1.0:
+        raise InvalidInput(f"quantile p={p} must lie in (0, 1]")
+    s = _normal_scores(scores)
+    return Threshold(float(np.quantile(s, p)), "quantile", {"p": p}, data or {"normal_images": s.size})
+
+
+def k_sigma(scores: np.ndarray, k: float = 3.0, data: dict | None = None) -> Threshold:
+    """mean + k * std of normal scores (a Gaussian model of the normal score distribution)."""
+    s = _normal_scores(scores)
+    return Threshold(float(s.mean() + k * s.std(ddof=1 if s.size > 1 else 0)), "k-sigma", {"k": k},
+                     data or {"normal_images": s.size})
+
+
+def max_defect_area(maps: np.ndarray, max_area: int, data: dict | None = None) -> Threshold:
+    """The lowest pixel threshold at which no normal validation map has a connected region of
+    ``max_area`` pixels or more above it (smaller regions are treated as noise and filtered)."""
+    from scipy import ndimage
+
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise InvalidInput("max-area threshold needs normal validation maps shaped [N, H, W]")
+    if max_area < 1:
+        raise InvalidInput("max_area must be at least 1 pixel")
+
+    def largest_region(t: float) -> int:
+        best = 0
+        for m in maps:
+            labels, n = ndimage.label(m > t)
+            if n:
+                best = max(best, int(np.bincount(labels.ravel())[1:].max()))
+        return best
+
+    lo, hi = float(maps.min()) - 1e-9, float(maps.max())  # largest_region(hi) == 0 < max_area
+    for _ in range(40):  # bisection: the region size only shrinks as the threshold grows
+        mid = (lo + hi) / 2
+        if largest_region(mid) >= max_area:
+            lo = mid
+        else:
+            hi = mid
+    return Threshold(hi, "max-area", {"max_area": max_area}, data or {"normal_images": maps.shape[0]})
+
+
+def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> Threshold:
+    """The score threshold with the highest F1 on labelled images (needs defects and normals)."""
+    from flawline.evaluate.metrics import precision_recall_curve
+
+    y = np.asarray(labels).astype(bool).ravel()
+    s = _normal_scores(scores)
+    if y.all() or not y.any():
+        raise InvalidInput("best-f1 threshold needs both normal and defect images")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    i = int(np.argmax(f1))
+    return Threshold(float(thresholds[i]), "best-f1", {"f1": round(float(f1[i]), 6)},
+                     data or {"images": int(y.size), "defects": int(y.sum())})
+
+
+def manual(value: float, note: str = "") -> Threshold:
+    if not np.isfinite(value):
+        raise InvalidInput(f"manual threshold {value} is not a finite number")
+    return Threshold(float(value), "manual", {"note": note} if note else {}, {})
+
+
+def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray | None = None,
+            labels: np.ndarray | None = None, data: dict | None = None, **params: Any) -> Threshold:
+    """Dispatch by method name (CLI and jobs)."""
+    if method == "max":
+        return max_score(scores, data)
+    if method == "quantile":
+        return quantile(scores, params.get("p", 0.99), data)
+    if method == "k-sigma":
+        return k_sigma(scores, params.get("k", 3.0), data)
+    if method == "max-area":
+        return max_defect_area(maps, int(params.get("max_area", 64)), data)
+    if method == "best-f1":
+        return best_f1(labels, scores, data)
+    raise InvalidInput(f"unknown threshold method {method!r}; choose one of: {', '.join(METHODS[:-1])}")

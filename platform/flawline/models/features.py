@@ -1,0 +1,66 @@
+"""Image tensors in, patch features out: shared by the memory-bank and density detectors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flawline.errors import InvalidInput
+
+MIN_SIDE = 16
+MAX_SIDE = 8192
+
+
+def as_model_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Check and prepare a batch: [N, C, H, W] (or [C, H, W]), C = 1 (gray) or 3 (RGB), values in
+    [0, 1], finite; resized to ``size`` x ``size``; gray repeated to 3 channels."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInput(f"expected a tensor batch, got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise InvalidInput(f"expected images shaped [N, C, H, W], got {list(x.shape)}")
+    n, c, h, w = x.shape
+    if n == 0:
+        raise InvalidInput("empty batch: no images")
+    if c not in (1, 3):
+        raise InvalidInput(f"images have {c} channels; expected 1 (gray) or 3 (RGB)")
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise InvalidInput(f"image size {w}x{h} is outside {MIN_SIDE}..{MAX_SIDE} px a side")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise InvalidInput("images contain NaN or infinite values")
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.expand(-1, 3, -1, -1) if c == 1 else x
+
+
+def patch_features(maps: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
+    """PatchCore-style locally aware patch features: each map averaged over a ``pool`` x ``pool``
+    neighbourhood, brought to the finest map's resolution, concatenated: [N, sum(C), h, w]."""
+    size = maps[0].shape[-2:]
+    out = []
+    for f in maps:
+        if pool > 1:
+            f = F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    feats = torch.cat(out, 1)
+    if not torch.isfinite(feats).all():
+        raise InvalidInput("backbone produced non-finite features (check the weights and input range)")
+    return feats
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur [N, H, W] score maps (anomaly maps are smoothed before pixel scoring)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    xs = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)

@@ -1,0 +1,83 @@
+"""PaDiM-style detector: one Gaussian per feature-map position over a random subset of channels;
+anomaly = Mahalanobis distance (Defard et al., 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.features import gaussian_blur, patch_features
+
+
+@dataclass
+class PaDiMConfig(DetectorConfig):
+    channels: int = 100  # random channel subset (the paper's dimensionality reduction)
+    regularisation: float = 0.01  # added to the covariance diagonal
+    blur_sigma: float = 4.0
+
+
+@register_detector
+class PaDiMDetector(Detector):
+    name = "padim"
+    Config = PaDiMConfig
+
+    def __init__(self, config: PaDiMConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.channel_idx: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None  # [P, d]
+        self.inv_cov: torch.Tensor | None = None  # [P, d, d]
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        f = patch_features(self.extractor(x), pool=1)
+        if self.channel_idx is None:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            n = min(self.config.channels, f.shape[1])
+            self.channel_idx = torch.randperm(f.shape[1], generator=gen)[:n].sort().values.to(f.device)
+        return f[:, self.channel_idx]
+
+    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+        count, total, outer = 0, None, None
+        for x in batches:
+            f = self._features(x).double()  # [B, d, h, w]
+            b, d, h, w = f.shape
+            v = f.permute(2, 3, 0, 1).reshape(h * w, b, d)  # [P, B, d]
+            if total is None:
+                total = torch.zeros(h * w, d, dtype=torch.float64, device=f.device)
+                outer = torch.zeros(h * w, d, d, dtype=torch.float64, device=f.device)
+            total += v.sum(1)
+            outer += torch.einsum("pbi,pbj->pij", v, v)  # streamed: memory does not grow with N
+            count += b
+        if count == 0:
+            return 0
+        mean = total / count
+        cov = (outer - count * torch.einsum("pi,pj->pij", mean, mean)) / max(count - 1, 1)
+        cov += self.config.regularisation * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        self.mean = mean.float()
+        self.inv_cov = torch.linalg.inv(cov).float()
+        self.info.update(positions=int(mean.shape[0]), channels=int(mean.shape[1]))
+        return count
+
+    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._features(x)
+        b, d, h, w = f.shape
+        diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean.unsqueeze(1)  # [P, B, d]
+        m2 = torch.einsum("pbi,pij,pbj->pb", diff, self.inv_cov, diff).clamp_min(0)
+        patch_maps = m2.sqrt().T.reshape(b, h, w)
+        scores = patch_maps.flatten(1).max(1).values
+        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return scores, gaussian_blur(maps, self.config.blur_sigma)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"channel_idx": self.channel_idx.cpu(), "mean": self.mean.cpu(), "inv_cov": self.inv_cov.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.channel_idx = state["channel_idx"].to(self.device)
+        self.mean = state["mean"].to(self.device)
+        self.inv_cov = state["inv_cov"].to(self.device)
+        self.fitted = True

@@ -1,0 +1,84 @@
+"""PatchCore-style detector: a memory bank of normal patch features, thinned by greedy k-center
+coreset selection; anomaly = distance to the nearest bank entry (Roth et al., 2022)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flawline.errors import InvalidInput
+from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.features import gaussian_blur, patch_features
+from flawline.models.neighbors import nearest_distances, select_k_center
+
+
+@dataclass
+class PatchCoreConfig(DetectorConfig):
+    coreset_ratio: float = 0.01  # fraction of training patches kept in the bank
+    projection_dim: int = 128  # coreset distances in a random projection of this size
+    coreset_chunk: int = 65_536  # greedy selection works on chunks of at most this many patches
+    search_chunk: int = 1024  # query patches per distance block at predict time
+    blur_sigma: float = 4.0
+
+
+@register_detector
+class PatchCoreDetector(Detector):
+    name = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.bank: torch.Tensor | None = None
+        self.feature_hw: tuple[int, int] | None = None
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return patch_features(self.extractor(x))
+
+    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+        cfg: PatchCoreConfig = self.config
+        if not 0.0 < cfg.coreset_ratio <= 1.0:
+            raise InvalidInput(f"coreset_ratio {cfg.coreset_ratio} must lie in (0, 1]")
+        started = time.perf_counter()
+        parts, count = [], 0
+        for x in batches:
+            f = self._features(x)
+            self.feature_hw = tuple(f.shape[-2:])
+            parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
+            count += x.shape[0]
+        if count == 0:
+            return 0
+        feats = torch.cat(parts)
+        del parts
+        extract_s = time.perf_counter() - started
+        k = max(1, round(cfg.coreset_ratio * feats.shape[0]))
+        idx = select_k_center(feats.to(self.device), k, projection_dim=cfg.projection_dim,
+                              chunk_size=cfg.coreset_chunk, seed=cfg.seed)
+        self.bank = feats[idx.cpu()].to(self.device).contiguous()
+        self.info.update(patches=int(feats.shape[0]), bank=int(self.bank.shape[0]),
+                         extract_seconds=round(extract_s, 2),
+                         coreset_seconds=round(time.perf_counter() - started - extract_s, 2))
+        return count
+
+    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg: PatchCoreConfig = self.config
+        f = self._features(x)
+        b, c, h, w = f.shape
+        d = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, c), self.bank, 1, cfg.search_chunk)
+        patch_maps = d.view(b, h, w)
+        scores = patch_maps.flatten(1).max(1).values
+        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return scores, gaussian_blur(maps, cfg.blur_sigma)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank.cpu(), "feature_hw": list(self.feature_hw or ())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bank = state["bank"].to(self.device)
+        self.feature_hw = tuple(state["feature_hw"])
+        self.fitted = True

@@ -1,0 +1,128 @@
+"""Detectors: fit on normal images, score a defect higher, save/load through S3 with identical
+scores, refuse bad input clearly, and honour a manual threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flawline.errors import ConfigError, InvalidInput
+from flawline.evaluate.metrics import roc_auc
+from flawline.evaluate.thresholds import manual, quantile
+from flawline.models import create_detector, detector_names
+from flawline.models.artifacts import (
+    detector_from_bytes,
+    detector_to_bytes,
+    load_detector,
+    read_header,
+    save_detector,
+)
+
+SIZE = 64
+FAST = {"image_size": SIZE, "batch_size": 8}
+
+
+def textures(n: int, seed: int) -> torch.Tensor:
+    """Smooth gray textures, the 'normal' parts."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, SIZE // 4, SIZE // 4, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return 0.35 + 0.3 * x
+
+
+def with_defects(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    y[:, :, 20:34, 24:38] = 1.0  # a bright blotch
+    return y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return textures(24, 0), textures(8, 1), with_defects(textures(8, 2))
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_fit_predict_separates_defects(method, data):
+    train, normal, defect = data
+    det = create_detector(method, **FAST).fit(train)
+    pred = det.predict(torch.cat([normal, defect]))
+    assert pred.scores.shape == (16,) and pred.maps.shape == (16, SIZE, SIZE)
+    assert roc_auc([0] * 8 + [1] * 8, pred.scores) == 1.0
+    hot = pred.maps[8:, 20:34, 24:38].mean()
+    cold = pred.maps[8:, 48:, :16].mean()
+    assert hot > cold  # the map points at the blotch
+
+
+def test_detectors_are_registered():
+    assert {"patchcore", "padim"} <= set(detector_names())
+    with pytest.raises(ConfigError, match="unknown detector 'foo'"):
+        create_detector("foo")
+    with pytest.raises(ConfigError, match="unknown settings bogus"):
+        create_detector("patchcore", bogus=1)
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_save_load_through_s3_gives_identical_scores(method, data, store):
+    train, normal, defect = data
+    det = create_detector(method, **FAST).fit(train)
+    det.set_threshold(quantile(det.predict(normal).scores, 0.9, data={"dataset": "synthetic", "split": "val"}))
+    uri = save_detector(det, store, f"models/{method}/1/model.pt")
+    assert uri.endswith(f"models/{method}/1/model.pt")
+    loaded = load_detector(store, f"models/{method}/1/model.pt")
+    x = torch.cat([normal, defect])
+    np.testing.assert_array_equal(loaded.predict(x).scores, det.predict(x).scores)
+    assert loaded.threshold.method == "quantile" and loaded.threshold.data["split"] == "val"
+    assert loaded.config == det.config
+
+
+def test_incompatible_or_foreign_files_are_refused(data):
+    det = create_detector("patchcore", **FAST).fit(data[0])
+    blob = detector_to_bytes(det)
+    header = read_header(blob)
+    header["format_version"] = 99
+    import io
+    buf = io.BytesIO()
+    torch.save(header, buf)
+    with pytest.raises(InvalidInput, match="model format v99; this flawline .* reads v1"):
+        detector_from_bytes(buf.getvalue())
+    with pytest.raises(InvalidInput, match="not a flawline model file"):
+        detector_from_bytes(b"garbage")
+
+
+def test_manual_threshold_overrides(data):
+    train, normal, defect = data
+    det = create_detector("patchcore", **FAST).fit(train)
+    det.set_threshold(quantile(det.predict(normal).scores, 0.5))
+    x = torch.cat([normal, defect])
+    pred = det.predict(x)
+    assert pred.is_defect.sum() > 0
+    det.set_threshold(manual(float(pred.scores.max()) + 1.0, "no alarms during line restart"))
+    again = det.predict(x)
+    assert again.threshold == pytest.approx(float(pred.scores.max()) + 1.0)
+    assert not again.is_defect.any()  # the manual value, not the calibrated one, decides
+    det.threshold = None
+    with pytest.raises(ConfigError, match="no threshold"):
+        det.predict(x).is_defect
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.rand(2, 4, 64, 64), "4 channels; expected 1 (gray) or 3 (RGB)"),
+    (torch.rand(2, 2, 64, 64), "2 channels"),
+    (torch.rand(2, 3, 8, 8), "outside 16..8192"),
+    (torch.rand(1, 3, 16, 9000), "outside 16..8192"),
+    (torch.full((2, 3, 64, 64), float("nan")), "NaN or infinite"),
+    (torch.rand(0, 3, 64, 64), "no images"),
+])
+def test_bad_input_is_refused(bad, message, data):
+    det = create_detector("padim", **FAST).fit(data[0])
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        det.predict(bad)
+
+
+def test_empty_training_set_and_unfitted_model():
+    det = create_detector("patchcore", **FAST)
+    with pytest.raises(InvalidInput, match="empty training set"):
+        det.fit([])
+    with pytest.raises(ConfigError, match="not fitted"):
+        det.predict(torch.rand(1, 3, 64, 64))
