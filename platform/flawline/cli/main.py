@@ -9,6 +9,7 @@ import typer
 from flawline import __version__
 from flawline.cli import data as data_cli
 from flawline.cli import db as db_cli
+from flawline.cli import models as models_cli
 from flawline.cli import services
 from flawline.cli.app import FlawlineTyper, console, print_json
 from flawline.config import get_settings
@@ -20,6 +21,8 @@ app = FlawlineTyper(
 )
 app.add_typer(db_cli.app, name="db")
 app.add_typer(data_cli.app, name="data")
+app.add_typer(models_cli.app, name="models")
+app.command()(models_cli.evaluate)
 
 config_app = FlawlineTyper(help="Show the effective settings (secrets masked).")
 app.add_typer(config_app, name="config")

@@ -108,7 +108,8 @@ class Detector(ABC):
         for batch in iter_batches(images, self.config.batch_size):
             s, m = self._predict_batch(self.prepare(batch))
             if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
-                raise InvalidInput(f"{self.name}: non-finite anomaly scores; the input or model is broken")
+                raise InvalidInput(f"{self.name}: non-finite features or scores (NaN/inf); check the "
+                                   "backbone weights and the model file")
             scores.append(s.float().cpu())
             maps.append(m.float().cpu())
         if not scores:

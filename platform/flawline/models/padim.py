@@ -9,9 +9,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flawline.models.base import Detector, DetectorConfig, register_detector
 from flawline.models.features import gaussian_blur, patch_features
+
+
+class PaDiMScorer(nn.Module):
+    """Images → (scores, maps): the whole prediction path as one module (exported as is)."""
+
+    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, mean: torch.Tensor,
+                 inv_cov: torch.Tensor, blur_sigma: float) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.register_buffer("channel_idx", channel_idx)
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_cov", inv_cov)
+        self.blur_sigma = blur_sigma
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = patch_features(self.extractor(x), pool=1).index_select(1, self.channel_idx)
+        b, d, h, w = f.shape
+        diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean.unsqueeze(1)  # [P, B, d]
+        m2 = (torch.bmm(diff, self.inv_cov) * diff).sum(-1).clamp_min(0)  # [P, B] squared Mahalanobis
+        patch_maps = m2.sqrt().T.reshape(b, h, w)
+        scores = patch_maps.flatten(1).max(1).values
+        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return scores, gaussian_blur(maps, self.blur_sigma)
 
 
 @dataclass
@@ -62,16 +87,11 @@ class PaDiMDetector(Detector):
         self.info.update(positions=int(mean.shape[0]), channels=int(mean.shape[1]))
         return count
 
+    def scorer(self, chunked: bool = True) -> PaDiMScorer:
+        return PaDiMScorer(self.extractor, self.channel_idx, self.mean, self.inv_cov, self.config.blur_sigma)
+
     def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._features(x)
-        b, d, h, w = f.shape
-        diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean.unsqueeze(1)  # [P, B, d]
-        m2 = torch.einsum("pbi,pij,pbj->pb", diff, self.inv_cov, diff).clamp_min(0)
-        patch_maps = m2.sqrt().T.reshape(b, h, w)
-        scores = patch_maps.flatten(1).max(1).values
-        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, self.config.blur_sigma)
+        return self.scorer()(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {"channel_idx": self.channel_idx.cpu(), "mean": self.mean.cpu(), "inv_cov": self.inv_cov.cpu()}

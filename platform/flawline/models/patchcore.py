@@ -10,11 +10,35 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flawline.errors import InvalidInput
 from flawline.models.base import Detector, DetectorConfig, register_detector
 from flawline.models.features import gaussian_blur, patch_features
 from flawline.models.neighbors import nearest_distances, select_k_center
+
+
+class PatchCoreScorer(nn.Module):
+    """Images → (scores, maps) for a fitted bank: the whole prediction path as one module, so the
+    ONNX export runs exactly this code. ``chunk=None`` searches in one block (export)."""
+
+    def __init__(self, extractor: nn.Module, bank: torch.Tensor, blur_sigma: float, chunk: int | None) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.register_buffer("bank", bank)
+        self.blur_sigma = blur_sigma
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = patch_features(self.extractor(x))
+        b, c, h, w = f.shape
+        q = f.permute(0, 2, 3, 1).reshape(-1, c)
+        d = nearest_distances(q, self.bank, 1, self.chunk or q.shape[0])
+        patch_maps = d.reshape(b, h, w)
+        scores = patch_maps.flatten(1).max(1).values
+        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return scores, gaussian_blur(maps, self.blur_sigma)
 
 
 @dataclass
@@ -35,6 +59,7 @@ class PatchCoreDetector(Detector):
         super().__init__(config, **overrides)
         self.bank: torch.Tensor | None = None
         self.feature_hw: tuple[int, int] | None = None
+        self._scorer: PatchCoreScorer | None = None
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return patch_features(self.extractor(x))
@@ -59,21 +84,20 @@ class PatchCoreDetector(Detector):
         idx = select_k_center(feats.to(self.device), k, projection_dim=cfg.projection_dim,
                               chunk_size=cfg.coreset_chunk, seed=cfg.seed)
         self.bank = feats[idx.cpu()].to(self.device).contiguous()
+        self._scorer = None
         self.info.update(patches=int(feats.shape[0]), bank=int(self.bank.shape[0]),
                          extract_seconds=round(extract_s, 2),
                          coreset_seconds=round(time.perf_counter() - started - extract_s, 2))
         return count
 
+    def scorer(self, chunked: bool = True) -> PatchCoreScorer:
+        return PatchCoreScorer(self.extractor, self.bank, self.config.blur_sigma,
+                               self.config.search_chunk if chunked else None)
+
     def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg: PatchCoreConfig = self.config
-        f = self._features(x)
-        b, c, h, w = f.shape
-        d = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, c), self.bank, 1, cfg.search_chunk)
-        patch_maps = d.view(b, h, w)
-        scores = patch_maps.flatten(1).max(1).values
-        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, cfg.blur_sigma)
+        if self._scorer is None:
+            self._scorer = self.scorer()
+        return self._scorer(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.cpu(), "feature_hw": list(self.feature_hw or ())}
@@ -81,4 +105,5 @@ class PatchCoreDetector(Detector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bank = state["bank"].to(self.device)
         self.feature_hw = tuple(state["feature_hw"])
+        self._scorer = None
         self.fitted = True

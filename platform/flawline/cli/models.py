@@ -1,0 +1,202 @@
+"""``flawline evaluate`` and ``flawline models``: fit and evaluate a detector on a catalogued
+dataset, register the model version, inspect it, set its threshold, export it."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from flawline.catalog import Split
+from flawline.catalog.model_versions import get_version, register_version, set_threshold
+from flawline.catalog.queries import get_dataset
+from flawline.cli.app import FlawlineTyper, console, err_console, print_json
+from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
+from flawline.data.fetch import fetch, split_refs
+from flawline.errors import InvalidInput
+from flawline.evaluate import thresholds as th
+from flawline.evaluate.report import write_report
+from flawline.evaluate.run import evaluate as evaluate_detector
+from flawline.models import create_detector, detector_names
+from flawline.models.artifacts import detector_from_bytes, detector_to_bytes
+from flawline.models.export import check_export, export_onnx
+
+app = FlawlineTyper(help="Model versions: list, show, set thresholds, export.")
+
+
+def evaluate(
+    dataset: str = typer.Argument(..., help="Dataset with a train/test split (`flawline data split`)."),
+    method: str = typer.Option("patchcore", "--method", "-m", help=f"Detector: {', '.join(detector_names())}."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Feature backbone."),
+    image_size: int = typer.Option(256, min=32, max=1024, help="Images are resized to this square size."),
+    threshold: str = typer.Option("quantile", help="How to choose the threshold from normal validation "
+                                  "images: max, quantile, k-sigma, max-area; or best-f1 (needs labelled val)."),
+    p: float = typer.Option(0.99, help="quantile: the p-quantile of normal scores."),
+    k: float = typer.Option(3.0, help="k-sigma: mean + k * std."),
+    max_area: int = typer.Option(64, help="max-area: largest tolerated anomalous region (pixels)."),
+    threshold_value: Optional[float] = typer.Option(None, help="A manual threshold; overrides --threshold."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: <data dir>/reports/<dataset>-<method>-<time>)."),
+    save: bool = typer.Option(True, help="Save the fitted model to S3 and register it in the catalog."),
+) -> None:
+    """Fit a detector on the dataset's normal training images, choose its threshold on normal
+    validation images, evaluate on the test split and write a report (JSON, Markdown, ROC curve,
+    heatmaps of the worst misses and false alarms)."""
+    settings = get_settings()
+    catalog, store = open_catalog(settings), open_store(settings)
+    train_refs = split_refs(catalog, dataset, Split.train, normal_only=True)
+    test_refs = split_refs(catalog, dataset, Split.test)
+    val_refs = split_refs(catalog, dataset, Split.val, normal_only=threshold != "best-f1")
+    if not train_refs:
+        raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
+    if not test_refs:
+        raise InvalidInput(f"dataset {dataset!r} has no labelled images in its test split; run `flawline data split`")
+    calib_note = "val split"
+    if not val_refs:  # hold out a tenth of the training normals for calibration
+        cut = max(1, len(train_refs) // 10)
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(train_refs))
+        val_refs = [train_refs[i] for i in order[:cut]]
+        train_refs = [train_refs[i] for i in order[cut:]]
+        calib_note = f"{cut} training normals held out (no val split)"
+    started = time.perf_counter()
+    err_console.print(f"fetching {len(train_refs)} train, {len(val_refs)} calibration, {len(test_refs)} test images")
+    train = fetch(store, train_refs, image_size, settings.upload_workers)
+    val = fetch(store, val_refs, image_size, settings.upload_workers)
+    test = fetch(store, test_refs, image_size, settings.upload_workers)
+    det = create_detector(method, backbone=backbone, image_size=image_size)
+    with err_console.status(f"fitting {method} on {len(train)} normal images"):
+        fit_started = time.perf_counter()
+        det.fit(train.images)
+        fit_s = time.perf_counter() - fit_started
+    data_note = {"dataset": dataset, "split": calib_note, "images": len(val)}
+    if threshold_value is not None:
+        det.set_threshold(th.manual(threshold_value, "given on the command line"))
+    else:
+        vp = det.predict(val.images)
+        det.set_threshold(th.compute(threshold, scores=vp.scores, maps=vp.maps, labels=val.labels,
+                                     data=data_note, p=p, k=k, max_area=max_area))
+    with err_console.status(f"evaluating on {len(test)} test images"):
+        metrics, pred = evaluate_detector(det, test)
+    metrics["fit_seconds"] = fit_s
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out or settings.data_dir / "reports" / f"{dataset}-{method}-{stamp}"
+    context = {"dataset": dataset, "method": method, "backbone": backbone, "image_size": image_size,
+               "train_images": len(train), "calibration": calib_note, "seconds": round(time.perf_counter() - started, 1)}
+    files = write_report(out, metrics, test, pred, context)
+    if save:
+        key = f"models/{dataset}/{method}/{stamp}/model.pt"
+        store.put_bytes(key, detector_to_bytes(det))
+        with catalog.session() as s:
+            row = register_version(s, name=f"{dataset}-{method}", artifact_uri=store.uri(key), method=method,
+                                   backbone=backbone, threshold=det.threshold.as_dict(),
+                                   metrics={k: v for k, v in metrics.items() if k != "threshold"},
+                                   dataset_id=get_dataset(s, dataset).id)
+            context["model"] = f"{row.name}:{row.version}"
+    console.print(f"image AUROC {metrics['image_auroc']:.4f}  AP {metrics['average_precision']:.4f}  "
+                  f"F1 {metrics.get('f1', 0):.4f}" + (f"  pixel AUROC {metrics['pixel_auroc']:.4f}  "
+                                                     f"AUPRO {metrics['aupro']:.4f}" if "aupro" in metrics else ""))
+    console.print(f"threshold {det.threshold.describe()}")
+    if save:
+        console.print(f"model {context['model']} saved to {store.uri(key)}")
+    console.print(f"report: {files['markdown']}")
+
+
+def _load(ref: str):
+    """A detector from a model name[:version], a local file, or an s3:// URI."""
+    if ref.startswith("s3://"):
+        store = open_store()
+        return detector_from_bytes(store.get_bytes(store.key_from_uri(ref)), ref), None
+    path = Path(ref)
+    if path.is_file():
+        return detector_from_bytes(path.read_bytes(), str(path)), None
+    catalog, store = open_catalog(), open_store()
+    with catalog.session() as s:
+        row = get_version(s, ref)
+        uri, info = row.artifact_uri, row.threshold_info
+    det = detector_from_bytes(store.get_bytes(store.key_from_uri(uri)), uri)
+    if info:  # the catalog's threshold is authoritative (it may have been set after saving)
+        det.set_threshold(th.Threshold.from_dict({k: v for k, v in info.items() if k != "history"}))
+    return det, ref
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered model versions with their threshold and test metrics."""
+    from sqlalchemy import select
+
+    from flawline.catalog import ModelVersion
+
+    with open_catalog().session() as s:
+        rows = s.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)).all()
+        items = [{"model": f"{r.name}:{r.version}", "method": r.method, "stage": r.stage.value,
+                  "threshold": r.threshold, "threshold_method": (r.threshold_info or {}).get("method"),
+                  "image_auroc": (r.metrics or {}).get("image_auroc"), "artifact": r.artifact_uri} for r in rows]
+    if as_json:
+        print_json(items)
+        return
+    table = Table("model", "method", "stage", "threshold", "image AUROC", "artifact")
+    for i in items:
+        table.add_row(i["model"], i["method"], i["stage"],
+                      f"{i['threshold']:.4g} ({i['threshold_method']})" if i["threshold"] is not None else "-",
+                      f"{i['image_auroc']:.4f}" if i["image_auroc"] is not None else "-", i["artifact"])
+    console.print(table)
+
+
+@app.command()
+def show(model: str = typer.Argument(..., help="name, name:version, a file or an s3:// URI"),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """A model's method, settings, threshold (value, how and on what data it was chosen) and metrics."""
+    det, ref = _load(model)
+    info = det.describe()
+    if ref:
+        with open_catalog().session() as s:
+            row = get_version(s, ref)
+            info.update(model=f"{row.name}:{row.version}", stage=row.stage.value, artifact=row.artifact_uri,
+                        metrics=row.metrics, threshold_history=(row.threshold_info or {}).get("history", []))
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"[bold]{info.get('model', model)}[/] {info['method']} ({info['config']['backbone']}, "
+                  f"{info['config']['image_size']}px)")
+    console.print("threshold: " + (det.threshold.describe() if det.threshold else "none"))
+    for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro"):
+        if info.get("metrics") and key in info["metrics"]:
+            console.print(f"{key}: {info['metrics'][key]:.4f}")
+
+
+@app.command("threshold")
+def threshold_(model: str = typer.Argument(..., help="name or name:version"),
+               value: float = typer.Option(..., help="The new threshold: images scoring at or above it are defects."),
+               note: str = typer.Option("", help="Why (kept with the threshold).")) -> None:
+    """Set a manual threshold on a registered model version; the previous one is kept in its history."""
+    with open_catalog().session() as s:
+        row = get_version(s, model)
+        old = row.threshold
+        set_threshold(s, row, th.manual(value, note).as_dict())
+        console.print(f"{row.name}:{row.version} threshold {old} → {value} (manual)")
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help="name, name:version, a file or an s3:// URI"),
+           format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+           out: Path = typer.Option(..., "--out", "-o", help="Output file."),
+           probe: int = typer.Option(8, help="Random probe images used to check the export.")) -> None:
+    """Export the whole prediction path; checks that the exported scores match the model's."""
+    if format != "onnx":
+        raise InvalidInput(f"export format {format!r} is not supported; use onnx")
+    det, _ = _load(model)
+    import torch
+
+    path = export_onnx(det, out)
+    drift = check_export(det, path, torch.rand(probe, 3, det.config.image_size, det.config.image_size,
+                                               generator=torch.Generator().manual_seed(0)))
+    console.print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); max score drift "
+                  f"{drift['max_abs_score_diff']:.2e} (relative {drift['max_rel_score_diff']:.2e})")
+
+

@@ -1,0 +1,86 @@
+"""`flawline evaluate` and `flawline models …` end to end on a slice of the real Magnetic Tile set:
+fit, threshold, report files a person can open, model registered, manual threshold, ONNX export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flawline.cli.main import app
+from flawline.models.export import onnx_predict
+
+from conftest import MAGNETIC_TILE, write
+
+
+def _run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def mt_split(settings_env, tmp_path):
+    root = tmp_path / "mt"
+    for folder, n in {"MT_Free": 16, "MT_Blowhole": 3, "MT_Crack": 3}.items():
+        for jpg in sorted((MAGNETIC_TILE / folder / "Imgs").glob("*.jpg"))[:n]:
+            for src in (jpg, jpg.with_suffix(".png")):
+                write(root / folder / "Imgs" / src.name, src.read_bytes())
+    assert _run("data", "import", root, "--dataset", "mt").exit_code == 0
+    assert _run("data", "split", "mt", "--train", "0.6", "--val", "0.2", "--test", "0.2",
+                "--normal-only-train").exit_code == 0
+    return "mt"
+
+
+def test_evaluate_report_and_model_lifecycle(mt_split, tmp_path):
+    out = tmp_path / "report"
+    result = _run("evaluate", mt_split, "--method", "patchcore", "--image-size", 64, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.stdout and "model mt-patchcore:1 saved" in result.stdout
+    for name in ("report.json", "report.md", "roc.png"):
+        assert (out / name).is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["metrics"]["image_auroc"] <= 1.0
+    assert report["metrics"]["threshold"]["method"] == "quantile"
+    assert report["metrics"]["threshold"]["data"]["split"] == "val split"
+    assert "aupro" in report["metrics"] and "pixel_auroc" in report["metrics"]
+    md = (out / "report.md").read_text()
+    assert "![ROC](roc.png)" in md and "Threshold" in md
+
+    listed = json.loads(_run("models", "list", "--json").stdout)
+    assert listed[0]["model"] == "mt-patchcore:1" and listed[0]["threshold_method"] == "quantile"
+
+    assert _run("models", "threshold", "mt-patchcore", "--value", 123.5, "--note", "trial").exit_code == 0
+    shown = json.loads(_run("models", "show", "mt-patchcore:1", "--json").stdout)
+    assert shown["threshold"]["value"] == 123.5 and shown["threshold"]["method"] == "manual"
+    assert shown["threshold_history"][0]["method"] == "quantile"  # the calibrated one is kept
+
+    onnx = tmp_path / "m.onnx"
+    exported = _run("models", "export", "mt-patchcore", "--format", "onnx", "--out", onnx)
+    assert exported.exit_code == 0, exported.output
+    assert "max score drift" in exported.stdout and onnx.is_file()
+    import numpy as np
+    scores, maps = onnx_predict(onnx, np.random.rand(3, 3, 64, 64).astype("float32"))
+    assert scores.shape == (3,) and maps.shape == (3, 64, 64)
+
+
+def test_evaluate_padim_with_manual_threshold(mt_split, tmp_path):
+    result = _run("evaluate", mt_split, "--method", "padim", "--image-size", 64, "--threshold-value", 5.0,
+                  "--out", tmp_path / "r", "--no-save")
+    assert result.exit_code == 0, result.output
+    assert "threshold 5 (manual" in result.stdout
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["metrics"]["threshold"]["value"] == 5.0
+
+
+def test_evaluate_needs_a_split(settings_env, folder_tree):
+    assert _run("data", "import", folder_tree, "--dataset", "nosplit").exit_code == 0
+    result = _run("evaluate", "nosplit", "--image-size", 64)
+    assert result.exit_code == 1
+    assert "no normal images in its train split; run `flawline data split`" in result.stderr
+
+
+def test_unknown_model_and_method(settings_env):
+    assert "no model 'nope'" in _run("models", "show", "nope").stderr
+    result = _run("models", "export", "nope", "--format", "tflite", "--out", "x")
+    assert result.exit_code == 1 and "not supported" in result.stderr
