@@ -21,6 +21,12 @@ from flawline.models.artifacts import (
 
 SIZE = 64
 FAST = {"image_size": SIZE, "batch_size": 8}
+ALL = ["patchcore", "padim", "flow", "reconstruction", "selfsup"]
+SHORT = {"flow": {"epochs": 6}, "reconstruction": {"epochs": 6}, "selfsup": {"epochs": 3}}
+
+
+def make(method: str):
+    return create_detector(method, **FAST, **SHORT.get(method, {}))
 
 
 def textures(n: int, seed: int) -> torch.Tensor:
@@ -42,10 +48,10 @@ def data():
     return textures(24, 0), textures(8, 1), with_defects(textures(8, 2))
 
 
-@pytest.mark.parametrize("method", ["patchcore", "padim"])
+@pytest.mark.parametrize("method", ALL)
 def test_fit_predict_separates_defects(method, data):
     train, normal, defect = data
-    det = create_detector(method, **FAST).fit(train)
+    det = make(method).fit(train)
     pred = det.predict(torch.cat([normal, defect]))
     assert pred.scores.shape == (16,) and pred.maps.shape == (16, SIZE, SIZE)
     assert roc_auc([0] * 8 + [1] * 8, pred.scores) == 1.0
@@ -55,17 +61,17 @@ def test_fit_predict_separates_defects(method, data):
 
 
 def test_detectors_are_registered():
-    assert {"patchcore", "padim"} <= set(detector_names())
+    assert set(ALL) <= set(detector_names())
     with pytest.raises(ConfigError, match="unknown detector 'foo'"):
         create_detector("foo")
     with pytest.raises(ConfigError, match="unknown settings bogus"):
         create_detector("patchcore", bogus=1)
 
 
-@pytest.mark.parametrize("method", ["patchcore", "padim"])
+@pytest.mark.parametrize("method", ALL)
 def test_save_load_through_s3_gives_identical_scores(method, data, store):
     train, normal, defect = data
-    det = create_detector(method, **FAST).fit(train)
+    det = make(method).fit(train)
     det.set_threshold(quantile(det.predict(normal).scores, 0.9, data={"dataset": "synthetic", "split": "val"}))
     uri = save_detector(det, store, f"models/{method}/1/model.pt")
     assert uri.endswith(f"models/{method}/1/model.pt")
@@ -126,3 +132,16 @@ def test_empty_training_set_and_unfitted_model():
         det.fit([])
     with pytest.raises(ConfigError, match="not fitted"):
         det.predict(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_onnx_export_scores_like_the_model(method, data, tmp_path):
+    from flawline.models.export import check_export, export_onnx, onnx_predict
+
+    train, normal, defect = data
+    det = make(method).fit(train)
+    path = export_onnx(det, tmp_path / f"{method}.onnx")
+    drift = check_export(det, path, torch.cat([normal, defect]))
+    assert drift["max_rel_score_diff"] < 1e-4
+    scores, _ = onnx_predict(path, det.prepare(defect).numpy())
+    np.testing.assert_allclose(scores, det.predict(defect).scores, rtol=1e-4, atol=1e-5)
