@@ -54,7 +54,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     args = p.parse_args()
-    detectors = args.detectors or detector_names()
+    # A variant is NAME or NAME:key=value,...; bf16 PatchCore shows the AMX speed-up on this CPU.
+    detectors = args.detectors or [*detector_names(), "patchcore:precision=bf16"]
 
     t0 = time.perf_counter()
     images, masks, labels, names, classes = load(args.source, args.size)
@@ -65,13 +66,15 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for name in detectors:
+        method, _, extra = name.partition(":")
+        overrides = {k: v for k, v in (kv.split("=", 1) for kv in extra.split(",") if kv)}
         runs = []
         for seed in args.seeds:
             order = normal_idx.copy()
             random.Random(seed).shuffle(order)
             n_train = int(round(0.8 * len(order)))
             train, test = order[:n_train], np.r_[order[n_train:], defect_idx]
-            det = create_detector(name, image_size=args.size, seed=seed)
+            det = create_detector(method, image_size=args.size, seed=seed, **overrides)
             started = time.perf_counter()
             det.fit(images[train])
             fit_s = time.perf_counter() - started

@@ -145,3 +145,15 @@ def test_onnx_export_scores_like_the_model(method, data, tmp_path):
     assert drift["max_rel_score_diff"] < 1e-4
     scores, _ = onnx_predict(path, det.prepare(defect).numpy())
     np.testing.assert_allclose(scores, det.predict(defect).scores, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_precision_tracks_fp32(data):
+    train, normal, defect = data
+    x = torch.cat([normal, defect])
+    det = create_detector("patchcore", **FAST).fit(train)
+    fp32 = det.predict(x).scores
+    bf16 = det.predict(x, precision="bf16").scores
+    assert np.corrcoef(fp32, bf16)[0, 1] > 0.99
+    assert roc_auc([0] * 8 + [1] * 8, bf16) == 1.0
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        create_detector("patchcore", precision="fp8")

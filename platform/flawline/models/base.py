@@ -34,6 +34,9 @@ class DetectorConfig:
     batch_size: int = 16
     device: str = "auto"  # auto = cuda if available
     seed: int = 0
+    # "bf16": run backbone and scoring under bfloat16 autocast — about 2x faster on GPUs and on CPUs
+    # with AMX/AVX512-BF16, slower elsewhere; scores then differ from fp32 by about 1e-2 relative.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Detector(ABC):
         if unknown:
             raise ConfigError(f"{self.name}: unknown settings {', '.join(sorted(unknown))}")
         self.config = dataclasses.replace(base, **overrides)
+        if self.config.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{self.name}: precision {self.config.precision!r} must be 'fp32' or 'bf16'")
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto" else self.config.device)
         self.threshold: Threshold | None = None
@@ -86,6 +91,10 @@ class Detector(ABC):
             self._extractor = build_feature_extractor(self.config.backbone, self.config.weights).to(self.device)
         return self._extractor
 
+    def autocast(self, precision: str | None = None):  # noqa: ANN201
+        precision = precision or self.config.precision
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         return as_model_batch(batch, self.config.image_size).to(self.device)
 
@@ -93,7 +102,8 @@ class Detector(ABC):
     def fit(self, images: Images) -> Detector:
         """Fit on normal images (a tensor [N, C, H, W] in [0, 1] or an iterable of such batches)."""
         torch.manual_seed(self.config.seed)
-        count = self._fit(self.prepare(b) for b in iter_batches(images, self.config.batch_size))
+        with self.autocast():
+            count = self._fit(self.prepare(b) for b in iter_batches(images, self.config.batch_size))
         if count == 0:
             raise InvalidInput(f"{self.name}: empty training set (no images)")
         self.info["train_images"] = count
@@ -101,12 +111,14 @@ class Detector(ABC):
         return self
 
     @torch.no_grad()
-    def predict(self, images: Images) -> Prediction:
+    def predict(self, images: Images, precision: str | None = None) -> Prediction:
+        """Scores and maps; ``precision`` overrides the configured one for this call."""
         if not self.fitted:
             raise ConfigError(f"{self.name}: not fitted; call fit() or load a saved model")
         scores, maps = [], []
         for batch in iter_batches(images, self.config.batch_size):
-            s, m = self._predict_batch(self.prepare(batch))
+            with self.autocast(precision):
+                s, m = self._predict_batch(self.prepare(batch))
             if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
                 raise InvalidInput(f"{self.name}: non-finite features or scores (NaN/inf); check the "
                                    "backbone weights and the model file")

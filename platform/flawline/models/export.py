@@ -44,7 +44,7 @@ def onnx_predict(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def check_export(detector: Detector, path: Path, images: torch.Tensor) -> dict[str, float]:
     """Scores of the exported model against the original on ``images`` (already [N, 3, S, S])."""
-    ref = detector.predict(images)
+    ref = detector.predict(images, precision="fp32")  # the export is fp32
     x = detector.prepare(images).cpu().numpy()
     scores, maps = onnx_predict(path, x)
     drift = {"max_abs_score_diff": float(np.abs(scores - ref.scores).max()),

@@ -62,3 +62,15 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
+
+
+def upsample_map(patch_maps: torch.Tensor, size: tuple[int, int] | torch.Size, sigma: float) -> torch.Tensor:
+    """Patch-level maps [N, h, w] → pixel maps [N, H, W], Gaussian-smoothed with ``sigma`` pixels.
+
+    The blur runs at a quarter of the output resolution (sigma / 4) and the result is upsampled:
+    the same smoothing as blurring at full size, at a sixteenth of the cost."""
+    h, w = int(size[0]), int(size[1])
+    mid = (max(1, h // 4), max(1, w // 4))
+    x = F.interpolate(patch_maps.unsqueeze(1), size=mid, mode="bilinear", align_corners=False).squeeze(1)
+    x = gaussian_blur(x, sigma / 4)
+    return F.interpolate(x.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)

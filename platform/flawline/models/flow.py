@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flawline.models.base import Detector, DetectorConfig, register_detector
-from flawline.models.features import gaussian_blur
+from flawline.models.features import upsample_map
 from flawline.models.training import collect, train_epochs
 
 
@@ -133,8 +133,7 @@ class FlowScorer(nn.Module):
     def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         energy = [0.5 * (z ** 2).sum(1) for z in zs]  # [B, h_i, w_i]
         scores = torch.stack([e.flatten(1).mean(1) for e in energy], 1).mean(1)
-        maps = F.interpolate(energy[0].unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, self.blur_sigma)
+        return scores, upsample_map(energy[0], size, self.blur_sigma)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         zs, _ = self.flow(self.features(x))

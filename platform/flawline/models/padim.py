@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flawline.models.base import Detector, DetectorConfig, register_detector
-from flawline.models.features import gaussian_blur, patch_features
+from flawline.models.features import patch_features, upsample_map
 
 
 class PaDiMScorer(nn.Module):
@@ -34,9 +33,7 @@ class PaDiMScorer(nn.Module):
         m2 = (torch.bmm(diff, self.inv_cov) * diff).sum(-1).clamp_min(0)  # [P, B] squared Mahalanobis
         patch_maps = m2.sqrt().T.reshape(b, h, w)
         scores = patch_maps.flatten(1).max(1).values
-        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, self.blur_sigma)
+        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma)
 
 
 @dataclass

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flawline.errors import InvalidInput
 from flawline.models.base import Detector, DetectorConfig, register_detector
-from flawline.models.features import gaussian_blur, patch_features
+from flawline.models.features import patch_features, upsample_map
 from flawline.models.neighbors import nearest_distances, select_k_center
 
 
@@ -36,9 +35,7 @@ class PatchCoreScorer(nn.Module):
         d = nearest_distances(q, self.bank, 1, self.chunk or q.shape[0])
         patch_maps = d.reshape(b, h, w)
         scores = patch_maps.flatten(1).max(1).values
-        maps = F.interpolate(patch_maps.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, self.blur_sigma)
+        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flawline.models.base import Detector, DetectorConfig, register_detector
-from flawline.models.features import gaussian_blur, patch_features
+from flawline.models.features import patch_features, upsample_map
 from flawline.models.training import collect, train_epochs
 
 
@@ -77,8 +77,7 @@ class ReconstructionScorer(nn.Module):
         f = patch_features(self.extractor(x))
         d = cosine_distance(f, self.net(f))  # [B, h, w]
         scores = d.flatten(1).max(1).values
-        maps = F.interpolate(d.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-        return scores, gaussian_blur(maps, self.blur_sigma)
+        return scores, upsample_map(d, x.shape[-2:], self.blur_sigma)
 
 
 @register_detector

@@ -15,7 +15,7 @@ from torch import nn
 
 from flawline.data.synthetic import SyntheticDefects
 from flawline.models.base import Detector, DetectorConfig, register_detector
-from flawline.models.features import gaussian_blur, patch_features
+from flawline.models.features import patch_features, upsample_map
 from flawline.models.training import collect, train_epochs
 
 
@@ -49,8 +49,7 @@ class SelfSupervisedScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prob = torch.sigmoid(self.head(patch_features(self.extractor(x))))
-        maps = F.interpolate(prob.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-        maps = gaussian_blur(maps, self.blur_sigma)
+        maps = upsample_map(prob, x.shape[-2:], self.blur_sigma)
         return maps.flatten(1).max(1).values, maps
 
 
