@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flawline.errors import ConfigError, InvalidInput
+from flawline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,8 @@ class BackboneSpec:
     packaged_class: str | None = None
 
 
-_BACKBONES: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    _BACKBONES[spec.name] = spec
-    return spec
+BACKBONES: Registry[BackboneSpec] = Registry("backbone", ConfigError)
+register_backbone = BACKBONES.register
 
 
 for _n in (0, 1, 2):
@@ -52,15 +49,8 @@ register_backbone(BackboneSpec(name="resnet18", timm_name="resnet18", layers=(2,
 register_backbone(BackboneSpec(name="wide_resnet50_2", timm_name="wide_resnet50_2", layers=(2, 3)))
 
 
-def backbone_names() -> list[str]:
-    return sorted(_BACKBONES)
-
-
-def get_backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return _BACKBONES[name]
-    except KeyError:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
+backbone_names = BACKBONES.names
+get_backbone_spec = BACKBONES.get
 
 
 def packaged_weights_path(spec: BackboneSpec) -> Path | None:

@@ -20,6 +20,7 @@ from flawline.errors import ConfigError, InvalidInput
 from flawline.evaluate.thresholds import Threshold
 from flawline.models.backbones import FeatureExtractor, build_feature_extractor
 from flawline.models.features import as_model_batch
+from flawline.registry import Registry
 
 Images = torch.Tensor | Iterable[torch.Tensor]  # one batch, or an iterable of batches
 
@@ -152,25 +153,10 @@ class Detector(ABC):
                 "threshold": self.threshold.as_dict() if self.threshold else None, "info": self.info}
 
 
-_DETECTORS: dict[str, type[Detector]] = {}
-
-
-def register_detector(cls: type[Detector]) -> type[Detector]:
-    if cls.name in _DETECTORS:
-        raise ValueError(f"detector {cls.name!r} registered twice")
-    _DETECTORS[cls.name] = cls
-    return cls
-
-
-def detector_names() -> list[str]:
-    return sorted(_DETECTORS)
-
-
-def detector_class(name: str) -> type[Detector]:
-    try:
-        return _DETECTORS[name]
-    except KeyError:
-        raise ConfigError(f"unknown detector {name!r}; choose one of: {', '.join(detector_names())}") from None
+DETECTORS: Registry[type[Detector]] = Registry("detector", ConfigError)
+register_detector = DETECTORS.register  # class decorator
+detector_names = DETECTORS.names
+detector_class = DETECTORS.get
 
 
 def create_detector(name: str, **settings: Any) -> Detector:

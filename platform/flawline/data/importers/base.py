@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from flawline.catalog.models import Label, Split
 from flawline.errors import InvalidInput
+from flawline.registry import Registry
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -68,33 +69,20 @@ class Importer:
         return root.resolve().name if root is not None else self.name
 
 
-_REGISTRY: dict[str, type[Importer]] = {}
-
-
-def register_importer(cls: type[Importer]) -> type[Importer]:
-    """Class decorator: make an importer available by its ``name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"importer {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def importer_names() -> list[str]:
-    return sorted(_REGISTRY)
+IMPORTERS: Registry[type[Importer]] = Registry("layout", InvalidInput)
+register_importer = IMPORTERS.register  # class decorator
+importer_names = IMPORTERS.names
 
 
 def get_importer(name: str) -> Importer:
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise InvalidInput(f"unknown layout {name!r}; choose one of: {', '.join(importer_names())}") from None
+    return IMPORTERS.get(name)()
 
 
 def detect_layout(root: Path) -> Importer:
     """The importer whose layout ``root`` matches."""
     if not root.is_dir():
         raise InvalidInput(f"{root}: not a directory")
-    matches = [cls() for cls in _REGISTRY.values() if cls.needs_path and cls().detect(root)]
+    matches = [cls() for cls in IMPORTERS.values() if cls.needs_path and cls().detect(root)]
     if not matches:
         raise InvalidInput(
             f"{root}: layout not recognised; expected one of {', '.join(importer_names())} "
