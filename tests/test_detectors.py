@@ -105,7 +105,7 @@ def test_manual_threshold_overrides(data):
     assert pred.is_defect.sum() > 0
     det.set_threshold(manual(float(pred.scores.max()) + 1.0, "no alarms during line restart"))
     again = det.predict(x)
-    assert again.threshold == pytest.approx(float(pred.scores.max()) + 1.0)
+    assert again.threshold.value == pytest.approx(float(pred.scores.max()) + 1.0)
     assert not again.is_defect.any()  # the manual value, not the calibrated one, decides
     det.threshold = None
     with pytest.raises(ConfigError, match="no threshold"):

@@ -84,3 +84,13 @@ def test_unknown_model_and_method(settings_env):
     assert "no model 'nope'" in _run("models", "show", "nope").stderr
     result = _run("models", "export", "nope", "--format", "tflite", "--out", "x")
     assert result.exit_code == 1 and "not supported" in result.stderr
+
+
+def test_evaluate_with_max_area_threshold(mt_split, tmp_path):
+    result = _run("evaluate", mt_split, "--method", "padim", "--image-size", 64, "--threshold", "max-area",
+                  "--max-area", 16, "--out", tmp_path / "r", "--no-save")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    t = report["metrics"]["threshold"]
+    assert t["method"] == "max-area" and t["params"] == {"max_area": 16}
+    assert sum(report["metrics"]["confusion"].values()) == report["metrics"]["images"]

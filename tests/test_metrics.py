@@ -116,3 +116,12 @@ def test_threshold_errors_and_description():
         th.compute("median", scores=NORMAL)
     assert "quantile: p=0.9; on normal_images 5" in th.quantile(NORMAL, 0.9).describe()
     assert th.manual(0.7, "line 3 setting").method == "manual"
+
+
+def test_max_area_decides_on_regions():
+    maps = np.zeros((3, 6, 6))
+    maps[0, 0, 0] = 0.9  # a speck: tolerated
+    maps[1, 1:4, 1:4] = 0.9  # a 9-pixel blob: a defect
+    t = th.Threshold(0.5, "max-area", {"max_area": 4})
+    assert th.decide(t, np.array([0.9, 0.9, 0.0]), maps).tolist() == [False, True, False]
+    assert th.decide(th.Threshold(0.5, "quantile"), np.array([0.9, 0.4, 0.6])).tolist() == [True, False, True]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from flawline.evaluate.metrics import roc_curve
+from flawline.evaluate.thresholds import Threshold, decide
 from flawline.data.fetch import LabelledImages
 from flawline.models.base import Prediction
 
@@ -68,13 +69,14 @@ def write_report(out_dir: Path, metrics: dict[str, Any], data: LabelledImages, p
     """Write report.json, report.md, roc.png and the overlay PNGs into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    threshold = metrics.get("threshold", {}).get("value")
+    threshold = Threshold.from_dict(metrics["threshold"]) if metrics.get("threshold") else None
     labels = data.labels.astype(bool)
     files["roc"] = plot_roc(labels, pred.scores, out_dir / "roc.png",
                             f"{context.get('method', '')} — ROC-AUC {metrics['image_auroc']:.3f}")
     if threshold is not None:
-        fn = [int(i) for i in np.argsort(pred.scores) if labels[i] and pred.scores[i] < threshold][:worst]
-        fp = [int(i) for i in np.argsort(-pred.scores) if not labels[i] and pred.scores[i] >= threshold][:worst]
+        verdict = decide(threshold, pred.scores, pred.maps)
+        fn = [int(i) for i in np.argsort(pred.scores) if labels[i] and not verdict[i]][:worst]
+        fp = [int(i) for i in np.argsort(-pred.scores) if not labels[i] and verdict[i]][:worst]
     else:  # no threshold: the lowest-scored defects and highest-scored normals
         fn = [int(i) for i in np.argsort(pred.scores) if labels[i]][:worst]
         fp = [int(i) for i in np.argsort(-pred.scores) if not labels[i]][:worst]

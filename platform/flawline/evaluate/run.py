@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from flawline.data.fetch import LabelledImages
 from flawline.evaluate import metrics as M
-from flawline.evaluate.thresholds import Threshold
+from flawline.evaluate.thresholds import Threshold, decide
 from flawline.models.base import Detector, Prediction
 
 
@@ -26,7 +26,8 @@ def evaluate(detector: Detector, data: LabelledImages, threshold: Threshold | No
         "predict_seconds": seconds, "predict_images_per_s": len(data) / seconds if seconds else None,
     }
     if threshold is not None:
-        at = M.precision_recall_f1(data.labels, pred.scores, threshold.value)
+        verdicts = decide(threshold, pred.scores, pred.maps)
+        at = M.precision_recall_f1(data.labels, verdicts.astype(np.float64), 0.5)
         out.update(threshold=threshold.as_dict(), f1=at["f1"], precision=at["precision"], recall=at["recall"],
                    accuracy=at["accuracy"], confusion={k: at[k] for k in ("tp", "fp", "fn", "tn")})
     if pixel_metrics and data.masks.any():

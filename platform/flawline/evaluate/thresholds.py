@@ -98,6 +98,23 @@ def max_defect_area(maps: np.ndarray, max_area: int, data: dict | None = None) -
     return Threshold(hi, "max-area", {"max_area": max_area}, data or {"normal_images": maps.shape[0]})
 
 
+def decide(threshold: Threshold, scores: np.ndarray, maps: np.ndarray | None = None) -> np.ndarray:
+    """Defect verdicts: image score at or above the threshold; for ``max-area``, any connected
+    region of the pixel map above it that is at least ``max_area`` pixels large."""
+    if threshold.method != "max-area":
+        return np.asarray(scores) >= threshold.value
+    from scipy import ndimage
+
+    if maps is None:
+        raise InvalidInput("a max-area threshold needs the pixel anomaly maps to decide")
+    max_area = int(threshold.params["max_area"])
+    verdicts = []
+    for m in np.asarray(maps):
+        labels, n = ndimage.label(m > threshold.value)
+        verdicts.append(bool(n) and int(np.bincount(labels.ravel())[1:].max()) >= max_area)
+    return np.array(verdicts, dtype=bool)
+
+
 def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> Threshold:
     """The score threshold with the highest F1 on labelled images (needs defects and normals)."""
     from flawline.evaluate.metrics import precision_recall_curve

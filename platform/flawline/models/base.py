@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flawline.errors import ConfigError, InvalidInput
-from flawline.evaluate.thresholds import Threshold
+from flawline.evaluate.thresholds import Threshold, decide
 from flawline.models.backbones import FeatureExtractor, build_feature_extractor
 from flawline.models.features import as_model_batch
 from flawline.registry import Registry
@@ -44,13 +44,13 @@ class DetectorConfig:
 class Prediction:
     scores: np.ndarray  # [N] image anomaly scores (higher = more anomalous)
     maps: np.ndarray  # [N, S, S] pixel anomaly maps at the model's input size
-    threshold: float | None = None
+    threshold: Threshold | None = None
 
     @property
     def is_defect(self) -> np.ndarray:
         if self.threshold is None:
             raise ConfigError("this model has no threshold; set one (flawline models threshold) or calibrate")
-        return self.scores >= self.threshold
+        return decide(self.threshold, self.scores, self.maps)
 
 
 def iter_batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
@@ -128,7 +128,7 @@ class Detector(ABC):
         if not scores:
             raise InvalidInput(f"{self.name}: nothing to predict (no images)")
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(),
-                          self.threshold.value if self.threshold else None)
+                          self.threshold)
 
     @abstractmethod
     def _fit(self, batches: Iterator[torch.Tensor]) -> int:
