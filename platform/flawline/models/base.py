@@ -135,8 +135,13 @@ class Detector(ABC):
         """Fit on prepared batches; return the number of images seen."""
 
     @abstractmethod
+    def scorer(self, chunked: bool = True) -> torch.nn.Module:
+        """The fitted prediction path as one module: images → (scores [B], maps [B, S, S]).
+        ``predict`` runs it and the ONNX export exports it (``chunked=False``: no Python loops)."""
+
     def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [B] and maps [B, S, S] for one prepared batch."""
+        return self.scorer()(x)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

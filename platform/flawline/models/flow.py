@@ -184,9 +184,6 @@ class FlowDetector(Detector):
         train_epochs(self.flow, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, c.weight_decay, c.seed, self.info)
         return count
 
-    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer()(x)
-
     def state_dict(self) -> dict[str, Any]:
         return {"flow": self.flow.state_dict(), "norm": self.norm.cpu(), "channels": int(self.norm.numel())}
 

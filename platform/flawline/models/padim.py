@@ -87,9 +87,6 @@ class PaDiMDetector(Detector):
     def scorer(self, chunked: bool = True) -> PaDiMScorer:
         return PaDiMScorer(self.extractor, self.channel_idx, self.mean, self.inv_cov, self.config.blur_sigma)
 
-    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer()(x)
-
     def state_dict(self) -> dict[str, Any]:
         return {"channel_idx": self.channel_idx.cpu(), "mean": self.mean.cpu(), "inv_cov": self.inv_cov.cpu()}
 

@@ -114,9 +114,6 @@ class FeatureReconstructionDetector(Detector):
         train_epochs(self.net, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, 0.0, c.seed, self.info)
         return count
 
-    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer()(x)
-
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "channels": int(self.net.out.out_channels)}
 

@@ -97,9 +97,6 @@ class SelfSupervisedDetector(Detector):
         train_epochs(self.head, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, 0.0, c.seed, self.info)
         return count
 
-    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer()(x)
-
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "channels": int(self.head.net[0].in_channels)}
 
