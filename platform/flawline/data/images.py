@@ -93,14 +93,7 @@ def verify_image(data: bytes, name: str, fmt: str, *, full_decode: bool = False,
         raise InvalidInput(f"{name}: unreadable {what} ({_first_line(err)})") from None
 
 
-def inspect_image(data: bytes, name: str, *, full_decode: bool = True) -> ImageInfo:
-    """Identify and verify in one call (fully decoding by default)."""
-    info = identify_image(data, name)
-    verify_image(data, name, info.format, full_decode=full_decode)
-    return info
-
-
-def decode_mask(data: bytes, name: str) -> Image.Image:
+def _mask_image(data: bytes, name: str) -> Image.Image:
     """A mask as a single-channel image (non-zero = defect)."""
     if not data:
         raise InvalidInput(f"{name}: mask file is empty (0 bytes)")
@@ -121,7 +114,7 @@ def canonical_mask(data: bytes, name: str) -> tuple[bytes, ImageInfo]:
     if info.format == "PNG" and info.mode in ("L", "1"):
         return data, info
     buf = io.BytesIO()
-    decode_mask(data, name).point(lambda v: 255 if v else 0).save(buf, format="PNG")
+    _mask_image(data, name).point(lambda v: 255 if v else 0).save(buf, format="PNG")
     out = buf.getvalue()
     return out, identify_image(out, name, what="mask")
 
@@ -129,7 +122,7 @@ def canonical_mask(data: bytes, name: str) -> tuple[bytes, ImageInfo]:
 def mask_has_defect(data: bytes, name: str) -> bool:
     """Whether any mask pixel is non-zero."""
     fast = _png_gray8_any(data)
-    return fast if fast is not None else decode_mask(data, name).getbbox() is not None
+    return fast if fast is not None else _mask_image(data, name).getbbox() is not None
 
 
 def _png_gray8_any(data: bytes) -> bool | None:

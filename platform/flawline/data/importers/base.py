@@ -8,7 +8,7 @@ Adding a layout = writing one module with a ``@register_importer`` class and imp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,5 +109,3 @@ def mask_candidates(folder: Path, stem: str) -> list[Path]:
     """``stem.png``/``stem_mask.png`` (any image suffix) in ``folder``."""
     return [folder / f"{base}{suffix}" for base in (stem, f"{stem}_mask") for suffix in sorted(IMAGE_SUFFIXES)]
 
-
-Scanner = Callable[..., Iterator[ImportItem]]

@@ -8,7 +8,6 @@ from typing import Any
 
 from flawline.catalog.models import Label, Split
 from flawline.data.importers.base import (
-    IMAGE_SUFFIXES,
     Blob,
     Importer,
     ImportItem,
@@ -45,9 +44,6 @@ class MVTecImporter(Importer):
         raise InvalidInput(f"{root} holds {len(categories)} MVTec categories ({', '.join(categories)}); "
                            "pass --category")
 
-    def default_dataset_name(self, root: Path | None) -> str:
-        return super().default_dataset_name(root)
-
     def scan(self, root: Path | None, category: str | None = None, **options: Any) -> Iterator[ImportItem]:
         assert root is not None
         cat = self._category_root(root, category)
@@ -55,8 +51,6 @@ class MVTecImporter(Importer):
             for type_dir in sorted(p for p in (cat / split_name).iterdir() if p.is_dir()):
                 label = Label.normal if type_dir.name == "good" else Label.defect
                 for path in iter_files(type_dir):
-                    if path.suffix.lower() not in IMAGE_SUFFIXES and path.suffix:
-                        pass  # non-image files are reported by the checker, not hidden here
                     mask_path = None
                     if label is Label.defect:
                         mask_path = find_mask(mask_candidates(cat / "ground_truth" / type_dir.name, path.stem))
