@@ -157,3 +157,44 @@ def test_bf16_precision_tracks_fp32(data):
     assert roc_auc([0] * 8 + [1] * 8, bf16) == 1.0
     with pytest.raises(ConfigError, match="precision 'fp8'"):
         create_detector("patchcore", precision="fp8")
+
+
+def embedded_by_workers(method: str, images: torch.Tensor, parts: int = 2, **settings) -> list:
+    """Embeddings as other workers make them: each part embedded by a fresh detector, moved to the CPU."""
+    out = []
+    for part in images.chunk(parts):
+        worker = create_detector(method, **FAST, **settings)
+        e = worker.embed(worker.prepare(part))
+        out.append(tuple(t.cpu() for t in e) if isinstance(e, tuple) else e.cpu())
+    return out
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_fit_on_embeddings_from_two_workers_matches_fit(method, data):
+    train, normal, defect = data
+    x = torch.cat([normal, defect])
+    direct = create_detector(method, **FAST).fit(train)
+    spread = create_detector(method, **FAST).fit_embedded(embedded_by_workers(method, train))
+    assert spread.fitted and spread.info["train_images"] == direct.info["train_images"] == 24
+    a, b = spread.predict(x), direct.predict(x)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidInput, match="empty training set"):
+        create_detector(method, **FAST).fit_embedded([])
+
+
+@pytest.mark.parametrize("method", ["flow", "reconstruction"])
+def test_fit_on_tuple_and_fp16_embeddings(method, data):
+    train, normal, defect = data
+    x = torch.cat([normal, defect])
+    settings = {"epochs": 2}
+    # parts of one batch each (8 images), as fit() batches them: the same features, the same training
+    embedded = embedded_by_workers(method, train, parts=3, **settings)
+    if method == "flow":
+        assert isinstance(embedded[0], tuple) and len(embedded[0]) == 3
+    else:
+        assert embedded[0].dtype == torch.float16
+    spread = create_detector(method, **FAST, **settings).fit_embedded(embedded)
+    direct = create_detector(method, **FAST, **settings).fit(train)
+    assert spread.info["train_images"] == 24
+    np.testing.assert_allclose(spread.predict(x).scores, direct.predict(x).scores, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,13 @@
-"""Model versions in the catalog: register, look up, and change a threshold (keeping the old one)."""
+"""Model versions in the catalog: register, look up, change a threshold (keeping the old one), and
+move versions between stages.
+
+Stages: a new version is a ``candidate``; ``promote`` makes one version of a name ``production``
+and archives the one it replaces, so ``archived`` means "was in production once". ``rollback``
+archives the production version and puts back the highest archived version below it: with
+versions promoted in order, the one it replaced. The stage history is all it goes by (no extra
+columns): "archived" says "was in production", not "was good" — a version rolled back from and
+later superseded is archived too, and a later rollback may return to it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from flawline.catalog.models import ModelStage, ModelVersion
-from flawline.errors import NotFound
+from flawline.errors import InvalidInput, NotFound
 
 
 def register_version(session: Session, *, name: str, artifact_uri: str, method: str, backbone: str | None,
@@ -44,3 +53,42 @@ def set_threshold(session: Session, row: ModelVersion, threshold: dict[str, Any]
         history.append({k: v for k, v in row.threshold_info.items() if k != "history"})
     row.threshold = threshold["value"]
     row.threshold_info = {**threshold, "history": history}
+
+
+def production_version(session: Session, name: str) -> ModelVersion | None:
+    """The version of ``name`` now in production (the newest one, should there be several)."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.name == name,
+                                                     ModelVersion.stage == ModelStage.production)
+                          .order_by(ModelVersion.version.desc()).limit(1))
+
+
+def promote(session: Session, ref: str) -> ModelVersion:
+    """Make ``ref`` (``name``: the newest version, or ``name:version``) the production version of
+    its name; the version in production until now is archived. Promoting the production version
+    changes nothing."""
+    row = get_version(session, ref)
+    for other in session.scalars(select(ModelVersion).where(ModelVersion.name == row.name,
+                                                            ModelVersion.stage == ModelStage.production,
+                                                            ModelVersion.id != row.id)):
+        other.stage = ModelStage.archived
+    row.stage = ModelStage.production
+    session.flush()
+    return row
+
+
+def rollback(session: Session, name: str) -> ModelVersion:
+    """Archive ``name``'s production version and promote the highest archived version below it
+    (archived = was in production before); returns the version now in production."""
+    get_version(session, name)  # NotFound, listing the models, if there is no such name
+    current = production_version(session, name)
+    if current is None:
+        raise InvalidInput(f"model {name!r} has no production version to roll back; "
+                           f"promote one with `flawline models promote {name}:VERSION`")
+    previous = session.scalar(select(ModelVersion).where(ModelVersion.name == name,
+                                                         ModelVersion.stage == ModelStage.archived,
+                                                         ModelVersion.version < current.version)
+                              .order_by(ModelVersion.version.desc()).limit(1))
+    if previous is None:
+        raise InvalidInput(f"cannot roll back {name}:{current.version}: no earlier version of {name!r} "
+                           "was in production (none archived below it)")
+    return promote(session, f"{name}:{previous.version}")

@@ -13,7 +13,9 @@ import typer
 from rich.table import Table
 
 from flawline.catalog import Split
-from flawline.catalog.model_versions import get_version, register_version, set_threshold
+from flawline.catalog.model_versions import get_version, production_version, register_version, set_threshold
+from flawline.catalog.model_versions import promote as promote_version
+from flawline.catalog.model_versions import rollback as rollback_version
 from flawline.catalog.queries import get_dataset
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
@@ -180,6 +182,31 @@ def threshold_(model: str = typer.Argument(..., help="name or name:version"),
         old = row.threshold
         set_threshold(s, row, th.manual(value, note).as_dict())
         console.print(f"{row.name}:{row.version} threshold {old} → {value} (manual)")
+
+
+@app.command()
+def promote(model: str = typer.Argument(..., help="name (its newest version) or name:version")) -> None:
+    """Put a model version into production; the version in production until now is archived."""
+    with open_catalog().session() as s:
+        row = get_version(s, model)
+        stage, before = row.stage.value, production_version(s, row.name)
+        if before is not None and before.id == row.id:
+            console.print(f"{row.name}:{row.version} is already in production; nothing changed")
+            return
+        replaced = None if before is None else before.version
+        promote_version(s, f"{row.name}:{row.version}")
+        console.print(f"{row.name}:{row.version} {stage} → production"
+                      + (f"; {row.name}:{replaced} production → archived" if replaced else ""))
+
+
+@app.command()
+def rollback(name: str = typer.Argument(..., help="model name")) -> None:
+    """Archive the production version of a model and put back the archived version before it."""
+    with open_catalog().session() as s:
+        before = production_version(s, name)
+        was = None if before is None else before.version
+        row = rollback_version(s, name)
+        console.print(f"{name}:{was} production → archived; {name}:{row.version} archived → production")
 
 
 @app.command()

@@ -21,6 +21,8 @@ class SplitSpec:
     seed: int = 0
     # Anomaly-detection protocol: fit on normal images only, so defects go to val/test only.
     normal_only_train: bool = False
+    # Also stratify by this image attribute (e.g. ELPV's "cell_type": mono / poly).
+    stratify_by: str | None = None
 
     def __post_init__(self) -> None:
         fractions = (self.train, self.val, self.test)
@@ -46,13 +48,23 @@ def assign_splits(catalog: Catalog, dataset: str, spec: SplitSpec) -> dict[str, 
         labels = image_labels(session, ds.id)
         if not labels:
             raise InvalidInput(f"dataset {dataset!r} has no images to split")
-        strata: dict[tuple[str, str], list[int]] = {}
-        for image_id in sorted(labels):
+        attr: dict[int, str] = {}
+        if spec.stratify_by:
+            attr = {i: str((a or {}).get(spec.stratify_by, "")) for i, a in
+                    session.execute(select(Image.id, Image.attrs).where(Image.dataset_id == ds.id))}
+            if not any(attr.values()):
+                raise InvalidInput(f"dataset {dataset!r}: no image has the attribute {spec.stratify_by!r}")
+        # Content order, not id order: ids follow upload completion in a parallel import, so the
+        # same seed would not give the same split of the same images.
+        digest = dict(session.execute(select(Image.id, Image.content_hash).where(Image.dataset_id == ds.id)).all())
+        strata: dict[tuple[str, str, str], list[int]] = {}
+        for image_id in sorted(labels, key=lambda i: (digest[i], i)):
             label, cls = labels[image_id]
-            strata.setdefault((label.value if label else "unlabeled", cls or ""), []).append(image_id)
+            key = (label.value if label else "unlabeled", cls or "", attr.get(image_id, ""))
+            strata.setdefault(key, []).append(image_id)
         rng = np.random.default_rng(spec.seed)
         assigned: dict[Split, list[int]] = {s: [] for s in Split}
-        for (label, _cls), ids in sorted(strata.items()):
+        for (label, _cls, _attr), ids in sorted(strata.items()):
             if spec.normal_only_train and label != "normal":
                 held = spec.val + spec.test
                 fractions = (0.0, spec.val / held, spec.test / held) if held > 0 else (0.0, 0.0, 1.0)
@@ -66,7 +78,7 @@ def assign_splits(catalog: Catalog, dataset: str, spec: SplitSpec) -> dict[str, 
         counts = {s.value: len(ids) for s, ids in assigned.items()}
         ds.split_info = {
             "seed": spec.seed, "train": spec.train, "val": spec.val, "test": spec.test,
-            "normal_only_train": spec.normal_only_train, "counts": counts,
+            "normal_only_train": spec.normal_only_train, "stratify_by": spec.stratify_by, "counts": counts,
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
         return counts

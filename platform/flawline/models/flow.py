@@ -20,7 +20,7 @@ from torch import nn
 
 from flawline.models.base import Detector, DetectorConfig, register_detector
 from flawline.models.features import upsample_map
-from flawline.models.training import collect, train_epochs
+from flawline.models.training import train_epochs
 
 
 class _Subnet(nn.Module):
@@ -157,10 +157,19 @@ class FlowDetector(Detector):
     def scorer(self, chunked: bool = True) -> FlowScorer:
         return FlowScorer(self.extractor, self.flow, self.config.scales, self.norm, self.config.blur_sigma)
 
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The un-normalised features at each scale: ``scales`` tensors [B, C, h_i, w_i]."""
         c: FlowConfig = self.config
         probe = FlowScorer(self.extractor, None, c.scales, torch.ones(1, device=self.device), c.blur_sigma)
-        cached, count = collect(lambda x: tuple(probe.features(x)), batches)
+        return tuple(probe.features(x))
+
+    def _fit_embedded(self, embedded: Iterator[tuple[torch.Tensor, ...]]) -> int:
+        c: FlowConfig = self.config
+        cached, count = [], 0
+        for fs in embedded:
+            cached.append(tuple(f.cpu() for f in fs))
+            count += fs[0].shape[0]
         if count == 0:
             return 0
         feats = [torch.cat([b[i] for b in cached]) for i in range(c.scales)]

@@ -54,18 +54,25 @@ class PaDiMDetector(Detector):
         self.mean: torch.Tensor | None = None  # [P, d]
         self.inv_cov: torch.Tensor | None = None  # [P, d, d]
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _pick_channels(self, width: int) -> None:
+        """The random channel subset: from the seed and the feature width only, so every process
+        embedding for this config picks the same one."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        n = min(self.config.channels, width)
+        self.channel_idx = torch.randperm(width, generator=gen)[:n].sort().values.to(self.device)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected channels of the patch features [B, d, h, w]."""
         f = patch_features(self.extractor(x), pool=1)
         if self.channel_idx is None:
-            gen = torch.Generator().manual_seed(self.config.seed)
-            n = min(self.config.channels, f.shape[1])
-            self.channel_idx = torch.randperm(f.shape[1], generator=gen)[:n].sort().values.to(f.device)
+            self._pick_channels(f.shape[1])
         return f[:, self.channel_idx]
 
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
         count, total, outer = 0, None, None
-        for x in batches:
-            f = self._features(x).double()  # [B, d, h, w]
+        for f in embedded:
+            f = f.to(self.device).double()  # [B, d, h, w]
             b, d, h, w = f.shape
             v = f.permute(2, 3, 0, 1).reshape(h * w, b, d)  # [P, B, d]
             if total is None:
@@ -76,6 +83,8 @@ class PaDiMDetector(Detector):
             count += b
         if count == 0:
             return 0
+        if self.channel_idx is None:  # embedded in other processes
+            self._pick_channels(sum(self.extractor.channels))
         mean = total / count
         cov = (outer - count * torch.einsum("pi,pj->pij", mean, mean)) / max(count - 1, 1)
         cov += self.config.regularisation * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)

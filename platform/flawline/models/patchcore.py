@@ -58,20 +58,21 @@ class PatchCoreDetector(Detector):
         self.feature_hw: tuple[int, int] | None = None
         self._scorer: PatchCoreScorer | None = None
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, d, h, w]."""
         return patch_features(self.extractor(x))
 
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
         cfg: PatchCoreConfig = self.config
         if not 0.0 < cfg.coreset_ratio <= 1.0:
             raise InvalidInput(f"coreset_ratio {cfg.coreset_ratio} must lie in (0, 1]")
         started = time.perf_counter()
         parts, count = [], 0
-        for x in batches:
-            f = self._features(x)
+        for f in embedded:
             self.feature_hw = tuple(f.shape[-2:])
             parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
-            count += x.shape[0]
+            count += f.shape[0]
         if count == 0:
             return 0
         feats = torch.cat(parts)

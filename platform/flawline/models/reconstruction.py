@@ -92,9 +92,14 @@ class FeatureReconstructionDetector(Detector):
     def scorer(self, chunked: bool = True) -> ReconstructionScorer:
         return ReconstructionScorer(self.extractor, self.net, self.config.blur_sigma)
 
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, d, h, w] in fp16."""
+        return patch_features(self.extractor(x)).half()
+
+    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
         c: ReconstructionConfig = self.config
-        cached, count = collect(lambda x: patch_features(self.extractor(x)).half(), batches)
+        cached, count = collect(lambda f: f.half(), embedded)
         if count == 0:
             return 0
         feats = torch.cat(cached)  # fp16 in memory: half the footprint, restored to fp32 per batch

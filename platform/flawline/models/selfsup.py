@@ -65,10 +65,11 @@ class SelfSupervisedDetector(Detector):
     def scorer(self, chunked: bool = True) -> SelfSupervisedScorer:
         return SelfSupervisedScorer(self.extractor, self.head, self.config.blur_sigma)
 
-    def _fit(self, batches: Iterator[torch.Tensor]) -> int:
+    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
         c: SelfSupervisedConfig = self.config
-        # Synthetic defects change pixels, so features are recomputed each step; keep the images.
-        images, count = collect(lambda x: x, batches)
+        # Synthetic defects change pixels, so features are recomputed each step: embed() keeps
+        # the default (the prepared images themselves).
+        images, count = collect(lambda x: x, embedded)
         if count == 0:
             return 0
         images = torch.cat(images)

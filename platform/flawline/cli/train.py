@@ -1,0 +1,203 @@
+"""``flawline train`` (submit runs as Ray jobs, list label settings) and ``flawline runs``
+(list, show, logs, cancel)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flawline.cli.app import FlawlineTyper, console, err_console, print_json
+from flawline.config import get_settings
+from flawline.context import open_catalog
+from flawline.errors import InvalidInput
+
+app = FlawlineTyper(help="Train detectors as Ray jobs in every label setting.")
+runs_app = FlawlineTyper(help="Training runs: list, show, logs, cancel.")
+
+
+def _options(pairs: list[str]) -> dict:
+    """``key=value`` pairs → detector settings; values parse as JSON where they can (1e-3, true, [1,2])."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def submit(
+    dataset: list[str] = typer.Option(..., "--dataset", "-d", help="Dataset (repeat to train on several at once)."),
+    setting: str = typer.Option(..., "--setting", "-s", help="Label setting; see `flawline train settings`."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Detector; default: the setting's first."),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP) or embedding actors."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs each worker asks Ray for."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs each worker asks Ray for (NCCL when > 0)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default: the setting's)."),
+    image_size: int = typer.Option(224, min=32, max=1024, help="Images are resized to this square size."),
+    batch_size: int = typer.Option(16, min=1, help="Per-worker batch size."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the setting's)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+    label_fraction: float = typer.Option(1.0, help="Use only this seeded share of the labels (0, 1]."),
+    shots: int = typer.Option(5, help="few-shot: labelled defect images per dataset (1-10)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Pretrained encoder / feature backbone."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Detector setting KEY=VALUE (repeatable)."),
+    name: Optional[str] = typer.Option(None, help="Model name (default <datasets>-<setting>-<method>)."),
+    max_failures: int = typer.Option(2, min=0, help="Worker failures survived by resuming from the last checkpoint."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Check the run against the catalog (labels the setting needs, images, method), then submit
+    it to the Ray cluster at FLAWLINE_RAY_DASHBOARD_URL through the Job Submission API."""
+    from flawline.train import TrainSpec
+    from flawline.train.submit import follow, submit_run
+
+    settings = get_settings()
+    spec = TrainSpec(datasets=dataset, setting=setting, method=method, workers=workers,
+                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
+                     image_size=image_size, batch_size=batch_size, lr=lr, precision=precision,
+                     label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
+                     options=_options(option), model_name=name, max_failures=max_failures)
+    catalog = open_catalog(settings)
+    run_id, job_id = submit_run(catalog, settings, spec)
+    if as_json and not wait:
+        print_json({"run": run_id, "ray_job_id": job_id, "dashboard": settings.ray_dashboard_url})
+        return
+    console.print(f"run {run_id} submitted as Ray job {job_id}; watch it at {settings.ray_dashboard_url} "
+                  f"or with `flawline runs show {run_id}`")
+    if not wait:
+        return
+    last = None
+    for state in follow(catalog, settings, run_id):
+        p = state["progress"] or {}
+        line = state["status"] + (f" epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}"
+                                  if "epoch" in p else "")
+        if line != last:
+            err_console.print(line)
+            last = line
+    _show(run_id, as_json)
+    from flawline.train.runs import get_run
+
+    if get_run(catalog, run_id).status.value != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("settings")
+def settings_(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The label settings, the detectors each trains, and what each needs."""
+    from flawline.train.settings import SETTINGS
+
+    items = [{"setting": cls.name, "methods": list(cls.methods), "description": cls.description}
+             for cls in SETTINGS.values()]
+    if as_json:
+        print_json(items)
+        return
+    table = Table("setting", "methods (first = default)", "what it learns from")
+    for i in items:
+        table.add_row(i["setting"], ", ".join(i["methods"]), i["description"])
+    console.print(table)
+
+
+def _run_dict(row, models: list[str]) -> dict:  # noqa: ANN001
+    m = row.metrics or {}
+    return {"run": row.id, "status": row.status.value, "setting": row.setting, "method": row.method,
+            "datasets": row.config.get("spec", {}).get("datasets"), "ray_job_id": row.ray_job_id,
+            "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+            "progress": m.get("progress"), "checkpoints": m.get("checkpoints"), "worker_nodes": m.get("worker_nodes"),
+            "metrics": {k: v for k, v in m.items() if k not in ("progress", "checkpoints", "worker_nodes")},
+            "models": models, "error": row.error, "spec": row.config.get("spec"), "plan": row.config.get("plan")}
+
+
+def _models_of(run_id: int) -> list[str]:
+    from sqlalchemy import select
+
+    from flawline.catalog import ModelVersion
+
+    with open_catalog().session() as s:
+        return [f"{n}:{v}" for n, v in s.execute(select(ModelVersion.name, ModelVersion.version)
+                                                 .where(ModelVersion.run_id == run_id))]
+
+
+def _show(run_id: int, as_json: bool) -> None:
+    from flawline.train.runs import get_run
+
+    info = _run_dict(get_run(open_catalog(), run_id), _models_of(run_id))
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"[bold]run {info['run']}[/] {info['status']}: {info['setting']}/{info['method']} on "
+                  f"{'+'.join(info['datasets'] or [])} (Ray job {info['ray_job_id'] or '-'})")
+    if info["progress"]:
+        p = info["progress"]
+        console.print(f"progress: epoch {p.get('epoch')}/{p.get('epochs')}, loss {p.get('loss', float('nan')):.4f}, "
+                      f"{info['checkpoints']} checkpoint(s)")
+    if info["worker_nodes"]:
+        console.print(f"workers on {len(set(info['worker_nodes']))} node(s)")
+    for key in ("accuracy", "f1", "image_auroc", "average_precision", "pixel_auroc"):
+        if key in info["metrics"]:
+            console.print(f"{key}: {info['metrics'][key]:.4f}")
+    if info["models"]:
+        console.print("model: " + ", ".join(info["models"]))
+    if info["error"]:
+        console.print(f"[red]error:[/] {info['error']}")
+
+
+@runs_app.command("list")
+def list_(limit: int = typer.Option(20, min=1, help="Newest N runs."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recent training runs with their status (reconciled with Ray) and headline metric."""
+    from flawline.train.runs import list_runs
+    from flawline.train.submit import refresh
+
+    settings = get_settings()
+    catalog = open_catalog(settings)
+    refresh(catalog, settings)
+    rows = [_run_dict(r, []) for r in list_runs(catalog, limit)]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("run", "status", "setting", "method", "datasets", "progress", "accuracy", "image AUROC", "created")
+    for r in rows:
+        p, m = r["progress"] or {}, r["metrics"]
+        table.add_row(str(r["run"]), r["status"], r["setting"], r["method"], "+".join(r["datasets"] or []),
+                      f"{p['epoch']}/{p['epochs']}" if "epoch" in p else "-",
+                      f"{m['accuracy']:.4f}" if "accuracy" in m else "-",
+                      f"{m['image_auroc']:.4f}" if "image_auroc" in m else "-", f"{r['created_at']:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@runs_app.command()
+def show(run: int = typer.Argument(..., help="Run id."), as_json: bool = typer.Option(False, "--json")) -> None:
+    """One run: spec, status, progress, metrics, the model version it produced, its error."""
+    from flawline.train.submit import refresh
+
+    settings = get_settings()
+    refresh(open_catalog(settings), settings, [run])
+    _show(run, as_json)
+
+
+@runs_app.command()
+def logs(run: int = typer.Argument(..., help="Run id.")) -> None:
+    """The run's Ray job logs (driver and workers)."""
+    from flawline.train.submit import run_logs
+
+    settings = get_settings()
+    typer.echo(run_logs(open_catalog(settings), settings, run), nl=False)
+
+
+@runs_app.command()
+def cancel(run: int = typer.Argument(..., help="Run id.")) -> None:
+    """Stop the run's Ray job and mark the run cancelled."""
+    from flawline.train.submit import cancel_run
+
+    settings = get_settings()
+    cancel_run(open_catalog(settings), settings, run)
+    console.print(f"run {run} cancelled")

@@ -1,0 +1,1 @@
+"""Compute clusters: the local Ray cluster behind `flawline up` and the tests."""

@@ -1,0 +1,159 @@
+"""A Ray cluster on this machine: the embedded default behind ``flawline up``, and the clusters
+tests and benchmarks start (a head plus extra nodes, as a stand-in for several machines).
+
+Every port is set explicitly: Ray's defaults (6379 for the GCS, 52365 for each node's agent)
+collide with Redis on a developer machine and with a second node on the same host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flawline.errors import ServiceError
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class LocalRayCluster:
+    port: int = 6390  # GCS
+    dashboard_port: int = 8265
+    host: str = "127.0.0.1"
+    num_cpus: int | None = None
+    log_file: Path | None = None
+    nodes: list[dict] = field(default_factory=list)  # extra nodes started by add_node
+
+    @classmethod
+    def on_free_ports(cls, num_cpus: int | None = None, log_file: Path | None = None) -> LocalRayCluster:
+        gcs, dash = free_ports(2)
+        return cls(port=gcs, dashboard_port=dash, num_cpus=num_cpus, log_file=log_file)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    def _node_ports(self) -> list[str]:
+        agent, grpc, metrics, runtime_env, manager, objects, client = free_ports(7)
+        return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+                f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
+
+    def _run(self, args: list[str], timeout: float) -> None:
+        env = dict(os.environ)
+        # Job entrypoints say `python …`: make that this interpreter (the venv with flawline).
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        out = subprocess.run([_ray_bin(), "start", *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if self.log_file:
+            with open(self.log_file, "a") as log:
+                log.write(out.stdout + out.stderr)
+        if out.returncode != 0:
+            last = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            raise ServiceError(f"ray start failed: {last[0]}")
+
+    def is_running(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((self.host, self.port)) == 0
+
+    def start(self, timeout: float = 90.0) -> bool:
+        """Start the head node (GCS, dashboard, Jobs API); False if one already listens there."""
+        if self.is_running():
+            return False
+        client_port, = free_ports(1)
+        args = ["--head", f"--port={self.port}",
+                "--include-dashboard=true", f"--dashboard-host={self.host}", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={client_port}", "--disable-usage-stats", *self._node_ports()]
+        if self.num_cpus is not None:
+            args.append(f"--num-cpus={self.num_cpus}")
+        self._run(args, timeout)
+        self._wait_dashboard(timeout)
+        return True
+
+    def add_node(self, num_cpus: int = 1, resources: str | None = None, timeout: float = 90.0) -> None:
+        """Join another node to this cluster (a separate raylet on this machine)."""
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}",
+                "--disable-usage-stats", *self._node_ports()]
+        if resources:
+            args.append(f"--resources={resources}")
+        self._run(args, timeout)
+        self.nodes.append({"num_cpus": num_cpus, "resources": resources})
+
+    def _wait_dashboard(self, timeout: float) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise ServiceError(f"Ray dashboard did not answer at {self.dashboard_url} within {timeout:.0f} s")
+
+    def pids(self) -> list[int]:
+        """Processes of this cluster (every node's): those whose command line names its GCS port
+        (Ray may advertise the machine's address rather than loopback), and their descendants."""
+        # Only the flags that name the GCS: other ``…address=host:port`` flags carry agent ports,
+        # which may equal another cluster's GCS port.
+        mark = re.compile(rb"(?:^|\x00)(?:--gcs_server_port=|--gcs-address=[^\x00]*:|--gcs_address=[^\x00]*:"
+                          rb"|--address=[^\x00]*:)%d(?:\x00|$)" % self.port)
+        roots, parents = set(), {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if mark.search(cmdline):
+                roots.add(int(entry.name))
+        found = set(roots)
+        while True:
+            more = {pid for pid, ppid in parents.items() if ppid in found and pid not in found}
+            if not more:
+                return sorted(found)
+            found |= more
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop this cluster only (``ray stop`` would stop every Ray on the machine)."""
+        pids = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 2)
+            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+                time.sleep(0.2)
+        return bool(pids)

@@ -1,0 +1,76 @@
+"""Local service processes (the S3 server, Label Studio): pid files, liveness, ports, stopping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited child not yet reaped) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def running_pid(pid_file: Path) -> int | None:
+    """The pid the file names, if that process is alive."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def stop_pid_file(pid_file: Path, timeout: float) -> bool:
+    """SIGTERM the process (its whole group when it leads one), SIGKILL after ``timeout``; remove
+    the pid file. Returns False if nothing was running."""
+    pid = running_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    try:
+        leader = os.getpgid(pid) == pid
+    except OSError:
+        leader = False
+    kill = (lambda sig: os.killpg(pid, sig)) if leader else (lambda sig: os.kill(pid, sig))
+    try:
+        kill(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(pid):
+        reap(pid)
+        time.sleep(0.1)
+    if pid_alive(pid):
+        try:
+            kill(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reap(pid)
+    pid_file.unlink(missing_ok=True)
+    return True

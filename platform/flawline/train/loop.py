@@ -1,0 +1,79 @@
+"""The one gradient loop every label setting uses: AdamW, cosine schedule, gradient clipping,
+optional bf16 autocast, a checkpoint per epoch, resume after a worker failure. A setting only
+supplies ``steps(epoch, model)``: a generator of losses for one epoch."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flawline.train.context import TrainContext
+
+Steps = Callable[[int, nn.Module], Iterator[torch.Tensor]]
+
+
+@dataclass
+class OptimConfig:
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    precision: str = "fp32"
+    clip: float = 5.0
+    seed: int = 0
+
+
+def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    span = max(cfg.epochs - cfg.warmup_epochs, 1)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+
+
+def train_network(net: nn.Module, steps: Steps, cfg: OptimConfig, ctx: TrainContext,
+                  extra_metrics: Callable[[int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Train ``net`` in place for ``cfg.epochs``; returns the per-epoch metrics this worker saw."""
+    torch.manual_seed(cfg.seed + ctx.rank)
+    model = ctx.wrap(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    state = ctx.resume()
+    if state is not None:  # restarted after a failure: pick up where the last checkpoint left off
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+    history = []
+    for epoch in range(start, cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(epoch, cfg)
+        started = time.perf_counter()
+        net.train()
+        total, count = 0.0, 0
+        for loss in steps(epoch, model):
+            if not torch.isfinite(loss):
+                raise FloatingPointError("training loss became non-finite; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            total += float(loss.detach())
+            count += 1
+        net.eval()
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": ctx.mean(total / max(count, 1)),
+                   "steps": count, "epoch_seconds": round(time.perf_counter() - started, 2)}
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(epoch))
+        history.append(metrics)
+        ctx.report(metrics, {"net": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch})
+    return history
+
+
+def autocast(device: torch.device, precision: str):  # noqa: ANN201
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -1,0 +1,147 @@
+"""One training run from start to finish, wherever it executes:
+
+1. ``plan_run``: catalog rows for the spec's datasets; the setting checks the labels it needs (this
+   runs before submission too, so a bad configuration never reaches the cluster);
+2. train: in-process (``train_local``) or on the cluster (``flawline.train.distributed``);
+3. ``finish_run``: calibrate the threshold on the validation rows, evaluate on the test split,
+   store the model in S3 and register a model version with its metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from flawline.catalog import Catalog, Label
+from flawline.catalog.model_versions import register_version
+from flawline.catalog.queries import get_dataset
+from flawline.data.fetch import ImageRef, LabelledImages, fetch
+from flawline.errors import InvalidInput
+from flawline.evaluate import thresholds as th
+from flawline.evaluate.run import evaluate
+from flawline.models import Detector
+from flawline.models.artifacts import detector_to_bytes
+from flawline.storage import ObjectStore
+from flawline.train.context import LocalContext
+from flawline.train.data import RunData, TensorBatches, decode_all, gather
+from flawline.train.settings import TrainingSetting, get_setting
+from flawline.train.spec import TrainSpec
+
+
+@dataclass
+class RunPlan:
+    spec: TrainSpec
+    setting: TrainingSetting
+    method: str
+    data: RunData
+    streams: dict[str, list[dict[str, Any]]]  # rows per stream the workers read
+
+    @property
+    def class_counts(self) -> list[int]:
+        counts = [0] * len(self.data.classes)
+        for r in self.data.labelled:
+            counts[r["target"]] += 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method, "classes": self.data.classes, "class_counts": self.class_counts,
+                "streams": {k: len(v) for k, v in self.streams.items()},
+                "val": len(self.data.val), "test": len(self.data.test)}
+
+
+def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
+    """Gather the rows and check them against the setting; raises a one-line InvalidInput naming
+    what is missing."""
+    setting = get_setting(spec.setting)
+    method = setting.method(spec)
+    data = gather(catalog, spec.datasets, spec.label_fraction, spec.seed)
+    where = "+".join(spec.datasets)
+    if not data.labelled and not data.unlabelled:
+        raise InvalidInput(f"{where}: no images in the train split; import images and run `flawline data split`")
+    missing = setting.missing_labels(data, spec)
+    if missing:
+        raise InvalidInput(f"{where} cannot train {spec.setting!r}: " + "; ".join(missing))
+    if not data.test:
+        raise InvalidInput(f"{where}: no labelled images in the test split to evaluate on; run `flawline data split`")
+    streams = setting.select(data, spec)
+    empty = [name for name, rows in streams.items() if not rows]
+    if empty:
+        raise InvalidInput(f"{where}: nothing to train on for {spec.setting!r} (empty: {', '.join(empty)})")
+    if not setting.gradient and not [r for r in data.val if r["defect"] is False]:
+        # Normal-only detectors calibrate on normal images they did not see: hold out a tenth.
+        normal = streams["normal"]
+        rng = np.random.default_rng(spec.seed)
+        cut = set(rng.permutation(len(normal))[:max(1, len(normal) // 10)].tolist()) if len(normal) > 1 else set()
+        data.val = data.val + [r for i, r in enumerate(normal) if i in cut]
+        streams["normal"] = [r for i, r in enumerate(normal) if i not in cut]
+    return RunPlan(spec, setting, method, data, streams)
+
+
+def train_local(store: ObjectStore, plan: RunPlan, device: str = "auto",
+                ctx: LocalContext | None = None) -> tuple[Detector, list[dict[str, Any]]]:
+    """Train in this process (tests, benchmarks, a machine without a cluster)."""
+    spec = plan.spec
+    decoded = {name: decode_all(store, rows, spec.image_size) for name, rows in plan.streams.items()}
+    detector = plan.setting.build(spec, plan.data)
+    ctx = ctx or LocalContext(detector.device if device == "auto" else device)
+    source = TensorBatches(decoded, spec.batch_size, spec.seed, device=ctx.device)
+    history = plan.setting.train(detector, source, spec, ctx, plan.class_counts)
+    return detector, history
+
+
+def rows_to_refs(rows: list[dict[str, Any]]) -> list[ImageRef]:
+    return [ImageRef(r["image_id"], r["key"], None if r["defect"] is None else
+                     (Label.defect if r["defect"] else Label.normal), r["defect_class"], r["mask_key"], r["origin"])
+            for r in rows]
+
+
+def calibrate(detector: Detector, plan: RunPlan, val: LabelledImages | None) -> th.Threshold:
+    """Best F1 on a labelled validation set with both verdicts; else the 0.99-quantile of normal
+    validation scores (normal-only detectors); else p(defect) >= 0.5 for detectors that output a
+    probability learned from labels."""
+    note = {"datasets": plan.spec.datasets, "split": "val", "images": 0 if val is None else len(val)}
+    if val is not None and len(val):
+        pred = detector.predict(val.images)
+        if val.labels.any() and not val.labels.all():
+            return th.best_f1(val.labels, pred.scores, note)
+        if not val.labels.any() and not plan.setting.gradient:
+            return th.quantile(pred.scores, 0.99, note)
+    if plan.setting.gradient:
+        return th.manual(0.5, "defect probability >= 0.5 (no validation images with both verdicts)")
+    raise InvalidInput("no normal validation images to calibrate the threshold on")
+
+
+def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,
+               run_id: int | None = None, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Threshold, test metrics, artifact in S3, model version row; returns the run's metrics."""
+    spec = plan.spec
+    started = time.perf_counter()
+    val = fetch(store, rows_to_refs(plan.data.val), spec.image_size) if plan.data.val else None
+    detector.set_threshold(calibrate(detector, plan, val))
+    test = fetch(store, rows_to_refs(plan.data.test), spec.image_size)
+    metrics, _ = evaluate(detector, test)
+    metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    if history:
+        metrics["epochs"] = history
+    name = spec.name(plan.method)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    key = f"models/{name}/{f'run-{run_id}' if run_id else stamp}/model.pt"
+    store.put_bytes(key, detector_to_bytes(detector))
+    with catalog.session() as s:
+        row = register_version(s, name=name, artifact_uri=store.uri(key), method=plan.method,
+                               backbone=spec.backbone, threshold=detector.threshold.as_dict(),
+                               metrics={k: v for k, v in metrics.items() if k not in ("threshold", "epochs")},
+                               dataset_id=get_dataset(s, spec.datasets[0]).id, run_id=run_id)
+        metrics["model"] = f"{row.name}:{row.version}"
+    metrics.update(plan.setting.after_training(catalog, store, plan, detector, name))
+    return metrics
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)

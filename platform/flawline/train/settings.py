@@ -1,0 +1,82 @@
+"""Label settings (survey, sections 3.1 and 3.3) and the registry they add themselves to.
+
+A setting says which labels it needs (checked before anything reaches the cluster), which detector
+methods it can train, which row streams feed it, and how one worker trains. Adding a setting =
+one module in ``flawline/train/`` with a ``@register_setting`` class, imported in ``train/__init__``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from flawline.errors import ConfigError
+from flawline.models import Detector, create_detector
+from flawline.registry import Registry
+from flawline.train.context import TrainContext
+from flawline.train.data import BatchSource, RunData
+from flawline.train.loop import OptimConfig
+from flawline.train.spec import TrainSpec
+
+if TYPE_CHECKING:
+    from flawline.catalog import Catalog
+    from flawline.storage import ObjectStore
+    from flawline.train.runner import RunPlan
+
+
+class TrainingSetting(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]  # detectors it trains; the first is the default
+    gradient: ClassVar[bool] = True  # trained by Ray Train workers (False: fitted from embeddings)
+    streams: ClassVar[tuple[str, ...]] = ("labelled",)  # which RunData rows feed the workers
+    default_epochs: ClassVar[int] = 10
+    default_lr: ClassVar[float] = 1e-3
+
+    @abstractmethod
+    def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
+        """What the run's data lacks for this setting (empty = can train)."""
+
+    def method(self, spec: TrainSpec) -> str:
+        method = spec.method or self.methods[0]
+        if method not in self.methods:
+            raise ConfigError(f"setting {self.name!r} trains {', '.join(self.methods)}; not {method!r}")
+        return method
+
+    def build(self, spec: TrainSpec, data: RunData, device: str = "auto") -> Detector:
+        """A fresh, untrained detector for this run (same on every worker), on ``device``."""
+        settings: dict[str, Any] = {"backbone": spec.backbone, "image_size": spec.image_size,
+                                    "seed": spec.seed, "device": device, **spec.options}
+        if self.method(spec) == "classifier":
+            settings.setdefault("classes", data.classes)
+        return create_detector(self.method(spec), **settings)
+
+    def optim(self, spec: TrainSpec) -> OptimConfig:
+        return OptimConfig(epochs=spec.epochs or self.default_epochs, lr=spec.lr or self.default_lr,
+                           precision=spec.precision, seed=spec.seed)
+
+    def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
+        """Rows per stream (the default: each stream is the RunData field of that name)."""
+        return {s: getattr(data, s) for s in self.streams}
+
+    @abstractmethod
+    def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
+              class_counts: list[int]) -> list[dict[str, Any]]:
+        """Train ``detector`` in place on this worker's shard; returns per-epoch metrics.
+        ``class_counts``: labelled training rows per class index (all workers together)."""
+
+    def after_training(self, catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,
+                       model_name: str) -> dict[str, Any]:
+        """Once, on the driver, after the model version is registered (``runner.finish_run``):
+        write what the run learned back to the catalog (e.g. pseudo-labels); returns metrics to
+        add to the run's. Default: nothing."""
+        return {}
+
+
+SETTINGS: Registry[type[TrainingSetting]] = Registry("training setting", ConfigError)
+register_setting = SETTINGS.register
+setting_names = SETTINGS.names
+
+
+def get_setting(name: str) -> TrainingSetting:
+    return SETTINGS.get(name)()

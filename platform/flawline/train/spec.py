@@ -1,0 +1,67 @@
+"""What a training run is asked to do: one plain, serialisable record (stored in the run's row)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from flawline.errors import ConfigError
+
+
+@dataclass
+class TrainSpec:
+    datasets: list[str]  # one run may train on several datasets / product lines at once
+    setting: str  # unsupervised | selfsup | supervised | fewshot | semisupervised | weakly
+    method: str | None = None  # detector name; None = the setting's default
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    epochs: int | None = None  # None = the setting's default
+    batch_size: int = 16
+    lr: float | None = None
+    precision: str = "fp32"  # or "bf16" (autocast)
+    label_fraction: float = 1.0  # keep this seeded, stratified share of the labels (ablations, benchmarks)
+    shots: int = 5  # few-shot: labelled defect images per dataset
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # detector settings (e.g. coreset_ratio)
+    model_name: str | None = None  # default "<datasets>-<setting>-<method>"
+    max_failures: int = 2  # worker deaths survived by resuming from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str):
+            self.datasets = [self.datasets]
+        if not self.datasets:
+            raise ConfigError("no dataset given")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError("cpus-per-worker must be > 0 and gpus-per-worker >= 0")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"label fraction {self.label_fraction} must lie in (0, 1]")
+        if not 1 <= self.shots <= 10:
+            raise ConfigError(f"shots must be between 1 and 10 (few-shot), got {self.shots}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {self.precision!r} must be 'fp32' or 'bf16'")
+        if not 32 <= self.image_size <= 1024:
+            raise ConfigError(f"image size {self.image_size} must lie in 32..1024")
+
+    def name(self, method: str) -> str:
+        return self.model_name or f"{'+'.join(self.datasets)}-{self.setting}-{method}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**values)

@@ -1,0 +1,132 @@
+"""Submitting training runs as Ray jobs (Job Submission API) and following them.
+
+``submit_run`` checks the run against the catalog first (unknown method, no images, a setting
+without its labels): such runs fail here with a one-line error and never reach the cluster.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flawline.catalog import Catalog, RunStatus
+from flawline.config import Settings
+from flawline.errors import ConfigError, InvalidInput, ServiceError
+from flawline.train.runner import plan_run
+from flawline.train.runs import FINAL, create_run, get_run, list_runs, update_run
+from flawline.train.spec import TrainSpec
+
+RAY_FINAL = {"SUCCEEDED": RunStatus.succeeded, "FAILED": RunStatus.failed, "STOPPED": RunStatus.cancelled}
+
+
+def jobs_dir(settings: Settings) -> Path:
+    folder = settings.jobs_dir or Path(__file__).resolve().parents[3] / "jobs"
+    if not (folder / "train.py").is_file():
+        raise ConfigError(f"no job entrypoints in {folder} (set FLAWLINE_JOBS_DIR to the repository's jobs/ folder)")
+    return folder
+
+
+def job_env(settings: Settings) -> dict[str, str]:
+    """The settings a job needs to reach the same catalog and S3 (passed as its runtime_env)."""
+    env = {"FLAWLINE_CATALOG_URL": str(settings.catalog_url), "FLAWLINE_S3_ENDPOINT": settings.s3_endpoint,
+           "FLAWLINE_S3_ACCESS_KEY": settings.s3_access_key,
+           "FLAWLINE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+           "FLAWLINE_S3_BUCKET": settings.s3_bucket, "FLAWLINE_S3_SECURE": str(settings.s3_secure).lower(),
+           "FLAWLINE_DATA_DIR": str(settings.data_dir)}
+    if settings.s3_region:
+        env["FLAWLINE_S3_REGION"] = settings.s3_region
+    return env
+
+
+def job_client(settings: Settings):  # noqa: ANN201  (ray.job_submission.JobSubmissionClient)
+    from ray.job_submission import JobSubmissionClient
+
+    url = settings.ray_dashboard_url
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:  # connection refused, wrong address, version mismatch
+        raise ServiceError(f"no Ray cluster answers at {url} ({type(err).__name__}); start one with `flawline up` "
+                           "or point FLAWLINE_RAY_DASHBOARD_URL at a cluster's dashboard") from None
+
+
+def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec) -> tuple[int, str]:
+    """Check, record and submit one run; returns (run id, Ray job id)."""
+    plan = plan_run(catalog, spec)  # raises before anything is recorded or submitted
+    client = job_client(settings)
+    run_id = create_run(catalog, spec, plan.method, plan.summary())
+    job_id = f"flawline-run-{run_id}-{secrets.token_hex(3)}"
+    try:
+        client.submit_job(
+            entrypoint=f"python train.py --run-id {run_id}", submission_id=job_id,
+            runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},
+            metadata={"flawline_run_id": str(run_id), "setting": spec.setting, "method": plan.method},
+        )
+    except Exception as err:
+        update_run(catalog, run_id, status=RunStatus.failed, error=f"submission failed: {err}".splitlines()[0])
+        raise ServiceError(f"could not submit run {run_id} to {settings.ray_dashboard_url}: "
+                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    update_run(catalog, run_id, ray_job_id=job_id)
+    return run_id, job_id
+
+
+def refresh(catalog: Catalog, settings: Settings, run_ids: list[int] | None = None) -> None:
+    """Bring unfinished runs in line with Ray: a job that died without its driver updating the row
+    (killed, cancelled, cluster restarted) gets its final status here."""
+    rows = [r for r in list_runs(catalog, 500) if r.status not in FINAL and r.ray_job_id
+            and (run_ids is None or r.id in run_ids)]
+    if not rows:
+        return
+    try:
+        client = job_client(settings)
+    except ServiceError:
+        return  # nothing to compare with; the rows stay as they are
+    for r in rows:
+        try:
+            info = client.get_job_info(r.ray_job_id)
+        except Exception:  # the cluster forgot the job (restarted)
+            continue
+        status = RAY_FINAL.get(str(info.status))
+        if status is not None:
+            current = get_run(catalog, r.id)
+            if current.status not in FINAL:
+                update_run(catalog, r.id, status=status, error=current.error or (info.message or None))
+
+
+def cancel_run(catalog: Catalog, settings: Settings, run_id: int) -> bool:
+    row = get_run(catalog, run_id)
+    if row.status in FINAL:
+        raise InvalidInput(f"run {run_id} already {row.status.value}")
+    stopped = False
+    if row.ray_job_id:
+        stopped = job_client(settings).stop_job(row.ray_job_id)
+    update_run(catalog, run_id, status=RunStatus.cancelled, error="cancelled by the user")
+    return stopped
+
+
+def run_logs(catalog: Catalog, settings: Settings, run_id: int) -> str:
+    row = get_run(catalog, run_id)
+    if not row.ray_job_id:
+        raise InvalidInput(f"run {run_id} was never submitted to Ray (status {row.status.value})")
+    return job_client(settings).get_job_logs(row.ray_job_id)
+
+
+def follow(catalog: Catalog, settings: Settings, run_id: int, poll: float = 2.0,
+           timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the run's progress whenever it changes, until it ends (the CLI's --wait)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = None
+    while True:
+        refresh(catalog, settings, [run_id])
+        row = get_run(catalog, run_id)
+        state = {"status": row.status.value, "progress": (row.metrics or {}).get("progress"), "error": row.error}
+        if state != last:
+            yield state
+            last = state
+        if row.status in FINAL:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServiceError(f"run {run_id} still {row.status.value} after {timeout:.0f} s")
+        time.sleep(poll)
