@@ -1,0 +1,457 @@
+"""Serving throughput and latency: requests through Ray Serve against the same model's raw forward
+pass in process, measured in one run on this machine.
+
+Fits a PaDiM detector (EfficientNet-Lite0, 256 px by default) on Magnetic Tile normals, stores it in
+a fresh local S3 server and SQLite catalog, and promotes it. Then:
+
+- raw: the detector loaded from its artifact runs ``predict`` on pre-decoded tensors in this
+  process, batches of 1 and 8, with the replica's torch thread count;
+- serve: ``flawline serve up`` deploys serve/config.yaml (one replica per deployment, the same
+  torch threads) on a local Ray cluster on free ports; an asyncio client sends a fixed number of
+  real Magnetic Tile JPEGs as raw bodies over loopback HTTP at concurrency 1, 8 and 32, with
+  Serve's max_batch_size 1 and 8 (changed in place through user_config). Serve's time includes
+  everything a client waits for: HTTP, request checks, model resolution, JPEG decoding, batching,
+  the forward pass and the response;
+- a bounded load test (a fixed number of requests at concurrency 32, loopback only) with the
+  replicas' resident memory before and after, and the count of non-200 answers.
+
+The headline (``raw_images_per_s``, ``serve_images_per_s``, ``overhead_ratio`` = 1 - serve/raw,
+``p50_ms``, ``p99_ms``) is batch size 8 at concurrency 32. The client runs on the same machine and
+shares its CPUs with the server; the machine's load average is recorded at the start and the end.
+
+    python bench/serve_bench.py [--requests 96] [--load-requests 480] [--image-size 256]
+
+Writes docs/benchmarks/serve.json and docs/benchmarks/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as std_platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MT = REPO.parent / "shared" / "datasets" / "magnetic-tile"
+OTHER_BENCHMARKS = "elpv_bench|magnetic_tile_bench|import_bench|patchcore_profile|serve_bench"
+APP = "flawline"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def others_running() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", OTHER_BENCHMARKS], capture_output=True, text=True).stdout
+    mine = {str(os.getpid()), str(os.getppid())}  # this run, and a `timeout` wrapping it
+    return [line for line in out.splitlines() if line.split()[0] not in mine and "pgrep" not in line]
+
+
+def wait_idle(max_wait: float) -> bool:
+    """Wait (up to max_wait s) until no other benchmark runs; True if none runs now."""
+    deadline = time.monotonic() + max_wait
+    while (running := others_running()) and time.monotonic() < deadline:
+        log(f"waiting for other benchmarks to finish: {running[0][:120]}")
+        time.sleep(30)
+    return not others_running()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+# -- raw forward in process -------------------------------------------------------------------------
+def raw_forward(det, images, batch: int, n: int) -> dict:  # noqa: ANN001
+    """``n`` images through ``det.predict`` in batches of ``batch`` (pre-decoded tensors)."""
+    det.predict(images[:batch])  # warm-up
+    latencies, done = [], 0
+    started = time.perf_counter()
+    while done < n:
+        idx = [(done + i) % len(images) for i in range(batch)]
+        t = time.perf_counter()
+        det.predict(images[idx])
+        latencies.append((time.perf_counter() - t) * 1e3)
+        done += batch
+    wall = time.perf_counter() - started
+    return {"batch_size": batch, "images": done, "seconds": round(wall, 3), "images_per_s": round(done / wall, 3),
+            "batch_p50_ms": round(pct(latencies, 50), 2), "batch_p99_ms": round(pct(latencies, 99), 2)}
+
+
+# -- HTTP client -----------------------------------------------------------------------------------------
+async def _load(url: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    inference: list[float] = []
+    passes = 0.0  # forward passes: a pass of k images answers k requests, each counting 1/k
+    statuses: dict[int, int] = {}
+    next_index = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def worker() -> None:
+            nonlocal next_index, passes
+            while next_index < n:
+                i = next_index
+                next_index += 1
+                t = time.perf_counter()
+                try:
+                    async with session.post(url, data=bodies[i % len(bodies)],
+                                            headers={"Content-Type": "image/jpeg"}) as r:
+                        body = await r.read()
+                        status = r.status
+                    if status == 200:
+                        answer = json.loads(body)
+                        inference.append(answer["inference_ms"])
+                        passes += 1.0 / answer["batch_size"]
+                except aiohttp.ClientError:
+                    status = -1
+                latencies.append((time.perf_counter() - t) * 1e3)
+                statuses[status] = statuses.get(status, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    errors = sum(v for k, v in statuses.items() if k != 200)
+    return {"requests": n, "concurrency": concurrency, "seconds": round(wall, 3),
+            "images_per_s": round(n / wall, 3), "p50_ms": round(pct(latencies, 50), 2),
+            "p90_ms": round(pct(latencies, 90), 2), "p99_ms": round(pct(latencies, 99), 2),
+            "server_inference_p50_ms": round(pct(inference, 50), 2),
+            "mean_batch": round(len(inference) / passes, 2) if passes else None,
+            "errors": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def http_load(url: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
+    return asyncio.run(_load(url, bodies, n, concurrency))
+
+
+# -- the cluster side --------------------------------------------------------------------------------------
+CPU_GROUPS = ("model_server", "gateway", "proxy", "ray_other", "client", "other")
+
+
+def _group(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "client"
+    if f"ServeReplica:{APP}:ModelServer" in cmdline:
+        return "model_server"
+    if f"ServeReplica:{APP}:Gateway" in cmdline:
+        return "gateway"
+    if "ProxyActor" in cmdline:
+        return "proxy"
+    if "ray::" in cmdline or "/ray/" in cmdline or "raylet" in cmdline or "ray.util.client" in cmdline:
+        return "ray_other"
+    return "other"
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system, s) used so far by each process group, and the machine's busy time
+    ("machine"; processes that exited meanwhile count there only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(CPU_GROUPS, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[_group(int(entry.name), cmdline)] += (int(fields[11]) + int(fields[12])) / tick
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine"] = (sum(int(x) for x in cpu) - int(cpu[3]) - int(cpu[4])) / tick  # minus idle, iowait
+    return out
+
+
+def measured(fn, *args) -> dict:  # noqa: ANN001
+    """Run ``fn(*args)`` (an HTTP load) and add the CPU milliseconds per request each group used."""
+    before = cpu_seconds()
+    result = fn(*args)
+    after = cpu_seconds()
+    n = result["requests"]
+    result["cpu_ms_per_request"] = {k: round((after[k] - before[k]) * 1e3 / n, 1) for k in (*CPU_GROUPS, "machine")}
+    return result
+
+
+def replica_rss(address: str) -> dict[str, float]:
+    """Resident memory (MiB) of each Serve replica of the app, by deployment."""
+    from ray.util.state import list_actors
+
+    out = {}
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
+        if actor.class_name.startswith(f"ServeReplica:{APP}:") and actor.pid:
+            for line in Path(f"/proc/{actor.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[actor.class_name.rsplit(":", 1)[1]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def start_s3(tmp: Path):  # noqa: ANN201 (LocalS3Server)
+    """A local S3 server on free ports; tried again on new ports if one got taken meanwhile (its
+    gRPC twins, port + 10000, lie in the kernel's ephemeral range that client sockets draw from)."""
+    from flawline.errors import ServiceError
+    from flawline.storage.local_s3 import LocalS3Server
+
+    for attempt in range(3):
+        server = LocalS3Server.on_free_ports(tmp / f"s3-{attempt}")
+        try:
+            server.start(timeout=90)
+            return server
+        except ServiceError as err:
+            log(f"local S3 server did not start ({err}); trying other ports")
+    raise ServiceError("local S3 server did not start on three sets of free ports")
+
+
+def write_config(path: Path, batch: int, threads: int) -> Path:
+    """serve/config.yaml with one replica per deployment (no autoscaling during measurements),
+    ``threads`` CPUs and torch threads for the model server, and Serve's batch size ``batch``."""
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    for dep in config["applications"][0]["deployments"]:
+        dep.pop("autoscaling_config", None)
+        dep["num_replicas"] = 1
+        if dep["name"] == "ModelServer":
+            dep["ray_actor_options"]["num_cpus"] = threads
+            dep["user_config"].update(max_batch_size=batch, torch_threads=threads)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def deploy(config: Path) -> None:
+    from flawline.cli.serve import up
+
+    up(config=config, app_dir=REPO, port=None, timeout=600, wait=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=96, help="Requests (images) per measured cell.")
+    parser.add_argument("--load-requests", type=int, default=480, help="Requests of the bounded load test.")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--train-images", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="Torch threads, in process and in the model server replica.")
+    parser.add_argument("--wait-idle", type=float, default=3 * 3600,
+                        help="Wait up to this long for other benchmarks to finish first.")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    idle = wait_idle(args.wait_idle)
+    load_start = os.getloadavg()
+    log(f"load average {load_start}; other benchmarks running: {not idle}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from flawline.catalog import Catalog, upgrade
+    from flawline.catalog.db import make_engine
+    from flawline.catalog.model_versions import promote, register_version
+    from flawline.cluster.local_ray import LocalRayCluster, free_ports
+    from flawline.config import get_settings
+    from flawline.data.loading import decode_image, stack_rgb
+    from flawline.evaluate import thresholds as th
+    from flawline.models import create_detector
+    from flawline.serving.models import load_model
+    from flawline.storage import ObjectStore
+
+    free = sorted((MT / "MT_Free" / "Imgs").glob("*.jpg"))
+    train_files = free[: args.train_images]
+    request_files = free[args.train_images: args.train_images + 24] + \
+        [p for d in ("MT_Blowhole", "MT_Crack", "MT_Break") for p in sorted((MT / d / "Imgs").glob("*.jpg"))[:8]]
+    bodies = [p.read_bytes() for p in request_files]
+    request_tensors = stack_rgb([decode_image(b, args.image_size) for b in bodies])
+
+    with tempfile.TemporaryDirectory(prefix="flawline-serve-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        s3 = start_s3(tmp)
+        cluster = LocalRayCluster.on_free_ports(num_cpus=args.threads + 2, log_file=tmp / "ray.log")
+        try:
+            url = f"sqlite:///{tmp / 'catalog.db'}"
+            upgrade(make_engine(url))
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            port, = free_ports(1)
+            os.environ.update({
+                "FLAWLINE_DATA_DIR": str(tmp / "data"), "FLAWLINE_CATALOG_URL": url,
+                "FLAWLINE_S3_ENDPOINT": s3.endpoint, "FLAWLINE_S3_ACCESS_KEY": s3.access_key,
+                "FLAWLINE_S3_SECRET_KEY": s3.secret_key, "FLAWLINE_S3_BUCKET": bucket,
+                "FLAWLINE_RAY_DASHBOARD_URL": cluster.dashboard_url, "FLAWLINE_SERVE_PORT": str(port),
+            })
+            os.environ.pop("FLAWLINE_CONFIG", None)
+            get_settings.cache_clear()
+            store = ObjectStore(s3.endpoint, s3.access_key, s3.secret_key, bucket)
+            store.ensure_bucket()
+            catalog = Catalog(url)
+
+            log(f"fitting padim at {args.image_size} px on {len(train_files)} Magnetic Tile normals")
+            train = stack_rgb([decode_image(p.read_bytes(), args.image_size) for p in train_files])
+            det = create_detector("padim", image_size=args.image_size).fit(train)
+            det.set_threshold(th.max_score(det.predict(train).scores, {"images": len(train_files)}))
+            from flawline.models.artifacts import detector_to_bytes
+
+            store.put_bytes("models/bench-padim.pt", detector_to_bytes(det))
+            with catalog.session() as s:
+                register_version(s, name="bench-padim", artifact_uri=store.uri("models/bench-padim.pt"),
+                                 method="padim", backbone=det.config.backbone, threshold=det.threshold.as_dict(),
+                                 metrics=None)
+                promote(s, "bench-padim:1")
+            # the raw baseline runs the artifact as the server loads it
+            model = load_model(catalog, store, "bench-padim:1", device="cpu")
+
+            log("raw forward in process")
+            raw_before = {b: raw_forward(model.detector, request_tensors, b, args.requests) for b in (1, 8)}
+
+            log("starting a local Ray cluster and deploying serve/config.yaml")
+            cluster.start()
+            started = time.perf_counter()
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads))
+            deploy_s = time.perf_counter() - started
+            endpoint = f"http://127.0.0.1:{port}/v1/models/bench-padim/predict"
+
+            grid = []
+            for batch in (1, 8):
+                deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads))
+                for concurrency in (1, 8, 32):
+                    http_load(endpoint, bodies, max(concurrency, 8), concurrency)  # warm-up
+                    time.sleep(1.0)
+                    cell = measured(http_load, endpoint, bodies, args.requests, concurrency)
+                    cell["batch_size"] = batch
+                    grid.append(cell)
+                    log(f"serve batch {batch} concurrency {concurrency}: {cell['images_per_s']:.2f} img/s, "
+                        f"p50 {cell['p50_ms']:.0f} ms, p99 {cell['p99_ms']:.0f} ms, mean batch {cell['mean_batch']}, "
+                        f"errors {cell['errors']}")
+
+            log(f"bounded load test: {args.load_requests} requests at concurrency 32 (batch 8)")
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads))
+            http_load(endpoint, bodies, 64, 32)  # warm-up: buffers, allocator, first batches
+            rss_before = replica_rss(cluster.address)
+            load = measured(http_load, endpoint, bodies, args.load_requests, 32)
+            rss_after = replica_rss(cluster.address)
+            load.update(rss_mib_before=rss_before, rss_mib_after=rss_after,
+                        rss_growth_mib={k: round(rss_after.get(k, 0) - v, 1) for k, v in rss_before.items()})
+            log(f"load test: {load['images_per_s']:.2f} img/s, errors {load['errors']}, RSS {rss_before} -> {rss_after}")
+
+            log("raw forward in process again")
+            from flawline.cli.serve import down
+
+            down()
+            raw_after = {b: raw_forward(model.detector, request_tensors, b, args.requests) for b in (1, 8)}
+        finally:
+            cluster.stop()
+            s3.stop()
+
+    load_end = os.getloadavg()
+    raw = []
+    for b in (1, 8):
+        best = max(raw_before[b], raw_after[b], key=lambda r: r["images_per_s"])
+        raw.append({**best, "runs_images_per_s": [raw_before[b]["images_per_s"], raw_after[b]["images_per_s"]]})
+    raw8 = next(r for r in raw if r["batch_size"] == 8)
+    head = next(c for c in grid if c["batch_size"] == 8 and c["concurrency"] == 32)
+    result = {
+        "raw_images_per_s": raw8["images_per_s"],
+        "serve_images_per_s": head["images_per_s"],
+        "overhead_ratio": round(1 - head["images_per_s"] / raw8["images_per_s"], 4),
+        "p50_ms": head["p50_ms"],
+        "p99_ms": head["p99_ms"],
+        "headline": "Serve max_batch_size 8, concurrency 32, against raw predict() in batches of 8",
+        "errors": sum(c["errors"] for c in grid) + load["errors"],
+        "raw": raw,
+        "serve": grid,
+        "load_test": load,
+        "model": {"method": "padim", "backbone": det.config.backbone, "image_size": args.image_size,
+                  "train_images": len(train_files), "device": "cpu"},
+        "requests_per_cell": args.requests,
+        "request_images": {"count": len(bodies), "mean_bytes": int(statistics.mean(len(b) for b in bodies)),
+                           "source": "Magnetic Tile JPEGs (24 defect-free, 24 defective)"},
+        "torch_threads": args.threads,
+        "deploy_seconds": round(deploy_s, 1),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in load_end],
+        "other_benchmarks_running_at_start": not idle,
+        "what": "raw = Detector.predict on pre-decoded tensors in this process (best of a run before and one "
+                "after the Serve measurements); serve = HTTP over loopback through the Serve proxy, Gateway "
+                "and ModelServer replicas (one each), client on the same machine (asyncio, aiohttp); the "
+                "raw run and the ModelServer replica use the same torch thread count; server_inference = decoding "
+                "and the forward pass of the batch in the replica; cpu_ms_per_request = CPU time per request of "
+                "each process group during the cell (from /proc)",
+        "machine": {"cpus": os.cpu_count(), "python": std_platform.python_version(),
+                    "system": std_platform.platform()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "serve.md").write_text(markdown(result))
+    print(json.dumps({k: result[k] for k in ("raw_images_per_s", "serve_images_per_s", "overhead_ratio",
+                                             "p50_ms", "p99_ms", "errors")}, indent=2))
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# Serving benchmark (Ray Serve vs raw forward pass)",
+        "",
+        f"Measured {r['date']} on {r['machine']['cpus']} CPUs (load average {r['loadavg_start'][0]:.2f} at the start, "
+        f"{r['loadavg_end'][0]:.2f} at the end{'; another benchmark was running' if r['other_benchmarks_running_at_start'] else ''}). "
+        f"Model: {r['model']['method']} ({r['model']['backbone']}, {r['model']['image_size']} px, CPU, "
+        f"{r['torch_threads']} torch threads). {r['requests_per_cell']} requests per cell, "
+        f"{r['request_images']['count']} Magnetic Tile JPEGs (mean {r['request_images']['mean_bytes'] / 1024:.0f} KiB) "
+        "sent as raw bodies over loopback.",
+        "",
+        f"**Batch 8, concurrency 32:** raw {r['raw_images_per_s']:.2f} images/s, Serve {r['serve_images_per_s']:.2f} "
+        f"images/s, overhead {100 * r['overhead_ratio']:.1f} % (aim: under 15 %), p50 {r['p50_ms']:.0f} ms, "
+        f"p99 {r['p99_ms']:.0f} ms; {r['errors']} errors in all runs.",
+        "",
+        "## Raw forward pass in process",
+        "",
+        "| batch | images/s | runs (before, after Serve) | batch p50 (ms) | batch p99 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["raw"]:
+        lines.append(f"| {x['batch_size']} | {x['images_per_s']:.2f} | "
+                     f"{', '.join(f'{v:.2f}' for v in x['runs_images_per_s'])} | {x['batch_p50_ms']:.0f} | "
+                     f"{x['batch_p99_ms']:.0f} |")
+    lines += ["", "## Through Serve (HTTP, one Gateway and one ModelServer replica)", "",
+              "| max batch | concurrency | images/s | vs raw same batch | p50 (ms) | p90 (ms) | p99 (ms) | "
+              "server inference p50 (ms) | mean batch | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    raw = {x["batch_size"]: x["images_per_s"] for x in r["raw"]}
+    for c in r["serve"]:
+        lines.append(f"| {c['batch_size']} | {c['concurrency']} | {c['images_per_s']:.2f} | "
+                     f"{c['images_per_s'] / raw[c['batch_size']]:.2f} | {c['p50_ms']:.0f} | {c['p90_ms']:.0f} | "
+                     f"{c['p99_ms']:.0f} | {c['server_inference_p50_ms']:.0f} | "
+                     f"{c['mean_batch'] if c['mean_batch'] is not None else '-'} | {c['errors']} |")
+    lines += ["", "CPU per request (ms, all cores) while each cell ran: what the replica spends against what "
+              "HTTP and Serve's hops cost around it (`other` is everything else on the machine, other users' "
+              "work included):", "",
+              "| max batch | concurrency | model server | gateway | proxy | other Ray | client | other | machine |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in r["serve"]:
+        u = c["cpu_ms_per_request"]
+        lines.append(f"| {c['batch_size']} | {c['concurrency']} | {u['model_server']} | {u['gateway']} | {u['proxy']} | "
+                     f"{u['ray_other']} | {u['client']} | {u['other']} | {u['machine']} |")
+    lt = r["load_test"]
+    lines += ["", "## Bounded load test", "",
+              f"{lt['requests']} requests at concurrency {lt['concurrency']} (batch 8), loopback only: "
+              f"{lt['images_per_s']:.2f} images/s, p50 {lt['p50_ms']:.0f} ms, p99 {lt['p99_ms']:.0f} ms, "
+              f"{lt['errors']} errors (statuses {lt['statuses']}).", "",
+              "| replica | RSS before (MiB) | RSS after (MiB) | growth (MiB) |", "|---|---|---|---|"]
+    for name, before in lt["rss_mib_before"].items():
+        lines.append(f"| {name} | {before:.0f} | {lt['rss_mib_after'].get(name, 0):.0f} | "
+                     f"{lt['rss_growth_mib'][name]:+.1f} |")
+    lines += ["", "Serve's time is what a client waits for: HTTP, request checks, model resolution, JPEG "
+              "decoding, batching, the forward pass and the JSON answer; raw is `predict()` on tensors already "
+              "decoded. The client shares the machine's CPUs with the server. `python bench/serve_bench.py` "
+              "reproduces it.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

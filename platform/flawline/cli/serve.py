@@ -1,0 +1,302 @@
+"""``flawline serve up|status|down`` (the Ray Serve application on the cluster) and ``flawline
+predict`` (ask the server, or with ``--local`` this process, about images; write overlays)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote
+
+import typer
+from rich.table import Table
+
+from flawline.cli.app import FlawlineTyper, console, err_console, print_json
+from flawline.config import Settings, get_settings
+from flawline.errors import ConfigError, InvalidInput, ServiceError
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_CONFIG = REPO / "serve" / "config.yaml"
+
+app = FlawlineTyper(help="The serving application on Ray Serve: deploy it, show its state, take it down.")
+
+
+# -- the Serve config file ------------------------------------------------------------------------
+def _first_validation_error(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        return f"{where}: {first.get('msg', 'invalid')}"
+    return str(err).splitlines()[0]
+
+
+def load_config(path: Path, settings: Settings, app_dir: Path, port: int | None = None) -> dict[str, Any]:
+    """A Serve config file, checked, with what this installation adds: the HTTP port
+    (``--port``, else FLAWLINE_SERVE_PORT when set, else the file's), the settings replicas need to
+    reach the same catalog and S3 (runtime_env env_vars), and ``app_dir`` on their PYTHONPATH so
+    ``import_path`` resolves there as it does here."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such Serve config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InvalidInput(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{path}: expected a Serve config (a mapping with applications:)")
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except Exception as err:  # pydantic ValidationError
+        raise InvalidInput(f"{path}: {_first_validation_error(err)}") from None
+    if not raw.get("applications"):
+        raise InvalidInput(f"{path}: no applications to deploy")
+    from flawline.train.submit import job_env  # the settings a process on the cluster needs
+
+    http = dict(raw.get("http_options") or {})
+    if port is not None:
+        http["port"] = port
+    elif "serve_port" in settings.model_fields_set or "port" not in http:
+        http["port"] = settings.serve_port
+    if "serve_host" in settings.model_fields_set or "host" not in http:
+        http["host"] = settings.serve_host
+    raw["http_options"] = http
+    for application in raw["applications"]:
+        runtime_env = dict(application.get("runtime_env") or {})
+        env = {**job_env(settings), **dict(runtime_env.get("env_vars") or {})}
+        module = str(application["import_path"]).replace(":", ".").rsplit(".", 1)[0]
+        if (app_dir / (module.replace(".", "/") + ".py")).is_file():
+            env["PYTHONPATH"] = str(app_dir.resolve()) + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+        runtime_env["env_vars"] = env
+        application["runtime_env"] = runtime_env
+    return raw
+
+
+def _client(settings: Settings):  # noqa: ANN202 (ServeSubmissionClient)
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    try:
+        return ServeSubmissionClient(settings.ray_dashboard_url)
+    except Exception as err:  # connection refused, not a Ray dashboard, version mismatch
+        raise ServiceError(f"no Ray cluster answers at {settings.ray_dashboard_url} ({type(err).__name__}); start "
+                           "one with `flawline up` or point FLAWLINE_RAY_DASHBOARD_URL at a cluster's dashboard"
+                           ) from None
+
+
+def _call(what: str, fn, *args):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args)
+    except Exception as err:  # the SDK raises RuntimeError("Request failed with status code ...: <text>")
+        text = " ".join(str(err).split())
+        raise ServiceError(f"Ray Serve {what} failed: {text[:400]}") from None
+
+
+def _running(details: dict[str, Any]) -> bool:
+    return bool((details.get("controller_info") or {}).get("actor_id")) or bool(details.get("applications"))
+
+
+def _http_address(details: dict[str, Any]) -> str | None:
+    http = details.get("http_options") or {}
+    return f"http://{http['host']}:{http['port']}" if http.get("host") and http.get("port") else None
+
+
+def _summary(details: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, application in sorted((details.get("applications") or {}).items()):
+        for dep_name, dep in sorted((application.get("deployments") or {}).items()):
+            replicas = dep.get("replicas") or []
+            rows.append({"application": name, "app_status": application.get("status"),
+                         "route_prefix": application.get("route_prefix"), "deployment": dep_name,
+                         "status": dep.get("status"),
+                         "replicas_running": sum(1 for r in replicas if r.get("state") == "RUNNING"),
+                         "replicas_target": dep.get("target_num_replicas"),
+                         "message": (dep.get("message") or application.get("message") or "").strip()})
+        if not application.get("deployments"):
+            rows.append({"application": name, "app_status": application.get("status"),
+                         "route_prefix": application.get("route_prefix"), "deployment": "-", "status": "-",
+                         "replicas_running": 0, "replicas_target": 0,
+                         "message": (application.get("message") or "").strip()})
+    return rows
+
+
+@app.command("up")
+def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config file."),
+       app_dir: Path = typer.Option(REPO, help="Folder the config's import_path is relative to."),
+       port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port (default: FLAWLINE_SERVE_PORT "
+                                                                         "when set, else the config's)."),
+       timeout: float = typer.Option(300.0, help="Seconds to wait for the application to run."),
+       wait: bool = typer.Option(True, help="Wait until every application runs.")) -> None:
+    """Deploy the serving application (serve/config.yaml) on the Ray cluster at
+    FLAWLINE_RAY_DASHBOARD_URL (the local one `flawline up` starts). Running it again applies a
+    changed config in place (batch settings) or by rolling replicas (arguments, resources)."""
+    settings = get_settings()
+    deploy = load_config(config, settings, app_dir, port)
+    client = _client(settings)
+    before = _call("status", client.get_serve_details)
+    want = f"http://{deploy['http_options']['host']}:{deploy['http_options']['port']}"
+    have = _http_address(before) if _running(before) else None
+    if have and have != want:
+        raise InvalidInput(f"Serve already runs on this cluster at {have}; its address cannot change while it "
+                           f"runs: `flawline serve down`, then `flawline serve up` for {want}")
+    _call("deploy", client.deploy_applications, deploy)
+    names = [a["name"] for a in deploy["applications"]]
+    console.print(f"deploying {', '.join(names)} from {config} on {settings.ray_dashboard_url}")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while True:
+        details = _call("status", client.get_serve_details)
+        apps = details.get("applications") or {}
+        states = {n: (apps.get(n) or {}).get("status", "NOT_STARTED") for n in names}
+        failed = {n: s for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            name = next(iter(failed))
+            message = " ".join(((apps.get(name) or {}).get("message") or "").split())
+            raise ServiceError(f"application {name} {failed[name]}: {message[-600:] or 'see the Ray dashboard'}")
+        if all(s == "RUNNING" for s in states.values()):
+            break
+        if time.monotonic() > deadline:
+            raise ServiceError(f"applications not running after {timeout:.0f} s: "
+                               + ", ".join(f"{n} {s}" for n, s in states.items()))
+        time.sleep(1.0)
+    console.print(f"serving at {_http_address(details) or want} ({time.monotonic() - started:.0f} s): "
+                  f"POST /v1/models/<model>/predict, GET /v1/models, GET /healthz")
+
+
+@app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Applications, deployments and replicas on the cluster; exits 1 if nothing runs."""
+    settings = get_settings()
+    details = _call("status", _client(settings).get_serve_details)
+    rows = _summary(details)
+    address = _http_address(details) if _running(details) else None
+    if as_json:
+        print_json({"address": address, "dashboard": settings.ray_dashboard_url, "deployments": rows})
+    elif not rows:
+        console.print(f"Ray Serve runs no application on {settings.ray_dashboard_url}")
+    else:
+        table = Table("application", "status", "deployment", "status", "replicas", "message")
+        for r in rows:
+            table.add_row(r["application"], r["app_status"], r["deployment"], r["status"],
+                          f"{r['replicas_running']}/{r['replicas_target']}", r["message"][:80])
+        console.print(table)
+        console.print(f"HTTP {address}")
+    if not rows or any(r["app_status"] != "RUNNING" for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command("down")
+def down() -> None:
+    """Delete every Serve application on the cluster and shut Serve (and its HTTP proxy) down."""
+    settings = get_settings()
+    client = _client(settings)
+    details = _call("status", client.get_serve_details)
+    if not _running(details):
+        console.print(f"Ray Serve was not running on {settings.ray_dashboard_url}")
+        return
+    _call("shutdown", client.delete_applications)
+    console.print(f"Ray Serve shut down on {settings.ray_dashboard_url}")
+
+
+# -- flawline predict ------------------------------------------------------------------------------
+class _ModelLevel(ServiceError):
+    """The model cannot answer at all (unknown, cannot be loaded): stop, it holds for every image."""
+
+
+def _post(url: str, data: bytes, timeout: float) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        try:
+            message = json.loads(err.read()).get("error") or err.reason
+        except (ValueError, AttributeError):
+            message = err.reason
+        if err.code in (404, 503):
+            raise _ModelLevel(f"{message} (HTTP {err.code})") from None
+        raise InvalidInput(f"{message} (HTTP {err.code})") from None
+    except urllib.error.URLError as err:
+        raise ServiceError(f"no flawline server answers at {url.split('/v1/')[0]} ({err.reason}); start it with "
+                           "`flawline serve up`, or use --local") from None
+    except TimeoutError:
+        raise ServiceError(f"the server at {url.split('/v1/')[0]} did not answer within {timeout:.0f} s") from None
+
+
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    model: str = typer.Option(..., "--model", "-m", help="name (its production version, else its newest) or "
+                              "name:version."),
+    local: bool = typer.Option(False, "--local", help="Run the model in this process instead of asking the server."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write <image>.overlay.png (heatmap and defect "
+                                       "regions over the image) into this folder."),
+    url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT)."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for each answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (maps and PNGs left out)."),
+) -> None:
+    """Score images with a registered model: verdict, score and threshold per image; with --out,
+    overlay images. Bad images get one `error:` line each and exit code 1; the others are scored."""
+    from flawline.serving.errors import RequestError
+    from flawline.serving.response import overlay_png
+
+    settings = get_settings()
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise InvalidInput(f"{missing[0]}: no such file")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise InvalidInput(f"{out}: exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    want_maps = out is not None
+    if local:
+        from flawline.serving.local import LocalPredictor
+
+        predictor = LocalPredictor(settings)
+    else:
+        base = (url or settings.serve_url).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError(f"--url {base!r}: expected http://host:port")
+        query = "?heatmap=true&regions=true" if want_maps else ""
+        endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict{query}"
+    results, failures, used = [], 0, set()
+    for path in images:
+        data = path.read_bytes()
+        try:
+            if local:
+                result = predictor.predict(model, data, path.name, heatmap=want_maps, regions=want_maps)
+            else:
+                result = _post(endpoint, data, timeout)
+        except (InvalidInput, RequestError) as err:
+            failures += 1
+            typer.echo(f"error: {path}: {err}", err=True)
+            continue
+        result["image"] = str(path)
+        if out is not None:
+            stem = path.stem if path.stem not in used else f"{path.stem}-{len(used)}"
+            used.add(stem)
+            target = out / f"{stem}.overlay.png"
+            target.write_bytes(overlay_png(data, result))
+            result["overlay"] = str(target)
+        results.append({k: v for k, v in result.items() if k not in ("heatmap_png", "mask_png")})
+        if not as_json:
+            verdict = {True: "DEFECT", False: "ok", None: "no threshold"}[result["is_defect"]]
+            threshold = "-" if result["threshold"] is None else f"{result['threshold']:.4g}"
+            typer.echo(f"{path}  {verdict}  score {result['score']:.4g}  threshold {threshold}  "
+                       f"{result['model']}:{result['model_version']}  {result['latency_ms']:.1f} ms"
+                       + (f"  → {result['overlay']}" if out is not None else ""))
+    if as_json:
+        print_json(results)
+    if failures:
+        if not as_json:
+            err_console.print(f"{failures} of {len(images)} image(s) failed")
+        raise typer.Exit(1)

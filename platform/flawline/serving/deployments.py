@@ -1,0 +1,260 @@
+"""The Ray Serve application: a FastAPI ``Gateway`` in front of a batched, multiplexed ``ModelServer``.
+
+- ``Gateway`` (HTTP ingress) reads and checks the request (bounded body and pixels; 4xx with a
+  one-line message), resolves the model reference to ``name:version`` (production version, else
+  the newest; a cheap catalog query cached ``resolve_ttl_s``), and calls the model server with that
+  id as the multiplexed model id. Promotion and rollback therefore take effect within
+  ``resolve_ttl_s`` without a restart.
+- ``ModelServer`` loads versions from S3 on demand (``@serve.multiplexed``, an LRU of
+  ``max_models_per_replica`` models per replica; Serve routes a model id to replicas that hold it)
+  and batches requests for one model id (``@serve.batch``; size and wait in ``user_config``,
+  changed in place). A version whose artifact cannot be loaded answers 503 for that model only.
+
+Metrics (``ray.util.metrics``, on every node's metrics endpoint): ``flawline_predictions``
+{model, version, verdict}, ``flawline_request_errors`` {model, status}, ``flawline_predict_latency_ms``
+{model}, ``flawline_score`` and ``flawline_score_to_threshold`` {model}, ``flawline_batch_size``.
+"""
+
+
+import asyncio
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
+from flawline.data.images import MAX_PIXELS
+from flawline.errors import FlawlineError
+from flawline.serving.errors import ModelUnavailable, PayloadTooLarge, RequestError, http_status, one_line
+from flawline.serving.inputs import MAX_REQUEST_BYTES, Limits, check_image, image_from_request, parse_flag
+from flawline.serving.models import ModelResolver, list_models, load_model
+from flawline.serving.pipeline import Item, Outcome, predict_items
+from flawline.serving.response import build_response
+
+GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
+                                    "max_image_pixels": MAX_PIXELS}
+SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None}
+APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto"}
+LOAD_RETRY_AFTER_S = 10.0  # a failed load is answered from memory this long (no S3 fetch per request)
+LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+SCORE_RATIO = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0]
+SCORE = [0.01, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 1000]
+
+api = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
+
+
+def _settings(config: dict[str, Any] | None, defaults: dict[str, Any], where: str) -> dict[str, Any]:
+    config = dict(config or {})
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
+    return {**defaults, **config}
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The replica's own exception behind a Ray wrapper (RayTaskError.cause)."""
+    return getattr(err, "cause", None) or err
+
+
+class _Status(FlawlineError):
+    """An error the model server reported for one image, with its status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        self.predictions = Counter("flawline_predictions", "Images predicted, by verdict.",
+                                   tag_keys=("model", "version", "verdict"))
+        self.errors = Counter("flawline_request_errors", "Requests answered with an error, by status.",
+                              tag_keys=("model", "status"))
+        self.latency = Histogram("flawline_predict_latency_ms", "Request latency in the gateway (ms).",
+                                 boundaries=LATENCY_MS, tag_keys=("model",))
+        self.score = Histogram("flawline_score", "Image anomaly scores.", boundaries=SCORE, tag_keys=("model",))
+        self.ratio = Histogram("flawline_score_to_threshold", "Image score divided by the model's threshold.",
+                               boundaries=SCORE_RATIO, tag_keys=("model",))
+
+    def prediction(self, model: str, version: int, outcome: Outcome, latency_ms: float) -> None:
+        verdict = {True: "defect", False: "ok", None: "none"}[outcome.is_defect]
+        self.predictions.inc(tags={"model": model, "version": str(version), "verdict": verdict})
+        self.latency.observe(latency_ms, tags={"model": model})
+        if outcome.score is not None:
+            self.score.observe(outcome.score, tags={"model": model})
+            if outcome.threshold and outcome.threshold["value"] > 0:
+                self.ratio.observe(outcome.score / outcome.threshold["value"], tags={"model": model})
+
+
+@serve.deployment(name="ModelServer", max_ongoing_requests=32)
+class ModelServer:
+    def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
+        from ray.util.metrics import Histogram
+
+        settings = get_settings()
+        self.catalog, self.store = open_catalog(settings), open_store(settings)
+        self.device = device
+        # Every torch call (load, warm-up, forward, thread settings) on one thread: torch's OpenMP
+        # pool is per calling thread, and two pools on the same cores halve the forward's speed.
+        self._torch = ThreadPoolExecutor(1, thread_name_prefix="flawline-torch")
+        self._failed: dict[str, tuple[float, Exception]] = {}
+        self._batch_sizes = Histogram("flawline_batch_size", "Images per forward pass.",
+                                      boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+        async def load(model_id: str):  # noqa: ANN202 — a closure: multiplexed with a size from args
+            return await self._load(model_id)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=int(max_models_per_replica))(load)
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        c = _settings(config, SERVER_DEFAULTS, "ModelServer user_config")
+        self.predict_batch.set_max_batch_size(int(c["max_batch_size"]))
+        self.predict_batch.set_batch_wait_timeout_s(float(c["batch_wait_timeout_s"]))
+        if c["torch_threads"]:
+            import torch
+
+            self._torch.submit(torch.set_num_threads, int(c["torch_threads"])).result()
+
+    async def _load(self, model_id: str):  # noqa: ANN202
+        failed = self._failed.get(model_id)
+        if failed and time.monotonic() - failed[0] < LOAD_RETRY_AFTER_S:
+            raise failed[1]
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self._torch, load_model, self.catalog, self.store, model_id,
+                                               self.device)
+        except ModelUnavailable as err:
+            self._failed[model_id] = (time.monotonic(), err)
+            raise
+        self._failed.pop(model_id, None)
+        return model
+
+    @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
+                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
+    async def predict_batch(self, items: list[Item]) -> list[Outcome]:
+        # Serve splits batches by multiplexed model id: every item here is for this model.
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        self._batch_sizes.observe(len(items))
+        return await asyncio.get_running_loop().run_in_executor(self._torch, predict_items, model, items)
+
+    async def predict(self, item: Item) -> Outcome:
+        return await self.predict_batch(item)
+
+    def ping(self) -> str:
+        return "ok"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=64)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model_server: DeploymentHandle) -> None:
+        settings = get_settings()
+        self.server = model_server
+        self.catalog, self.store = open_catalog(settings), open_store(settings)
+        self.metrics = _Metrics()
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        c = _settings(config, GATEWAY_DEFAULTS, "Gateway user_config")
+        self.limits = Limits(int(c["max_request_bytes"]), int(c["max_image_pixels"]))
+        self.resolver = ModelResolver(self.catalog, float(c["resolve_ttl_s"]))
+
+    def _fetch(self, uri: str) -> bytes:
+        prefix = self.store.uri("")
+        if not uri.startswith(prefix) or uri == prefix:
+            raise RequestError(f"{uri}: this server reads images from {prefix}... only")
+        return self.store.get_bytes(self.store.key_from_uri(uri))
+
+    def _prepare(self, model: str, content_type: str | None, body: bytes):  # noqa: ANN202
+        ref = self.resolver.resolve(model)
+        data, name = image_from_request(content_type, body, self._fetch, limits=self.limits)
+        return ref, check_image(data, name, limits=self.limits)
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        checks = {}
+        try:
+            await asyncio.to_thread(self.catalog.ping)
+            checks["catalog"] = "ok"
+        except FlawlineError as err:
+            checks["catalog"] = one_line(err)
+        try:
+            checks["model_server"] = await asyncio.wait_for(self._ping(), timeout=10)
+        except Exception as err:  # noqa: BLE001
+            checks["model_server"] = one_line(_cause(err))
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+
+    async def _ping(self) -> str:
+        return await self.server.ping.remote()
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        try:
+            return JSONResponse({"models": await asyncio.to_thread(list_models, self.catalog),
+                                 "resolve_ttl_s": self.resolver.ttl_s})
+        except FlawlineError as err:
+            return _error(http_status(err), one_line(err))
+
+    @api.post("/v1/models/{model}/predict")
+    async def predict(self, model: str, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        tag = "unresolved"
+        try:
+            query = request.query_params
+            heatmap, mask = parse_flag(query.get("heatmap"), "heatmap"), parse_flag(query.get("mask"), "mask")
+            with_regions = parse_flag(query.get("regions"), "regions")
+            body = await _read_body(request, self.limits.max_request_bytes)
+            ref, image = await asyncio.to_thread(self._prepare, model, request.headers.get("content-type"), body)
+            tag = ref.name
+            item = Item(image.data, image.name, ref.threshold, heatmap or mask or with_regions)
+            outcome: Outcome = await self.server.options(multiplexed_model_id=ref.model_id).predict.remote(item)
+            if outcome.error:
+                raise _Status(outcome.error, outcome.status)
+            latency_ms = (time.perf_counter() - started) * 1e3
+            build = functools.partial(build_response, outcome, ref, (image.width, image.height), latency_ms,
+                                      heatmap=heatmap, mask=mask, with_regions=with_regions)
+            response = await asyncio.to_thread(build) if item.want_map else build()
+            self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
+            return JSONResponse(response)
+        except Exception as err:  # noqa: BLE001 — every failure is one answer; the server keeps serving
+            cause = _cause(err)
+            status = http_status(cause)
+            self.metrics.errors.inc(tags={"model": tag, "status": str(status)})
+            message = one_line(cause) if status < 500 or isinstance(cause, FlawlineError) else \
+                f"internal error ({type(cause).__name__}: {one_line(cause)})"
+            return _error(status, message)
+
+
+def build_app(args: dict[str, Any] | None = None):  # noqa: ANN201 — serve.Application
+    """The application (``serve/app.py`` exposes it; ``args`` from serve/config.yaml)."""
+    a = _settings(args, APP_ARGS, "application args")
+    if int(a["max_models_per_replica"]) < 1:
+        raise ValueError("application args: max_models_per_replica must be at least 1")
+    return Gateway.bind(ModelServer.bind(int(a["max_models_per_replica"]), str(a["device"])))

@@ -1,0 +1,51 @@
+"""What a serving request can fail with, and the HTTP status each failure answers with.
+
+Every error is a ``FlawlineError`` with a one-line message; the server answers
+``{"error": message, "status": code}`` and keeps serving.
+"""
+
+from __future__ import annotations
+
+from flawline.errors import FlawlineError, InvalidInput, NotFound, StorageError, StorageUnavailable
+
+
+class RequestError(InvalidInput):
+    """The request cannot be used (400 unless a subclass says otherwise)."""
+
+    status = 400
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
+class ModelUnavailable(FlawlineError):
+    """A registered model version whose artifact cannot be loaded: 503 for that model only."""
+
+    status = 503
+
+
+def http_status(err: BaseException) -> int:
+    """The status a serving error answers with (500: a bug or an unexpected failure)."""
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status
+    if isinstance(err, NotFound):
+        return 404
+    if isinstance(err, InvalidInput):
+        return 400
+    if isinstance(err, StorageUnavailable):
+        return 503
+    if isinstance(err, StorageError):
+        # A missing object is the client's key; anything else is the S3 server's trouble.
+        return 404 if "does not exist" in str(err) else 502
+    return 500
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__

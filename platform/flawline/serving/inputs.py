@@ -1,0 +1,154 @@
+"""Request bodies → checked image bytes, before any model sees them.
+
+A prediction request carries one image: the raw bytes (``image/*`` or
+``application/octet-stream``), a ``multipart/form-data`` upload (field ``image`` or ``file``, else
+the first part with a file name), or a JSON body ``{"uri": "s3://bucket/key"}`` naming an object in
+flawline's bucket. Everything is bounded: the body size, and the pixel count read from the image
+header before a pixel is decoded (a 100,000 x 100,000 PNG is a few hundred bytes). A bad request
+raises a ``RequestError`` with the HTTP status it answers with and a one-line message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import Message
+
+from PIL import Image, UnidentifiedImageError
+
+from flawline.data.images import MAX_PIXELS, MIN_SIDE, verify_image
+from flawline.serving.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+
+MAX_REQUEST_BYTES = 32 * 2**20
+ACCEPTED = "image/* or application/octet-stream (raw bytes), multipart/form-data (field 'image'), " \
+           "application/json {\"uri\": \"s3://...\"}"
+# Modes decode_image turns into 1 or 3 channels; anything else (RGBA, CMYK, ...) is refused up front.
+_MODES = {"L", "P", "RGB", "I;16", "I;16B", "I"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_image_pixels: int = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    data: bytes
+    name: str
+    format: str
+    width: int
+    height: int
+
+
+def _params(header: str) -> Message:
+    msg = Message()
+    msg["content-type"] = header
+    return msg
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[tuple[str | None, str | None, bytes]]:
+    """``multipart/form-data`` → [(field name, file name, bytes)], exactly as sent (no re-encoding)."""
+    boundary = _params(content_type).get_param("boundary")
+    if not boundary or not isinstance(boundary, str):
+        raise RequestError("multipart/form-data body without a boundary parameter")
+    delimiter = b"--" + boundary.encode("latin-1")
+    chunks = body.split(delimiter)
+    if len(chunks) < 3:
+        raise RequestError("multipart/form-data body has no parts (boundary not found)")
+    parts = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise RequestError("multipart/form-data part without a header/body separator")
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        name = filename = None
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = Message()
+                disposition["content-disposition"] = value.strip()
+                name = disposition.get_param("name", header="content-disposition")
+                filename = disposition.get_param("filename", header="content-disposition")
+        parts.append((name if isinstance(name, str) else None, filename if isinstance(filename, str) else None,
+                      data))
+    return parts
+
+
+def image_from_request(content_type: str | None, body: bytes, fetch: Callable[[str], bytes], *,
+                       limits: Limits = Limits()) -> tuple[bytes, str]:
+    """The image bytes a request carries and a name for messages (file name, s3 URI or "image")."""
+    if len(body) > limits.max_request_bytes:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limits.max_request_bytes}")
+    kind = media_type(content_type)
+    if not kind:
+        raise UnsupportedMediaType(f"no Content-Type; send {ACCEPTED}")
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        return body, "image"
+    if kind == "multipart/form-data":
+        parts = parse_multipart(body, content_type or "")
+        named = [p for p in parts if p[0] in ("image", "file")] or [p for p in parts if p[1]]
+        if not named:
+            raise RequestError("multipart/form-data body has no image part; send the file as field 'image'")
+        _, filename, data = named[0]
+        return data, filename or "image"
+    if kind == "application/json":
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RequestError(f"JSON body does not parse ({err.__class__.__name__}: {err})") from None
+        uri = doc.get("uri") if isinstance(doc, dict) else None
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise RequestError('JSON body must be {"uri": "s3://bucket/key"}')
+        return fetch(uri), uri
+    raise UnsupportedMediaType(f"Content-Type {kind} is not accepted; send {ACCEPTED}")
+
+
+def check_image(data: bytes, name: str = "image", *, limits: Limits = Limits()) -> CheckedImage:
+    """Header and whole-stream checks: size bound (413), format, mode, truncation (400)."""
+    if not data:
+        raise RequestError(f"{name}: empty body (0 bytes), expected an image")
+    if len(data) > limits.max_request_bytes:
+        raise PayloadTooLarge(f"{name}: {len(data)} bytes exceeds the limit of {limits.max_request_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we bound pixels ourselves
+            with Image.open(io.BytesIO(data)) as img:
+                (width, height), fmt, mode = img.size, img.format or "UNKNOWN", img.mode
+    except Image.DecompressionBombError as err:
+        raise PayloadTooLarge(f"{name}: {str(err).split(',')[0]}") from None
+    except UnidentifiedImageError:
+        raise RequestError(f"{name}: not an image (cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RequestError(f"{name}: unreadable image ({first})") from None
+    if width * height > limits.max_image_pixels:
+        raise PayloadTooLarge(f"{name}: {width}x{height} pixels exceeds the limit of {limits.max_image_pixels}")
+    if min(width, height) < MIN_SIDE:
+        raise RequestError(f"{name}: image is {width}x{height}, smaller than {MIN_SIDE} px a side")
+    if mode not in _MODES:
+        raise RequestError(f"{name}: image mode {mode} is not supported; send gray or RGB images")
+    verify_image(data, name, fmt)  # truncation: JPEG end marker, PNG chunk CRCs through IEND
+    return CheckedImage(data, name, fmt, width, height)
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    """A query flag: true/1/yes/on or false/0/no/off (absent = false)."""
+    if value is None or value == "":
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise RequestError(f"query parameter {name}={value!r}: expected true or false")

@@ -1,0 +1,455 @@
+"""Serving on a real local Ray cluster: `flawline serve up` deploys serve/config.yaml (Serve HTTP on a
+free port), small PaDiM models fitted on real Magnetic Tile images are registered in a real
+catalog with artifacts in the real S3 server, and requests go over loopback HTTP.
+
+Covers: raw, multipart and s3:// requests; heatmap, mask and region polygons on request; the model
+list and health endpoints; promotion and rollback switching predictions without a redeploy; bad
+input answered 4xx while the server keeps serving; a broken artifact answering 503 for that model
+only; `flawline predict` over HTTP and --local writing overlays; Ray metrics; `serve status|down`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import time
+import urllib.request
+import uuid
+import zlib
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from typer.testing import CliRunner
+
+from flawline.catalog import Catalog, upgrade
+from flawline.catalog.db import make_engine
+from flawline.catalog.model_versions import promote, register_version
+from flawline.cli.main import app
+from flawline.cluster.local_ray import LocalRayCluster, free_ports
+from flawline.config import get_settings
+from flawline.evaluate import thresholds as th
+from flawline.storage import ObjectStore
+
+from conftest import MAGNETIC_TILE, REPO
+
+SIZE = 64
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _huge_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels, a few hundred bytes long."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _fit(images: list[bytes], seed: int):
+    from flawline.data.loading import decode_image, stack_rgb
+    from flawline.models import create_detector
+
+    batch = stack_rgb([decode_image(b, SIZE) for b in images])
+    det = create_detector("padim", image_size=SIZE, seed=seed, channels=40, batch_size=8).fit(batch)
+    det.set_threshold(th.max_score(det.predict(batch).scores, {"images": len(images)}))
+    return det
+
+
+@pytest.fixture(scope="module")
+def served(s3_server, tmp_path_factory):
+    """A Ray cluster, a catalog and bucket with models, and the application deployed by the CLI."""
+    from flawline.models.artifacts import detector_to_bytes
+
+    tmp = tmp_path_factory.mktemp("serve")
+    mp = pytest.MonkeyPatch()
+    # Ray's metrics reach the node's endpoint every report interval: short, so the test sees them.
+    mp.setenv("RAY_metrics_report_interval_ms", "1000")
+    cluster = LocalRayCluster.on_free_ports(num_cpus=4, log_file=tmp / "ray.log")
+    cluster.start()
+    try:
+        url = f"sqlite:///{tmp / 'catalog.db'}"
+        upgrade(make_engine(url))
+        bucket = f"t-{uuid.uuid4().hex[:12]}"
+        port, = free_ports(1)
+        env = {
+            "FLAWLINE_DATA_DIR": str(tmp / "data"), "FLAWLINE_CATALOG_URL": url,
+            "FLAWLINE_S3_ENDPOINT": s3_server.endpoint, "FLAWLINE_S3_ACCESS_KEY": s3_server.access_key,
+            "FLAWLINE_S3_SECRET_KEY": s3_server.secret_key, "FLAWLINE_S3_BUCKET": bucket,
+            "FLAWLINE_UPLOAD_WORKERS": "4", "FLAWLINE_LABELSTUDIO_URL": "http://127.0.0.1:9",
+            "FLAWLINE_RAY_DASHBOARD_URL": cluster.dashboard_url, "FLAWLINE_SERVE_PORT": str(port),
+        }
+        mp.delenv("FLAWLINE_CONFIG", raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        get_settings.cache_clear()
+        store = ObjectStore(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket)
+        store.ensure_bucket()
+        catalog = Catalog(url)
+
+        free = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))
+        blowholes = sorted((MAGNETIC_TILE / "MT_Blowhole" / "Imgs").glob("*.jpg"))
+        normals = [p.read_bytes() for p in free[:8]]
+        v1, v2 = _fit(normals, seed=0), _fit(normals, seed=1)
+        # "tiles-regions": v1's artifact with a threshold at the 90th percentile of a blowhole's map,
+        # so that image has defect regions to outline.
+        probe = v1.predict(torch_image(blowholes[0].read_bytes()))
+        low = th.manual(float(np.quantile(probe.maps[0], 0.9)), "test: regions")
+        with catalog.session() as s:
+            uris = []
+            for det in (v1, v2):
+                key = f"models/tiles/{uuid.uuid4().hex}.pt"
+                store.put_bytes(key, detector_to_bytes(det))
+                uris.append(store.uri(key))
+                register_version(s, name="tiles", artifact_uri=uris[-1], method="padim",
+                                 backbone="efficientnet_lite0", threshold=det.threshold.as_dict(), metrics=None)
+            register_version(s, name="tiles-regions", artifact_uri=uris[0], method="padim", backbone=None,
+                             threshold=low.as_dict(), metrics=None)
+            store.put_bytes("models/broken.pt", b"this is not a model")
+            register_version(s, name="broken", artifact_uri=store.uri("models/broken.pt"), method="padim",
+                             backbone=None, threshold=None, metrics=None)
+            promote(s, "tiles:1")
+        result = _cli("serve", "up", "--config", REPO / "serve" / "config.yaml", "--timeout", 240)
+        assert result.exit_code == 0, result.output + (tmp / "ray.log").read_text()[-3000:]
+        assert f"127.0.0.1:{port}" in result.output
+        yield {"url": f"http://127.0.0.1:{port}", "store": store, "catalog": catalog, "cluster": cluster,
+               "free": free, "blowholes": blowholes, "v1": v1, "v2": v2, "port": port}
+    finally:
+        _cli("serve", "down")
+        cluster.stop()
+        mp.undo()
+        get_settings.cache_clear()
+
+
+def torch_image(data: bytes):
+    from flawline.data.loading import decode_image, stack_rgb
+
+    return stack_rgb([decode_image(data, SIZE)])
+
+
+def _predict(served, model="tiles", data=None, query="", **kwargs):
+    headers = kwargs.pop("headers", {"Content-Type": "image/jpeg"})
+    return requests.post(f"{served['url']}/v1/models/{model}/predict{query}", data=data, headers=headers,
+                         timeout=60, **kwargs)
+
+
+def _expected(det, data: bytes) -> float:
+    return float(det.predict(torch_image(data)).scores[0])
+
+
+def test_predict_raw_multipart_and_s3_key(served):
+    image = served["free"][20].read_bytes()
+    raw = _predict(served, data=image)
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert set(body) >= {"score", "is_defect", "threshold", "defect_class", "model_version", "latency_ms"}
+    assert body["model"] == "tiles" and body["model_version"] == 1  # the production version
+    assert body["score"] == pytest.approx(_expected(served["v1"], image), rel=1e-4)
+    assert body["threshold"] == pytest.approx(served["v1"].threshold.value)
+    assert body["is_defect"] == (body["score"] >= body["threshold"]) and body["defect_class"] is None
+    assert body["latency_ms"] >= body["inference_ms"] > 0 and body["batch_size"] >= 1 and "heatmap_png" not in body
+
+    multipart = requests.post(f"{served['url']}/v1/models/tiles/predict", timeout=60,
+                              files={"image": ("tile.jpg", image, "image/jpeg")}, data={"note": "line 3"})
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json()["score"] == pytest.approx(body["score"], rel=1e-6)
+
+    served["store"].put_bytes("incoming/tile.jpg", image)
+    by_key = _predict(served, data=json.dumps({"uri": served["store"].uri("incoming/tile.jpg")}),
+                      headers={"Content-Type": "application/json"})
+    assert by_key.status_code == 200, by_key.text
+    assert by_key.json()["score"] == pytest.approx(body["score"], rel=1e-6)
+
+    pinned = _predict(served, model="tiles:2", data=image)  # a version by number, whatever its stage
+    assert pinned.status_code == 200 and pinned.json()["model_version"] == 2
+    assert pinned.json()["score"] == pytest.approx(_expected(served["v2"], image), rel=1e-4)
+
+
+def test_heatmap_mask_and_region_polygons_on_request(served):
+    data = served["blowholes"][0].read_bytes()
+    width, height = Image.open(io.BytesIO(data)).size
+    r = _predict(served, model="tiles-regions", data=data, query="?heatmap=true&mask=1&regions=true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["map_size"] == [SIZE, SIZE] and body["image_size"] == [width, height]
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    assert heat.shape == mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
+    assert 0.05 < (mask > 0).mean() < 0.2  # the threshold is the map's 90th percentile
+    assert body["is_defect"] is True and body["regions"]
+    for region in body["regions"]:
+        polygon = np.array(region["polygon"])
+        assert len(polygon) >= 3
+        assert (polygon[:, 0] >= 0).all() and (polygon[:, 0] <= width).all()
+        assert (polygon[:, 1] >= 0).all() and (polygon[:, 1] <= height).all()
+        x0, y0, x1, y1 = region["bbox"]
+        assert x0 - 1 <= polygon[:, 0].min() and polygon[:, 0].max() <= x1 + 1
+        assert y0 - 1 <= polygon[:, 1].min() and polygon[:, 1].max() <= y1 + 1
+    assert sum(reg["area_px"] for reg in body["regions"]) == pytest.approx(
+        (mask > 0).mean() * width * height, rel=0.01)
+    # the heatmap is the map on the stated scale: hi = twice the threshold
+    assert body["heatmap_scale"]["hi"] == pytest.approx(2 * body["threshold"])
+
+
+def test_model_list_and_health(served):
+    health = requests.get(f"{served['url']}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok", "catalog": "ok", "model_server": "ok"}
+    models = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]}
+    assert set(models) == {"tiles", "tiles-regions", "broken"}
+    assert models["tiles"]["production"] == 1 and models["tiles"]["serving"] == 1
+    assert [(v["version"], v["stage"]) for v in models["tiles"]["versions"]] == [(1, "production"), (2, "candidate")]
+    assert models["broken"]["production"] is None and models["broken"]["serving"] == 1  # the newest
+
+
+def _version_within(served, data, want, seconds=15.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        r = _predict(served, data=data)
+        assert r.status_code == 200, r.text
+        if r.json()["model_version"] == want or time.monotonic() > deadline:
+            return r.json()
+        time.sleep(0.2)
+
+
+def test_promotion_and_rollback_switch_predictions_without_redeploy(served):
+    image = served["free"][21].read_bytes()
+    assert _version_within(served, image, 1)["model_version"] == 1
+    result = _cli("models", "promote", "tiles:2")
+    assert result.exit_code == 0, result.output
+    body = _version_within(served, image, 2)
+    assert body["model_version"] == 2
+    assert body["score"] == pytest.approx(_expected(served["v2"], image), rel=1e-4)
+    assert body["score"] != pytest.approx(_expected(served["v1"], image), rel=1e-3)
+    models = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]}
+    assert models["tiles"]["production"] == 2
+    assert _cli("models", "rollback", "tiles").exit_code == 0
+    assert _version_within(served, image, 1)["model_version"] == 1
+    # a threshold set by hand applies to the next requests too (it travels with the resolved version)
+    assert _cli("models", "threshold", "tiles:1", "--value", "0").exit_code == 0
+    deadline = time.monotonic() + 15
+    while (body := _predict(served, data=image).json())["threshold"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert body["threshold"] == 0 and body["is_defect"] is True
+    assert _cli("models", "threshold", "tiles:1", "--value", served["v1"].threshold.value).exit_code == 0
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(served):
+    good = served["free"][22].read_bytes()
+    rgba = _png(Image.new("RGBA", (32, 32), (1, 2, 3, 4)))
+    truncated = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    truncated = truncated[: len(truncated) // 2]
+    cases = [
+        ({"data": b"hello, I am not an image"}, 400, "not an image"),
+        ({"data": truncated}, 400, "image"),
+        ({"data": _huge_png(100_000, 100_000)}, 413, "exceeds"),
+        ({"data": _huge_png(9_000, 9_000)}, 413, "exceeds the limit"),
+        ({"data": b""}, 400, "empty"),
+        ({"data": rgba}, 400, "mode RGBA"),
+        ({"data": good, "headers": {"Content-Type": "text/plain"}}, 415, "text/plain is not accepted"),
+        ({"data": good, "headers": {}}, 415, "Content-Type"),
+        ({"data": good, "model": "nope"}, 404, "no model 'nope'"),
+        ({"data": good, "model": "tiles:9"}, 404, "no model 'tiles:9'"),
+        ({"data": good, "model": "tiles:x"}, 400, "version must be a number"),
+        ({"data": good, "query": "?heatmap=maybe"}, 400, "heatmap"),
+        ({"data": json.dumps({"uri": "s3://elsewhere/key.jpg"}), "headers": {"Content-Type": "application/json"}},
+         400, "this server reads images from s3://t-"),
+        ({"data": json.dumps({"uri": served["store"].uri("incoming/missing.jpg")}),
+          "headers": {"Content-Type": "application/json"}}, 404, "does not exist"),
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "JSON"),
+        ({"data": b"--x\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--x--\r\n",
+          "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, "no image part"),
+    ]
+    for kwargs, status, message in cases:
+        r = _predict(served, **kwargs)
+        assert r.status_code == status, (kwargs.get("model"), r.status_code, r.text)
+        body = r.json()
+        assert body["status"] == status and message in body["error"], body
+        assert "\n" not in body["error"]
+    assert _predict(served, data=good).status_code == 200  # still serving
+
+
+def test_a_broken_artifact_answers_503_for_that_model_only(served):
+    good = served["free"][23].read_bytes()
+    for _ in range(2):  # the second answer comes from the remembered failure
+        r = _predict(served, model="broken", data=good)
+        assert r.status_code == 503, r.text
+        assert "broken:1 cannot be loaded" in r.json()["error"] and "not a flawline model file" in r.json()["error"]
+    assert _predict(served, data=good).status_code == 200
+
+
+def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
+    images = [served["free"][24], served["blowholes"][1]]
+    http = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "http", "--json")
+    assert http.exit_code == 0, http.output
+    remote = json.loads(http.stdout)
+    local = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "local", "--json", "--local")
+    assert local.exit_code == 0, local.output
+    here = json.loads(local.stdout)
+    for a, b, path in zip(remote, here, images):
+        assert a["model_version"] == b["model_version"] == 1
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4)
+        for folder in ("http", "local"):
+            overlay = Image.open(tmp_path / folder / f"{path.stem}.overlay.png")
+            assert overlay.size == Image.open(path).size and overlay.mode == "RGB"
+
+    text = _cli("predict", images[0], "--model", "tiles")
+    assert text.exit_code == 0 and "tiles:1" in text.stdout and "score" in text.stdout
+
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a jpeg")
+    for extra in ([], ["--local"]):
+        mixed = _cli("predict", junk, images[0], "--model", "tiles", *extra)
+        assert mixed.exit_code == 1
+        assert f"error: {junk}: " in mixed.output and "not an image" in mixed.output
+        assert str(images[0]) in mixed.stdout  # the good image is still scored
+        unknown = _cli("predict", images[0], "--model", "nope", *extra)
+        assert unknown.exit_code == 1 and "no model 'nope'" in unknown.output
+        assert len(unknown.output.strip().splitlines()) == 1
+    missing = _cli("predict", tmp_path / "absent.png", "--model", "tiles")
+    assert missing.exit_code == 1 and missing.output.startswith("error: ") and "no such file" in missing.output
+    dead, = free_ports(1)
+    down = _cli("predict", images[0], "--model", "tiles", "--url", f"http://127.0.0.1:{dead}")
+    assert down.exit_code == 1 and "no flawline server answers" in down.output
+    assert len(down.output.strip().splitlines()) == 1
+
+
+def test_metrics_and_status(served):
+    import ray
+
+    for _ in range(3):
+        assert _predict(served, data=served["free"][25].read_bytes()).status_code == 200
+    status = _cli("serve", "status", "--json")
+    assert status.exit_code == 0, status.output
+    info = json.loads(status.stdout)
+    assert info["address"] == served["url"]
+    assert {d["deployment"] for d in info["deployments"]} == {"Gateway", "ModelServer"}
+    assert all(d["status"] == "HEALTHY" and d["replicas_running"] >= 1 for d in info["deployments"])
+
+    ray.init(address=served["cluster"].address, logging_level="ERROR", log_to_driver=False)
+    try:
+        ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+    wanted = ("flawline_predictions", "flawline_predict_latency_ms", "flawline_score")
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        text = "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode()
+                       for p in ports)
+        if all(name in text for name in wanted) and 'model="tiles"' in text:
+            break
+        time.sleep(1)
+    for name in wanted:
+        assert name in text, f"{name} not exported"
+    counts = [line for line in text.splitlines() if line.startswith("ray_flawline_predictions") and 'model="tiles"' in line]
+    assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 3
+
+
+def test_bad_serve_config_is_one_line_and_down_stops_serving(served, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    import_path: 42\n")
+    result = _cli("serve", "up", "--config", bad)
+    assert result.exit_code == 1 and result.output.startswith(f"error: {bad}: ")
+    assert len(result.output.strip().splitlines()) == 1
+    missing = _cli("serve", "up", "--config", tmp_path / "absent.yaml")
+    assert missing.exit_code == 1 and "no such Serve config file" in missing.output
+    moved = _cli("serve", "up", "--port", free_ports(1)[0])
+    assert moved.exit_code == 1 and "Serve already runs on this cluster" in moved.output
+
+    down = _cli("serve", "down")
+    assert down.exit_code == 0 and "shut down" in down.output
+    assert _cli("serve", "status").exit_code == 1
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{served['url']}/healthz", timeout=5)
+
+
+# -- the plain-Python parts, without Ray ---------------------------------------------------------------
+def test_region_polygons_outline_known_shapes():
+    from flawline.serving.response import build_response, defect_mask, regions
+
+    amap = np.zeros((32, 32), dtype=np.float32)
+    amap[4:12, 8:24] = 5.0  # a 16 x 8 rectangle
+    yy, xx = np.mgrid[:32, :32]
+    amap[(yy - 24) ** 2 + (xx - 10) ** 2 <= 16] = 9.0  # a disc of radius 4, the higher peak
+    amap[30, 30] = 5.0  # a single pixel
+    mask = defect_mask(amap, {"value": 1.0, "method": "quantile"})
+    found = regions(amap, mask, (64, 128))  # the image is 2x wider and 4x taller than the map
+    assert [r["peak_score"] for r in found] == [9.0, 5.0, 5.0]
+    disc, rect = found[0], next(r for r in found[1:] if r["area_px"] > 8)
+    assert rect["bbox"] == [16.0, 16.0, 48.0, 48.0] and rect["area_px"] == 16 * 8 * 8
+    xs, ys = np.array(rect["polygon"]).T
+    assert xs.min() == pytest.approx(16.0) and xs.max() == pytest.approx(48.0)  # pixel edges, scaled
+    assert ys.min() == pytest.approx(16.0) and ys.max() == pytest.approx(48.0)
+    assert len(rect["polygon"]) <= 8  # straight edges simplified away
+    dx, dy = np.array(disc["polygon"]).T
+    assert len(disc["polygon"]) >= 6 and (dx.min(), dx.max()) == pytest.approx((12.0, 30.0), abs=2)
+    # max-area thresholds drop the regions smaller than the area they tolerate
+    tolerant = defect_mask(amap, {"value": 1.0, "method": "max-area", "params": {"max_area": 4}})
+    assert len(regions(amap, tolerant, (32, 32))) == 2
+
+    from flawline.serving.models import ModelRef
+    from flawline.serving.pipeline import Outcome
+
+    ref = ModelRef("m", 1, "production", "padim", "s3://b/k", None)
+    body = build_response(Outcome(score=9.0, is_defect=None, map=amap), ref, (64, 128), 1.0, heatmap=True,
+                          mask=True, with_regions=True)
+    assert body["is_defect"] is None and body["threshold"] is None and body["regions"] == []
+    assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (32, 32)
+
+
+def test_model_cache_keeps_the_most_recent_and_remembers_failures(settings_env, store, catalog):
+    from flawline.errors import NotFound
+    from flawline.models.artifacts import detector_to_bytes
+    from flawline.serving.errors import ModelUnavailable
+    from flawline.serving.models import ModelCache, ModelResolver, load_model
+
+    normals = [p.read_bytes() for p in sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))[:4]]
+    store.put_bytes("models/a.pt", detector_to_bytes(_fit(normals, seed=0)))
+    store.put_bytes("models/bad.pt", b"\x00" * 16)
+    with catalog.session() as s:
+        for name in ("a", "b", "c"):
+            register_version(s, name=name, artifact_uri=store.uri("models/a.pt"), method="padim", backbone=None,
+                             threshold=None, metrics=None)
+        register_version(s, name="bad", artifact_uri=store.uri("models/bad.pt"), method="padim", backbone=None,
+                         threshold=None, metrics=None)
+    loads = []
+
+    def loader(model_id):
+        loads.append(model_id)
+        return load_model(catalog, store, model_id, device="cpu", warm_up=False)
+
+    cache = ModelCache(loader, max_models=2)
+    for model_id in ("a:1", "b:1", "a:1", "c:1"):
+        cache.get(model_id)
+    assert cache.loaded() == ["a:1", "c:1"] and loads == ["a:1", "b:1", "c:1"]  # b was least recently used
+    with pytest.raises(ModelUnavailable, match="bad:1 cannot be loaded") as first:
+        cache.get("bad:1")
+    with pytest.raises(ModelUnavailable) as second:
+        cache.get("bad:1")
+    assert second.value is first.value and loads.count("bad:1") == 1  # remembered, not fetched again
+    with pytest.raises(NotFound, match="no model 'zzz:1'"):
+        cache.get("zzz:1")
+
+    clock = [0.0]
+    resolver = ModelResolver(catalog, ttl_s=1.0, clock=lambda: clock[0])
+    assert resolver.resolve("a").model_id == "a:1"
+    with catalog.session() as s:
+        register_version(s, name="a", artifact_uri=store.uri("models/a.pt"), method="padim", backbone=None,
+                         threshold=None, metrics=None)
+    assert resolver.resolve("a").model_id == "a:1"  # cached
+    clock[0] = 1.5
+    assert resolver.resolve("a").model_id == "a:2"  # the newest: none is in production
+    with catalog.session() as s:
+        promote(s, "a:1")
+    clock[0] = 3.0
+    assert resolver.resolve("a").model_id == "a:1"  # production wins over newer candidates
