@@ -50,3 +50,15 @@ class NotFound(FlawlineError):
 
 class ServiceError(FlawlineError):
     """A local service (S3 server, ...) failed to start or stop."""
+
+
+class LabelStudioError(FlawlineError):
+    """Label Studio refused or failed a request."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio cannot be reached."""
+
+
+class LabelStudioAuthError(LabelStudioError):
+    """Label Studio refused the token, or the token lacks the rights for the request."""

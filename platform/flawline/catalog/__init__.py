@@ -9,6 +9,9 @@ from flawline.catalog.models import (
     Dataset,
     Image,
     Label,
+    LabelProject,
+    LabelTask,
+    LabelTaskStatus,
     ModelStage,
     ModelVersion,
     QueueItem,
@@ -20,6 +23,6 @@ from flawline.catalog.models import (
 
 __all__ = [
     "ActiveLearningRound", "Annotation", "AnnotationSource", "Base", "Catalog", "Dataset", "Image",
-    "Label", "ModelStage", "ModelVersion", "QueueItem", "QueueStatus", "RunStatus", "Split",
+    "Label", "LabelProject", "LabelTask", "LabelTaskStatus", "ModelStage", "ModelVersion", "QueueItem", "QueueStatus", "RunStatus", "Split",
     "TrainingRun", "check_schema", "current_revision", "downgrade", "head_revision", "upgrade",
 ]

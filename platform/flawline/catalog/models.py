@@ -66,6 +66,7 @@ class AnnotationSource(str, enum.Enum):
     pseudo = "pseudo"
     synthetic = "synthetic"
     imported = "imported"
+    oracle = "oracle"  # ground truth held back for a simulated annotator: training never sees it
 
 
 class RunStatus(str, enum.Enum):
@@ -87,6 +88,13 @@ class QueueStatus(str, enum.Enum):
     pushed = "pushed"
     labelled = "labelled"
     skipped = "skipped"
+
+
+class LabelTaskStatus(str, enum.Enum):
+    pushed = "pushed"  # in Label Studio, waiting for a person
+    labelled = "labelled"  # its annotation is in the catalog
+    skipped = "skipped"  # skipped or cancelled: the image is back in the unlabelled pool
+    orphaned = "orphaned"  # annotated after its image was deleted from the catalog
 
 
 class Dataset(Base):
@@ -224,3 +232,43 @@ class QueueItem(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     round: Mapped[ActiveLearningRound] = relationship(back_populates="items")
+
+
+class LabelProject(Base):
+    """A Label Studio project for one dataset and labelling task, and how far it has been pulled."""
+
+    __tablename__ = "ls_projects"
+    __table_args__ = (UniqueConstraint("dataset_id", "task", "ls_url", name="uq_ls_projects_dataset_task_url"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(32))  # classification | segmentation | polygons | boxes
+    ls_url: Mapped[str] = mapped_column(String(500))
+    ls_project_id: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(String(200))
+    classes: Mapped[list[str]] = mapped_column(JSON, default=list)  # defect classes in the labelling config
+    watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # tasks updated later get pulled
+    webhook_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    tasks: Mapped[list[LabelTask]] = relationship(back_populates="project", cascade="all, delete-orphan")
+
+
+class LabelTask(Base):
+    """One image sent to Label Studio: the ledger that makes pushes and pulls idempotent."""
+
+    __tablename__ = "ls_tasks"
+    __table_args__ = (UniqueConstraint("project_id", "image_id", name="uq_ls_tasks_project_image"),
+                      UniqueConstraint("project_id", "ls_task_id", name="uq_ls_tasks_project_task"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    ls_task_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[LabelTaskStatus] = mapped_column(_enum(LabelTaskStatus), default=LabelTaskStatus.pushed)
+    model_version: Mapped[str | None] = mapped_column(String(200))  # of the pre-annotation
+    score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    project: Mapped[LabelProject] = relationship(back_populates="tasks")

@@ -1,0 +1,99 @@
+"""Send images to Label Studio as tasks, with the model's predictions as pre-annotations.
+
+The catalog's task ledger (``ls_tasks``) makes a push idempotent: an image already sent to the
+project is not sent again. Each chunk is one import request, which Label Studio applies whole; a
+push that lost its answer (Label Studio went down mid-request) is reconciled on the next push from
+the tasks' ``flawline_image_id`` before anything is sent, so nothing is duplicated or lost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from flawline.catalog import Catalog, Dataset, Image, LabelProject, LabelTask, LabelTaskStatus
+from flawline.errors import InvalidInput
+from flawline.labelstudio.client import LabelStudioClient
+from flawline.labelstudio.convert import Prediction, prediction_result
+from flawline.storage import ObjectStore
+
+URL_EXPIRY = timedelta(days=7)  # the longest an S3 presigned URL may live
+
+
+@dataclass
+class PushReport:
+    created: int = 0
+    already_there: int = 0  # images the project had already (ledger, or reconciled from Label Studio)
+    reconciled: int = 0  # tasks found in Label Studio that the ledger had lost
+    task_ids: dict[int, int] = field(default_factory=dict)  # image id → Label Studio task id
+
+
+def reconcile(catalog: Catalog, client: LabelStudioClient, project: LabelProject) -> int:
+    """Record in the ledger the project's tasks that Label Studio has and the catalog does not."""
+    with catalog.session() as s:
+        known = set(s.scalars(select(LabelTask.ls_task_id).where(LabelTask.project_id == project.id)))
+        known_images = set(s.scalars(select(LabelTask.image_id).where(LabelTask.project_id == project.id)))
+        added = 0
+        for task in client.iter_tasks(project.ls_project_id, "list tasks to reconcile", fields="task_only"):
+            image_id = (task.data or {}).get("flawline_image_id")
+            if task.id in known or image_id is None or image_id in known_images:
+                continue
+            if s.get(Image, image_id) is None:
+                continue
+            s.add(LabelTask(project_id=project.id, image_id=image_id, ls_task_id=task.id))
+            known_images.add(image_id)
+            added += 1
+        return added
+
+
+def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, project: LabelProject,
+               image_ids: list[int], predictions: dict[int, Prediction] | None = None, *, chunk: int = 50,
+               progress: Callable[[int], None] | None = None) -> PushReport:
+    """Create one task per image not yet in the project; returns what was created and found."""
+    predictions = predictions or {}
+    report = PushReport(reconciled=reconcile(catalog, client, project))
+    with catalog.session() as s:
+        ledger = dict(s.execute(select(LabelTask.image_id, LabelTask.ls_task_id)
+                                .where(LabelTask.project_id == project.id)).all())
+        rows = {i.id: (i.object_key, i.width, i.height, ds) for i, ds in s.execute(
+            select(Image, Dataset.name).join(Dataset).where(Image.id.in_(image_ids)))}
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise InvalidInput(f"{len(missing)} image id(s) are not in the catalog (first: {missing[0]})")
+    todo = []
+    for image_id in dict.fromkeys(image_ids):  # keeps order, drops repeats
+        if image_id in ledger:
+            report.already_there += 1
+            report.task_ids[image_id] = ledger[image_id]
+        else:
+            todo.append(image_id)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        tasks = []
+        for image_id in part:
+            key, width, height, dataset = rows[image_id]
+            task = {"data": {"image": store.presigned_get(key, expires=URL_EXPIRY), "flawline_image_id": image_id,
+                             "flawline_dataset": dataset, "width": width, "height": height}}
+            if (pred := predictions.get(image_id)) is not None:
+                task["predictions"] = [{"model_version": pred.model_version, "score": float(pred.score),
+                                        "result": prediction_result(project.task, pred, width, height)}]
+            tasks.append(task)
+        answer = client.call("import tasks", lambda: client.sdk.projects.import_tasks(
+            id=project.ls_project_id, request=tasks, return_task_ids=True))
+        ids = list(answer.task_ids or [])
+        if len(ids) != len(part):
+            raise InvalidInput(f"Label Studio created {len(ids)} tasks for {len(part)} images; run the push "
+                               "again to reconcile")
+        with catalog.session() as s:
+            for image_id, task_id in zip(part, ids):
+                pred = predictions.get(image_id)
+                s.add(LabelTask(project_id=project.id, image_id=image_id, ls_task_id=task_id,
+                                status=LabelTaskStatus.pushed, model_version=pred.model_version if pred else None,
+                                score=float(pred.score) if pred else None))
+                report.task_ids[image_id] = task_id
+        report.created += len(part)
+        if progress:
+            progress(len(part))
+    return report
