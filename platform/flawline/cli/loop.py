@@ -1,0 +1,133 @@
+"""``flawline loop``: the active-learning loop (run, status) and its query strategies."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flawline.cli.app import FlawlineTyper, console, print_json
+from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
+
+app = FlawlineTyper(help="Active learning: score the unlabelled pool, send the most useful images to Label Studio, "
+                         "pull the labels back, retrain when enough arrived, promote a better model.")
+
+
+@app.command()
+def run(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset whose train split holds the unlabelled pool."),
+    budget: int = typer.Option(10, min=1, help="Images sent to Label Studio per round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds to run."),
+    retrain_after: int = typer.Option(10, min=1, help="Retrain once this many new labels arrived since the last "
+                                                      "training run (the trigger `loop status` shows)."),
+    strategy: str = typer.Option("hybrid", help="Query strategy; see `flawline loop strategies`."),
+    task: str = typer.Option("classification", help="Label Studio task: classification, segmentation, polygons, boxes."),
+    setting: str = typer.Option("supervised", help="Label setting the model is (re)trained in."),
+    method: str = typer.Option("classifier", help="Detector trained in that setting."),
+    image_size: int = typer.Option(128, min=32, max=1024, help="Training and scoring image size."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the setting's)."),
+    workers: int = typer.Option(2, min=1, help="Ray workers for training and scoring actors."),
+    in_process: bool = typer.Option(False, "--in-process", help="Train and score in this process instead of as "
+                                                                 "Ray jobs (no cluster needed)."),
+    simulate: bool = typer.Option(False, "--simulate", help="Benchmarks and demos only: hold the train split's "
+                                                            "imported labels back and let a simulated annotator "
+                                                            "answer the tasks from them."),
+    keep_labels: float = typer.Option(0.05, help="With --simulate: the share of train labels kept from the start."),
+    wait_hours: float = typer.Option(24.0, help="How long a round waits for people to finish its tasks."),
+    seed: int = typer.Option(0, help="Seed for selection and training."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON."),
+) -> None:
+    """score → select → push (with pre-annotations) → wait → pull → retrain → evaluate → promote if
+    better; each round is recorded in the catalog. Serve picks up a promoted model without a restart."""
+    from flawline.active.loop import ActiveLoop, LoopSpec, local_scorer, ray_scorer
+    from flawline.active.trainers import in_process_trainer, ray_job_trainer
+    from flawline.labelstudio.client import LabelStudioClient
+
+    settings = get_settings()
+    catalog, store = open_catalog(settings), open_store(settings)
+    train = {"setting": setting, "method": method, "image_size": image_size, "workers": workers}
+    if epochs is not None:
+        train["epochs"] = epochs
+    spec = LoopSpec(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy=strategy,
+                    task=task, train=train, seed=seed, wait_timeout_s=wait_hours * 3600)
+    client = LabelStudioClient.from_settings(settings)
+    client.whoami()  # a wrong token or a server that is down stops here, before anything is pushed
+    annotate = None
+    if simulate:
+        from flawline.active.simulation import hide_labels
+        from flawline.labelstudio.annotator import SimulatedAnnotator, truth_from_catalog
+
+        hidden = hide_labels(catalog, dataset, keep=keep_labels, seed=seed)
+        console.print(f"simulation: {hidden['kept']} train labels kept, {hidden['hidden']} held back for the "
+                      "simulated annotator")
+        annotate = SimulatedAnnotator(client, store, truth_from_catalog(catalog, dataset)).answer
+    trainer = in_process_trainer(catalog, store) if in_process else ray_job_trainer(catalog, settings)
+    scorer = local_scorer(store) if in_process else ray_scorer(settings, store, workers=workers)
+    loop = ActiveLoop(catalog, store, client, spec, trainer, annotate=annotate, scorer=scorer,
+                      log=(lambda line: None) if as_json else console.print)
+    results = loop.run()
+    if as_json:
+        print_json(results)
+        return
+    _rounds_table([{**r, "queue": None} for r in results],
+                  title=f"{dataset}: active learning (model {spec.model_name()})")
+
+
+def _rounds_table(rounds: list[dict], title: str) -> None:
+    """One row per round; the model column shows the version in production after the round."""
+    with_queue = any(r.get("queue") for r in rounds)
+    metric_name = next((r["metric_name"] for r in rounds if r.get("metric_name")), "metric")
+    table = Table(title=title)
+    for col in ("round", *(["queue"] if with_queue else []), "labels", "new / N", "retrained", "promoted",
+                "version", metric_name):
+        table.add_column(col)
+    for r in rounds:
+        run = f"run {r.get('run_id')}" if r.get("retrained") else "no"
+        model, metric = r.get("model"), r.get("metric")
+        cells = [str(r.get("round"))]
+        if with_queue:
+            cells.append(", ".join(f"{k} {v}" for k, v in (r.get("queue") or {}).items()) or "-")
+        cells += [str(r.get("labels_total")), f"{r.get('labels_new')} / {r.get('retrain_after')}", run,
+                  "yes" if r.get("promoted") else "no", f"v{model.rsplit(':', 1)[-1]}" if model else "-",
+                  f"{metric:.4f}" if metric is not None else "-"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def status(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The loop's rounds: queue per round, labels gained, what triggers retraining (new labels since
+    the last run against N) and the run it started, the model in production and its test metric."""
+    from flawline.active.loop import loop_status
+
+    data = loop_status(open_catalog(), dataset)
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"{dataset}: {data['labels']} images labelled by people")
+    _rounds_table(data["rounds"], title=f"{dataset}: rounds")
+    if data["rounds"]:
+        console.print("labels: images labelled by people so far; new / N: labels since the last training run "
+                      "against the retraining threshold", highlight=False)
+
+
+@app.command()
+def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The registered query strategies."""
+    from flawline.active import list_strategies
+
+    items = list_strategies()
+    if as_json:
+        print_json([{"name": name, "description": text} for name, text in items])
+        return
+    table = Table()
+    table.add_column("strategy")
+    table.add_column("what it picks")
+    for name, text in items:
+        table.add_row(name, text)
+    console.print(table)
