@@ -10,12 +10,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from flawline.catalog import Catalog, upgrade
 from flawline.catalog.db import make_engine
 from flawline.config import Settings, get_settings, load_settings
+from flawline.labelstudio.client import LabelStudioClient
+from flawline.labelstudio.server import LocalLabelStudio
 from flawline.storage import ObjectStore
 from flawline.storage.local_s3 import LocalS3Server
 
@@ -34,8 +37,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Serve
 
 
 @pytest.fixture
-def bucket() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
+def bucket(s3_server: LocalS3Server) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    yield name
+    _drop_bucket(s3_server, name)
+
+
+def _drop_bucket(s3_server: LocalS3Server, name: str) -> None:
+    """Empty and delete a test's bucket: SeaweedFS gives every bucket a volume of its own, and its
+    volume slots are bounded by free disk, so a long suite that kept its buckets runs out of them."""
+    client = ObjectStore(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, name).client
+    if not s3_server.is_running() or not client.bucket_exists(name):
+        return
+    from minio.deleteobjects import DeleteObject
+
+    doomed = (DeleteObject(o.object_name) for o in client.list_objects(name, recursive=True))
+    for failure in client.remove_objects(name, doomed):
+        raise RuntimeError(f"could not empty test bucket {name}: {failure}")
+    client.remove_bucket(name)
 
 
 @pytest.fixture
@@ -102,6 +121,45 @@ def pg_url() -> Iterator[str]:
 
 
 # -- image makers -------------------------------------------------------------------------------
+SIZE = 64  # crack tiles are SIZE x SIZE gray
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    small = rng.uniform(90, 160, (8, 8))
+    return np.kron(small, np.ones((8, 8))).astype(np.uint8)  # 64 x 64 gray tiles
+
+
+def crack_tiles(root: Path, normal: int, defect: int, unlabelled: int, seed: int = 0) -> Path:
+    """normal/, defect/crack/ (a dark bar, with its mask), unlabeled/ (every other one cracked)."""
+    rng = np.random.default_rng(seed)
+
+    def cracked() -> tuple[np.ndarray, np.ndarray]:
+        img, mask = _texture(rng), np.zeros((SIZE, SIZE), np.uint8)
+        y, x = rng.integers(8, 40, 2)
+        img[y:y + 16, x:x + 5] = 15
+        mask[y:y + 16, x:x + 5] = 255
+        return img, mask
+
+    for i in range(normal):
+        (root / "normal").mkdir(parents=True, exist_ok=True)
+        (root / "normal" / f"n{i}.png").write_bytes(png_bytes(_texture(rng)))
+    for i in range(defect):
+        img, mask = cracked()
+        for sub, data in (("defect/crack", img), ("masks/defect/crack", mask)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub / f"d{i}.png").write_bytes(png_bytes(data))
+    for i in range(unlabelled):
+        (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+        (root / "unlabeled" / f"u{i}.png").write_bytes(png_bytes(cracked()[0] if i % 2 else _texture(rng)))
+    return root
+
+
 def image_bytes(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "PNG", mode: str = "RGB") -> bytes:
     """A small image whose bytes differ per seed."""
     img = Image.new(mode, size, color=(seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)[: len(mode)]
@@ -191,3 +249,19 @@ def copy_tree():
         shutil.copytree(src, dst)
         return dst
     return _copy
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalLabelStudio]:
+    """A real Label Studio server (its own virtual environment, .venv-labelstudio) on a free port."""
+    from flawline.storage.local_s3 import _free_ports
+
+    server = LocalLabelStudio(root=tmp_path_factory.mktemp("labelstudio"), port=_free_ports(1)[0])
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ls_client(labelstudio: LocalLabelStudio) -> LabelStudioClient:
+    return LabelStudioClient(labelstudio.url, labelstudio.token)

@@ -11,7 +11,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from flawline.catalog import head_revision
 from flawline.cli.main import app
+from flawline.cluster.local_ray import LocalRayCluster
 from flawline.config import get_settings
 from flawline.storage.local_s3 import LocalS3Server
 
@@ -45,14 +47,16 @@ def test_data_commands(settings_env, folder_tree):
 def local_env(monkeypatch, tmp_path):
     """Settings for `flawline up` on free ports with its own data directory."""
     ports = LocalS3Server.on_free_ports(tmp_path)
+    ray = LocalRayCluster.on_free_ports()
     env = {
+        "FLAWLINE_LOCAL_RAY_PORT": str(ray.port),
+        "FLAWLINE_RAY_DASHBOARD_URL": ray.dashboard_url,
         "FLAWLINE_DATA_DIR": str(tmp_path / "data"),
         "FLAWLINE_S3_ENDPOINT": f"127.0.0.1:{ports.s3_port}",
         "FLAWLINE_LOCAL_S3_MASTER_PORT": str(ports.master_port),
         "FLAWLINE_LOCAL_S3_VOLUME_PORT": str(ports.volume_port),
         "FLAWLINE_LOCAL_S3_FILER_PORT": str(ports.filer_port),
         "FLAWLINE_LABELSTUDIO_URL": "http://127.0.0.1:9",
-        "FLAWLINE_RAY_DASHBOARD_URL": "http://127.0.0.1:9",
     }
     for key in list(os.environ):
         if key.startswith("FLAWLINE_"):
@@ -62,23 +66,26 @@ def local_env(monkeypatch, tmp_path):
     get_settings.cache_clear()
     yield env
     LocalS3Server.from_settings(get_settings()).stop()
+    ray.stop()
     get_settings.cache_clear()
 
 
 def test_up_status_down(local_env):
     up = _run("up")
     assert up.exit_code == 0, up.output
-    assert "S3 server started" in up.stdout and "schema 0002" in up.stdout
+    assert "S3 server started" in up.stdout and f"schema {head_revision()}" in up.stdout and "Ray started" in up.stdout
     again = _run("up")
-    assert "already running" in again.stdout
+    assert "S3 server already running" in again.stdout and "Ray already running" in again.stdout
     status = _run("status", "--json")
     assert status.exit_code == 0, status.output
     states = {r["service"]: r["state"] for r in json.loads(status.stdout)}
-    assert states == {"S3": "ok", "catalog": "ok", "Ray": "idle", "Label Studio": "idle"}
-    assert "stopped" in _run("down").stdout
+    assert states == {"S3": "ok", "catalog": "ok", "Ray": "ok", "Label Studio": "idle"}
+    down = _run("down").stdout
+    assert "S3 server stopped" in down and "Ray stopped" in down
     after = _run("status", "--json")
     assert after.exit_code == 1
-    assert {r["service"]: r["state"] for r in json.loads(after.stdout)}["S3"] == "down"
+    states = {r["service"]: r["state"] for r in json.loads(after.stdout)}
+    assert states["S3"] == "down" and states["Ray"] == "idle"
 
 
 def test_up_refuses_a_busy_port(local_env, s3_server, monkeypatch):
@@ -89,26 +96,44 @@ def test_up_refuses_a_busy_port(local_env, s3_server, monkeypatch):
     assert f"s3 port {s3_server.s3_port}" in result.stderr and "already in use" in result.stderr
 
 
-def test_quickstart_main_job(local_env, magnetic_tile_slice):
-    """The README's main command, as a user runs it (a real process), on a Magnetic Tile slice."""
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "flawline.cli", "quickstart", "--source", str(magnetic_tile_slice)],
-                          env=env, capture_output=True, text=True, timeout=300)
+def test_quickstart_main_job(local_env, labelstudio, tmp_path):
+    """The README's main command, as a user runs it (a real process), on a Magnetic Tile slice: the
+    whole active-learning loop with the simulated annotator, training and scoring as Ray jobs. Its
+    Label Studio is the session's server (linked in as <data_dir>/labelstudio: `up` finds it running)."""
+    from conftest import MAGNETIC_TILE, write
+
+    root = tmp_path / "mt16"
+    for folder, n in {"MT_Free": 8, "MT_Blowhole": 4, "MT_Crack": 4}.items():
+        for jpg in sorted((MAGNETIC_TILE / folder / "Imgs").glob("*.jpg"))[:n]:
+            for src in (jpg, jpg.with_suffix(".png")):
+                write(root / folder / "Imgs" / src.name, src.read_bytes())
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "labelstudio").symlink_to(labelstudio.root)
+    env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url)
+    proc = subprocess.run([sys.executable, "-m", "flawline.cli", "quickstart", "--source", str(root), "--rounds", "1",
+                           "--budget", "3", "--retrain-after", "3", "--image-size", "64", "--epochs", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "7 new images" in proc.stdout
-    assert "blowhole 2, crack 2" in proc.stdout
-    assert "normal-only train" in proc.stdout
+    assert "16 new images" in out and "blowhole 4, crack 4" in out
+    assert f"Label Studio already running at {labelstudio.url}" in out
+    assert "simulation: 3 train labels kept" in out
+    # one round: 3 images labelled through Label Studio, retrained (3 >= 3), the metric printed
+    assert "round 0: 3 images sent to Label Studio" in out and "round 0: 3 labels (3 new" in out
+    assert "retrain at 3): retrained (run " in out and "image_auroc" in out
 
 
 def test_data_survives_a_restart(local_env, folder_tree):
-    from flawline.context import open_catalog, open_store
     from sqlalchemy import select
-    from flawline.catalog import Image
 
-    assert _run("up").exit_code == 0
+    from flawline.catalog import Image
+    from flawline.context import open_catalog, open_store
+
+    assert _run("up", "--no-ray").exit_code == 0
     assert _run("data", "import", str(folder_tree), "--dataset", "kept").exit_code == 0
-    assert _run("down").exit_code == 0
-    assert _run("up").exit_code == 0
+    assert _run("down", "--no-ray").exit_code == 0
+    assert _run("up", "--no-ray").exit_code == 0
     with open_catalog().session() as s:
         keys = list(s.scalars(select(Image.object_key)))
     store = open_store()

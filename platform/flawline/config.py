@@ -63,13 +63,30 @@ class Settings(BaseSettings):
     local_s3_filer_port: int = 18888
 
     ray_address: str | None = Field(
-        default=None, description="Ray cluster address; unset starts a local Ray on demand."
+        default=None, description="Ray cluster (GCS) address for drivers; unset: the local cluster."
     )
-    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    ray_dashboard_url: str = Field(
+        default="http://127.0.0.1:8265", description="Ray dashboard and Job Submission API (jobs go here)."
+    )
+    # The local Ray head that `flawline up` starts; 6390, not Ray's 6379, which Redis often holds.
+    local_ray_port: int = 6390
+    local_ray_cpus: int | None = Field(default=None, description="Logical CPUs of the local Ray head.")
+    jobs_dir: Path | None = Field(
+        default=None, description="Folder with the Ray job entrypoints (default: the repository's jobs/)."
+    )
+
+    # Ray Serve's HTTP proxy (`flawline serve up`; `flawline predict` calls it). Set explicitly: Serve's
+    # default 8000 collides with other services. When set, it overrides the port in serve/config.yaml.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=18000, ge=1, le=65535)
 
     labelstudio_url: str = "http://127.0.0.1:18080"
     labelstudio_token: SecretStr | None = Field(
         default=None, description="Legacy API token or personal access token (refresh token)."
+    )
+    labelstudio_bin: Path | None = Field(
+        default=None, description="The `label-studio` program `flawline up --label-studio` starts "
+        "(default: .venv-labelstudio beside flawline's venv, then PATH)."
     )
 
     upload_workers: int = Field(default=16, ge=1, le=256, description="Parallel S3 uploads.")
@@ -95,6 +112,10 @@ class Settings(BaseSettings):
         if not self.catalog_url:
             self.catalog_url = f"sqlite:///{self.data_dir / 'catalog.db'}"
         return self
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.serve_host}:{self.serve_port}"
 
     @property
     def s3_url(self) -> str:

@@ -94,7 +94,7 @@ def check_ray(settings: Settings) -> ServiceHealth:
                              f"cluster reachable; dashboard {dash}" + (f" (Ray {version})" if version else ""))
     if status == 200:
         return ServiceHealth("Ray", "ok", dash, f"local cluster running (Ray {version}); dashboard {dash}")
-    return ServiceHealth("Ray", "idle", "local", "no cluster running; jobs start a local Ray on demand")
+    return ServiceHealth("Ray", "idle", "local", "no cluster running; `flawline up` starts a local one")
 
 
 def check_labelstudio(settings: Settings) -> ServiceHealth:
@@ -108,8 +108,23 @@ def check_labelstudio(settings: Settings) -> ServiceHealth:
         return ServiceHealth("Label Studio", "down", url, f"not reachable ({reason})")
     if status != 200:
         return ServiceHealth("Label Studio", "down", url, f"/health answered HTTP {status}")
-    token = "token configured" if settings.labelstudio_token else "no token set (FLAWLINE_LABELSTUDIO_TOKEN)"
-    return ServiceHealth("Label Studio", "ok" if settings.labelstudio_token else "degraded", url, f"up; {token}")
+    from flawline.errors import LabelStudioAuthError, LabelStudioError
+    from flawline.labelstudio.client import LabelStudioClient
+
+    try:  # the settings' token, or the local server's own when that is the URL configured
+        client = LabelStudioClient.from_settings(settings)
+    except LabelStudioAuthError:
+        return ServiceHealth("Label Studio", "degraded", url, "up; no token set (FLAWLINE_LABELSTUDIO_TOKEN)")
+    try:
+        user = client.whoami()
+    except LabelStudioAuthError as err:
+        detail = "token refused" if "refused" in str(err) else f"token not usable ({err})"
+        return ServiceHealth("Label Studio", "degraded", url, f"up; {detail}; check FLAWLINE_LABELSTUDIO_TOKEN")
+    except LabelStudioError as err:
+        return ServiceHealth("Label Studio", "degraded", url, f"up; token check failed: {err}")
+    except Exception as err:  # noqa: BLE001 - a health table reports, it never crashes
+        return ServiceHealth("Label Studio", "degraded", url, f"up; token check failed ({type(err).__name__})")
+    return ServiceHealth("Label Studio", "ok", url, f"up; token accepted (user {user})")
 
 
 def check_all(settings: Settings) -> list[ServiceHealth]:

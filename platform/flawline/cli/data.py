@@ -149,7 +149,9 @@ def split(
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same split."),
     normal_only_train: bool = typer.Option(
         False, help="Anomaly-detection protocol: train on normal images only; defects go to val/test."),
+    stratify_by: Optional[str] = typer.Option(
+        None, help="Also stratify by this image attribute (e.g. cell_type for ELPV)."),
 ) -> None:
     """Assign a seeded train/val/test split, stratified by label and defect class, in the catalog."""
-    counts = assign_splits(open_catalog(), name, SplitSpec(train, val, test, seed, normal_only_train))
+    counts = assign_splits(open_catalog(), name, SplitSpec(train, val, test, seed, normal_only_train, stratify_by))
     console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (seed {seed})")

