@@ -102,6 +102,8 @@ class ScoreRows:
         torch.set_num_threads(max(1, int(threads)))
         self.store = open_store()
         self.detector = load_detector(self.store, self.store.key_from_uri(artifact_uri))
+        parts = artifact_uri.split("/")  # .../models/<model name>/<run>/model.pt: the metric's model tag
+        self.model = parts[parts.index("models") + 1] if "models" in parts[:-1] else "unknown"
         self.image_size = image_size
         self.with_masks = with_masks
 
@@ -111,6 +113,9 @@ class ScoreRows:
         rows = [json.loads(r) for r in batch["row"]]
         x = torch.from_numpy(decode_rows(self.store, rows, self.image_size)["image"]).float() / 255.0
         ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
+        from flawline.monitoring.metrics import metric
+
+        metric("flawline_images_scored").inc(len(rows), tags={"model": self.model})
         if self.with_masks:
             pred = self.detector.predict(x)
             verdicts, masks = verdicts_and_masks(self.detector, pred)

@@ -13,6 +13,7 @@ from flawline.cli import db as db_cli
 from flawline.cli import label as label_cli
 from flawline.cli import loop as loop_cli
 from flawline.cli import models as models_cli
+from flawline.cli import monitor as monitor_cli
 from flawline.cli import serve as serve_cli
 from flawline.cli import services
 from flawline.cli import train as train_cli
@@ -31,6 +32,7 @@ app.add_typer(train_cli.app, name="train")
 app.add_typer(train_cli.runs_app, name="runs")
 app.add_typer(label_cli.app, name="label")
 app.add_typer(loop_cli.app, name="loop")
+app.add_typer(monitor_cli.app, name="monitor")
 app.command()(models_cli.evaluate)
 app.add_typer(serve_cli.app, name="serve")
 app.command()(serve_cli.predict)

@@ -17,6 +17,7 @@ from rich.table import Table
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import Settings, get_settings
 from flawline.errors import ConfigError, InvalidInput, ServiceError
+from flawline.serving.status import serve_address, serve_running, serve_summary
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO / "serve" / "config.yaml"
@@ -99,34 +100,6 @@ def _call(what: str, fn, *args):  # noqa: ANN001, ANN202
         raise ServiceError(f"Ray Serve {what} failed: {text[:400]}") from None
 
 
-def _running(details: dict[str, Any]) -> bool:
-    return bool((details.get("controller_info") or {}).get("actor_id")) or bool(details.get("applications"))
-
-
-def _http_address(details: dict[str, Any]) -> str | None:
-    http = details.get("http_options") or {}
-    return f"http://{http['host']}:{http['port']}" if http.get("host") and http.get("port") else None
-
-
-def _summary(details: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for name, application in sorted((details.get("applications") or {}).items()):
-        for dep_name, dep in sorted((application.get("deployments") or {}).items()):
-            replicas = dep.get("replicas") or []
-            rows.append({"application": name, "app_status": application.get("status"),
-                         "route_prefix": application.get("route_prefix"), "deployment": dep_name,
-                         "status": dep.get("status"),
-                         "replicas_running": sum(1 for r in replicas if r.get("state") == "RUNNING"),
-                         "replicas_target": dep.get("target_num_replicas"),
-                         "message": (dep.get("message") or application.get("message") or "").strip()})
-        if not application.get("deployments"):
-            rows.append({"application": name, "app_status": application.get("status"),
-                         "route_prefix": application.get("route_prefix"), "deployment": "-", "status": "-",
-                         "replicas_running": 0, "replicas_target": 0,
-                         "message": (application.get("message") or "").strip()})
-    return rows
-
-
 @app.command("up")
 def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config file."),
        app_dir: Path = typer.Option(REPO, help="Folder the config's import_path is relative to."),
@@ -142,7 +115,7 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
     client = _client(settings)
     before = _call("status", client.get_serve_details)
     want = f"http://{deploy['http_options']['host']}:{deploy['http_options']['port']}"
-    have = _http_address(before) if _running(before) else None
+    have = serve_address(before) if serve_running(before) else None
     if have and have != want:
         raise InvalidInput(f"Serve already runs on this cluster at {have}; its address cannot change while it "
                            f"runs: `flawline serve down`, then `flawline serve up` for {want}")
@@ -168,7 +141,7 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
             raise ServiceError(f"applications not running after {timeout:.0f} s: "
                                + ", ".join(f"{n} {s}" for n, s in states.items()))
         time.sleep(1.0)
-    console.print(f"serving at {_http_address(details) or want} ({time.monotonic() - started:.0f} s): "
+    console.print(f"serving at {serve_address(details) or want} ({time.monotonic() - started:.0f} s): "
                   f"POST /v1/models/<model>/predict, GET /v1/models, GET /healthz")
 
 
@@ -177,8 +150,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     """Applications, deployments and replicas on the cluster; exits 1 if nothing runs."""
     settings = get_settings()
     details = _call("status", _client(settings).get_serve_details)
-    rows = _summary(details)
-    address = _http_address(details) if _running(details) else None
+    rows = serve_summary(details)
+    address = serve_address(details) if serve_running(details) else None
     if as_json:
         print_json({"address": address, "dashboard": settings.ray_dashboard_url, "deployments": rows})
     elif not rows:
@@ -200,7 +173,7 @@ def down() -> None:
     settings = get_settings()
     client = _client(settings)
     details = _call("status", client.get_serve_details)
-    if not _running(details):
+    if not serve_running(details):
         console.print(f"Ray Serve was not running on {settings.ray_dashboard_url}")
         return
     _call("shutdown", client.delete_applications)

@@ -44,6 +44,7 @@ class LocalRayCluster:
     num_cpus: int | None = None
     log_file: Path | None = None
     nodes: list[dict] = field(default_factory=list)  # extra nodes started by add_node
+    metrics_ports: list[int] = field(default_factory=list)  # each node's Prometheus endpoint, head first
 
     @classmethod
     def on_free_ports(cls, num_cpus: int | None = None, log_file: Path | None = None) -> LocalRayCluster:
@@ -60,6 +61,7 @@ class LocalRayCluster:
 
     def _node_ports(self) -> list[str]:
         agent, grpc, metrics, runtime_env, manager, objects, client = free_ports(7)
+        self.metrics_ports.append(metrics)
         return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                 f"--node-manager-port={manager}", f"--object-manager-port={objects}"]

@@ -10,7 +10,7 @@
   and batches requests for one model id (``@serve.batch``; size and wait in ``user_config``,
   changed in place). A version whose artifact cannot be loaded answers 503 for that model only.
 
-Metrics (``ray.util.metrics``, on every node's metrics endpoint): ``flawline_predictions``
+Metrics (``ray.util.metrics``, defined in ``flawline.monitoring.metrics``): ``flawline_predictions``
 {model, version, verdict}, ``flawline_request_errors`` {model, status}, ``flawline_predict_latency_ms``
 {model}, ``flawline_score`` and ``flawline_score_to_threshold`` {model}, ``flawline_batch_size``.
 """
@@ -31,6 +31,7 @@ from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
 from flawline.data.images import MAX_PIXELS
 from flawline.errors import FlawlineError
+from flawline.monitoring.metrics import metric
 from flawline.serving.errors import ModelUnavailable, PayloadTooLarge, RequestError, http_status, one_line
 from flawline.serving.inputs import MAX_REQUEST_BYTES, Limits, check_image, image_from_request, parse_flag
 from flawline.serving.models import ModelResolver, list_models, load_model
@@ -42,9 +43,6 @@ GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": M
 SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None}
 APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto"}
 LOAD_RETRY_AFTER_S = 10.0  # a failed load is answered from memory this long (no S3 fetch per request)
-LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
-SCORE_RATIO = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0]
-SCORE = [0.01, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 1000]
 
 api = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
 
@@ -75,18 +73,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 class _Metrics:
-    def __init__(self) -> None:
-        from ray.util.metrics import Counter, Histogram
+    """The gateway's metrics (defined in flawline.monitoring.metrics)."""
 
-        self.predictions = Counter("flawline_predictions", "Images predicted, by verdict.",
-                                   tag_keys=("model", "version", "verdict"))
-        self.errors = Counter("flawline_request_errors", "Requests answered with an error, by status.",
-                              tag_keys=("model", "status"))
-        self.latency = Histogram("flawline_predict_latency_ms", "Request latency in the gateway (ms).",
-                                 boundaries=LATENCY_MS, tag_keys=("model",))
-        self.score = Histogram("flawline_score", "Image anomaly scores.", boundaries=SCORE, tag_keys=("model",))
-        self.ratio = Histogram("flawline_score_to_threshold", "Image score divided by the model's threshold.",
-                               boundaries=SCORE_RATIO, tag_keys=("model",))
+    def __init__(self) -> None:
+        self.predictions = metric("flawline_predictions")
+        self.errors = metric("flawline_request_errors")
+        self.latency = metric("flawline_predict_latency_ms")
+        self.score = metric("flawline_score")
+        self.ratio = metric("flawline_score_to_threshold")
 
     def prediction(self, model: str, version: int, outcome: Outcome, latency_ms: float) -> None:
         verdict = {True: "defect", False: "ok", None: "none"}[outcome.is_defect]
@@ -101,8 +95,6 @@ class _Metrics:
 @serve.deployment(name="ModelServer", max_ongoing_requests=32)
 class ModelServer:
     def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
-        from ray.util.metrics import Histogram
-
         settings = get_settings()
         self.catalog, self.store = open_catalog(settings), open_store(settings)
         self.device = device
@@ -110,8 +102,7 @@ class ModelServer:
         # pool is per calling thread, and two pools on the same cores halve the forward's speed.
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="flawline-torch")
         self._failed: dict[str, tuple[float, Exception]] = {}
-        self._batch_sizes = Histogram("flawline_batch_size", "Images per forward pass.",
-                                      boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self._batch_sizes = metric("flawline_batch_size")
 
         async def load(model_id: str):  # noqa: ANN202 — a closure: multiplexed with a size from args
             return await self._load(model_id)

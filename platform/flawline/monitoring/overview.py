@@ -1,0 +1,136 @@
+"""Cluster, jobs, deployments and queues at a glance: what ``flawline status`` shows below the
+service health table. Each part is read independently, so a cluster that is down still leaves the
+catalog's queues and runs visible (and the other way round)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+
+from flawline.catalog import (
+    ActiveLearningRound,
+    Catalog,
+    Dataset,
+    LabelProject,
+    LabelTask,
+    LabelTaskStatus,
+    RunStatus,
+    TrainingRun,
+)
+from flawline.config import Settings
+
+RECENT_JOBS = 8
+
+
+def _fail(part: str, err: Exception) -> dict[str, Any]:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return {"error": f"{part}: {text[:200]}"}
+
+
+def cluster_nodes(settings: Settings) -> dict[str, Any]:
+    """Alive and dead nodes with their CPUs and GPUs (Ray's state API on the dashboard)."""
+    from ray.util.state import list_nodes
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    try:
+        nodes = list_nodes(address=settings.ray_dashboard_url, timeout=5, raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - reported in the table, never fatal
+        return _fail("nodes", err)
+    rows = [{"node_ip": n.node_ip, "head": bool(n.is_head_node), "state": n.state,
+             "cpus": (n.resources_total or {}).get("CPU", 0), "gpus": (n.resources_total or {}).get("GPU", 0)}
+            for n in nodes]
+    rows.sort(key=lambda r: (not r["head"], r["state"] != "ALIVE", r["node_ip"]))
+    alive = [r for r in rows if r["state"] == "ALIVE"]
+    return {"nodes": rows, "alive": len(alive), "cpus": sum(r["cpus"] for r in alive),
+            "gpus": sum(r["gpus"] for r in alive)}
+
+
+def job_kind(metadata: dict[str, str] | None) -> str:
+    """What a Ray job is for flawline, from the metadata it was submitted with."""
+    m = metadata or {}
+    if "flawline_run_id" in m:
+        return f"train run {m['flawline_run_id']} ({m.get('setting', '?')}/{m.get('method', '?')})"
+    if "flawline_scoring" in m:
+        return f"scoring {m['flawline_scoring']} on {m.get('dataset', '?')}"
+    if "flawline_monitor" in m:
+        return "monitor (catalog gauges)"
+    return "other"
+
+
+def recent_jobs(settings: Settings, limit: int = RECENT_JOBS) -> dict[str, Any]:
+    """The newest Ray jobs, running ones first."""
+    from flawline.train.submit import job_client
+
+    try:
+        jobs = job_client(settings).list_jobs()
+    except Exception as err:  # noqa: BLE001
+        return _fail("jobs", err)
+    rows = []
+    for j in jobs:
+        status = str(j.status).rsplit(".", 1)[-1]
+        started = (datetime.fromtimestamp(j.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+                   if j.start_time else None)
+        rows.append({"id": j.submission_id or j.job_id, "status": status, "kind": job_kind(j.metadata),
+                     "started": started})
+    rows.sort(key=lambda r: (r["status"] not in ("PENDING", "RUNNING"), -(_ts(r["started"]))))
+    active = sum(1 for r in rows if r["status"] in ("PENDING", "RUNNING"))
+    return {"jobs": rows[:limit], "active": active, "total": len(rows)}
+
+
+def _ts(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+def deployments(settings: Settings) -> dict[str, Any]:
+    """Serve applications and deployments with their replicas."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from flawline.serving.status import serve_address, serve_running, serve_summary
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    try:
+        details = ServeSubmissionClient(settings.ray_dashboard_url).get_serve_details()
+    except Exception as err:  # noqa: BLE001
+        return _fail("serve", err)
+    return {"address": serve_address(details) if serve_running(details) else None,
+            "deployments": serve_summary(details)}
+
+
+def queues(catalog: Catalog) -> dict[str, Any]:
+    """Label Studio queues per dataset and task, active-learning rounds, and training runs."""
+    try:
+        with catalog.session() as s:
+            counts: dict[int, dict[str, int]] = {}
+            for pid, status, n in s.execute(select(LabelTask.project_id, LabelTask.status, func.count())
+                                            .group_by(LabelTask.project_id, LabelTask.status)):
+                counts.setdefault(pid, {})[status.value] = n
+            projects = []
+            for p, ds in s.execute(select(LabelProject, Dataset.name).join(Dataset, Dataset.id == LabelProject.dataset_id)
+                                   .order_by(Dataset.name, LabelProject.task)):
+                c = counts.get(p.id, {})
+                projects.append({"dataset": ds, "task": p.task, "ls_project": p.ls_project_id,
+                                 **{st.value: c.get(st.value, 0) for st in LabelTaskStatus},
+                                 "pulled_until": p.watermark.isoformat(timespec="seconds") if p.watermark else None})
+            rounds = dict(s.execute(select(Dataset.name, func.count()).join(
+                ActiveLearningRound, ActiveLearningRound.dataset_id == Dataset.id).group_by(Dataset.name)).all())
+            runs = {st.value: n for st, n in s.execute(select(TrainingRun.status, func.count())
+                                                       .group_by(TrainingRun.status))}
+    except Exception as err:  # noqa: BLE001
+        return _fail("catalog", err)
+    return {"label_projects": projects, "loop_rounds": rounds,
+            "runs": {st.value: runs.get(st.value, 0) for st in RunStatus}}
+
+
+def overview(settings: Settings, catalog: Catalog | None, ray_up: bool) -> dict[str, Any]:
+    """Everything ``flawline status`` shows below the health table (Ray parts only when it is up)."""
+    out: dict[str, Any] = {}
+    if ray_up:
+        out["cluster"] = cluster_nodes(settings)
+        out["jobs"] = recent_jobs(settings)
+        out["serve"] = deployments(settings)
+    if catalog is not None:
+        out["queues"] = queues(catalog)
+    return out
