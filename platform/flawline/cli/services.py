@@ -84,15 +84,80 @@ def down(ray: bool = typer.Option(True, help="Also stop the local Ray cluster.")
     console.print("Label Studio stopped" if ls.stop() else "Label Studio was not running")
 
 
-def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Health of S3, the catalog, Ray and Label Studio in one table; exits 1 if any is down."""
-    results = check_all(get_settings())
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+           brief: bool = typer.Option(False, "--brief", help="Only the service health table.")) -> None:
+    """Everything at a glance: health of S3, the catalog, Ray and Label Studio; then the cluster's
+    nodes, recent Ray jobs (training, scoring, monitor), Serve deployments, Label Studio queues
+    and training runs. Exits 1 if a service is down."""
+    settings = get_settings()
+    results = check_all(settings)
+    state = {r.service: r.state for r in results}
+    view: dict = {}
+    if not brief:
+        from flawline.context import open_catalog
+        from flawline.monitoring.overview import overview
+
+        catalog = open_catalog(settings) if state.get("catalog") == "ok" else None
+        view = overview(settings, catalog, ray_up=state.get("Ray") == "ok")
     if as_json:
-        print_json([r.__dict__ | {"ok": r.ok} for r in results])
+        print_json({"services": [r.__dict__ | {"ok": r.ok} for r in results], **view})
     else:
-        table = Table("service", "state", "endpoint", "detail")
+        table = Table("service", "state", "endpoint", "detail", title="services")
         for r in results:
             table.add_row(r.service, f"[{_STYLE.get(r.state, 'white')}]{r.state}[/]", r.endpoint, r.detail)
         console.print(table)
+        _print_overview(view)
     if any(r.state == "down" for r in results):
         raise typer.Exit(1)
+
+
+def _error_line(part: dict) -> bool:
+    if "error" in part:
+        console.print(f"[yellow]{part['error']}[/]", highlight=False)
+        return True
+    return False
+
+
+def _print_overview(view: dict) -> None:
+    cluster = view.get("cluster")
+    if cluster and not _error_line(cluster):
+        table = Table("node", "role", "state", "CPUs", "GPUs",
+                      title=f"cluster: {cluster['alive']} node(s) alive, {cluster['cpus']:g} CPUs, "
+                            f"{cluster['gpus']:g} GPUs")
+        for n in cluster["nodes"]:
+            table.add_row(n["node_ip"], "head" if n["head"] else "worker", n["state"], f"{n['cpus']:g}",
+                          f"{n['gpus']:g}")
+        console.print(table)
+    jobs = view.get("jobs")
+    if jobs and not _error_line(jobs):
+        table = Table("Ray job", "status", "what", "started",
+                      title=f"jobs: {jobs['active']} active, {jobs['total']} in all (newest shown)")
+        for j in jobs["jobs"]:
+            table.add_row(j["id"], j["status"], j["kind"], j["started"] or "")
+        console.print(table)
+    serve = view.get("serve")
+    if serve and not _error_line(serve):
+        if serve["deployments"]:
+            table = Table("application", "deployment", "status", "replicas",
+                          title=f"deployments (HTTP {serve['address']})")
+            for d in serve["deployments"]:
+                table.add_row(d["application"], d["deployment"], d["status"] or "",
+                              f"{d['replicas_running']}/{d['replicas_target']}")
+            console.print(table)
+        else:
+            console.print("deployments: Ray Serve runs no application (`flawline serve up`)")
+    queues = view.get("queues")
+    if queues and not _error_line(queues):
+        if queues["label_projects"]:
+            table = Table("dataset", "task", "waiting", "labelled", "skipped", "orphaned", "pulled until",
+                          "AL rounds", title="label queues (Label Studio)")
+            for p in queues["label_projects"]:
+                table.add_row(p["dataset"], p["task"], str(p["pushed"]), str(p["labelled"]), str(p["skipped"]),
+                              str(p["orphaned"]), p["pulled_until"] or "never",
+                              str(queues["loop_rounds"].get(p["dataset"], 0)))
+            console.print(table)
+        else:
+            console.print("label queues: none yet (`flawline label push` or `flawline loop run`)")
+        runs = queues["runs"]
+        console.print("training runs: " + ", ".join(f"{n} {st}" for st, n in runs.items() if n) if any(runs.values())
+                      else "training runs: none yet (`flawline train submit`)", highlight=False)
