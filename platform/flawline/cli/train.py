@@ -53,10 +53,14 @@ def submit(
     name: Optional[str] = typer.Option(None, help="Model name (default <datasets>-<setting>-<method>)."),
     max_failures: int = typer.Option(2, min=0, help="Worker failures survived by resuming from the last checkpoint."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends."),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Train from this process instead of submitting a Ray job: for an entrypoint "
+        "that already is a Ray job's driver (a KubeRay RayJob). The run is recorded in the catalog the same way."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check the run against the catalog (labels the setting needs, images, method), then submit
-    it to the Ray cluster at FLAWLINE_RAY_DASHBOARD_URL through the Job Submission API."""
+    it to the Ray cluster at FLAWLINE_RAY_DASHBOARD_URL through the Job Submission API (or, with
+    --in-process, train it from this process on the Ray cluster it is connected to)."""
     from flawline.train import TrainSpec
     from flawline.train.submit import follow, submit_run
 
@@ -67,6 +71,11 @@ def submit(
                      label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
                      options=_options(option), model_name=name, max_failures=max_failures)
     catalog = open_catalog(settings)
+    if in_process:
+        from flawline.train.submit import run_in_process
+
+        _show(run_in_process(catalog, settings, spec), as_json)
+        return
     run_id, job_id = submit_run(catalog, settings, spec)
     if as_json and not wait:
         print_json({"run": run_id, "ray_job_id": job_id, "dashboard": settings.ray_dashboard_url})

@@ -72,6 +72,33 @@ def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec) -> tuple[i
     return run_id, job_id
 
 
+def current_submission_id() -> str | None:
+    """The Ray job submission id when this process is a Ray job's driver (Ray passes the job's
+    config, metadata included, to the driver in an environment variable)."""
+    import json
+    import os
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("metadata") or {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+def run_in_process(catalog: Catalog, settings: Settings, spec: TrainSpec) -> int:
+    """Check and record a run, then train it from this process: for a driver that already is a
+    Ray job (a KubeRay RayJob's entrypoint), where submitting another job would nest two."""
+    from flawline.train.job import run_training_job
+
+    plan = plan_run(catalog, spec)  # the same checks as submit_run, before anything is recorded
+    run_id = create_run(catalog, spec, plan.method, plan.summary())
+    update_run(catalog, run_id, ray_job_id=current_submission_id())
+    run_training_job(run_id)
+    return run_id
+
+
 def refresh(catalog: Catalog, settings: Settings, run_ids: list[int] | None = None) -> None:
     """Bring unfinished runs in line with Ray: a job that died without its driver updating the row
     (killed, cancelled, cluster restarted) gets its final status here."""
