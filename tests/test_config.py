@@ -63,3 +63,24 @@ def test_secrets_never_printed(monkeypatch, tmp_path):
         assert "very-secret" not in out.output
         assert "********" in out.output or "***" in out.output
     assert "very-secret" not in repr(load_settings())
+
+
+def test_presigned_urls_use_the_public_s3_url(settings_env, store, monkeypatch, s3_server):
+    """Label Studio's browsers reach S3 by another name than the cluster (minio:9000 inside,
+    a public host outside): presigned URLs are signed for that name and work there."""
+    import urllib.request
+
+    from flawline.storage import ObjectStore
+
+    store.put_bytes("probe.txt", b"seen", "text/plain")
+    port = s3_server.endpoint.rsplit(":", 1)[1]
+    monkeypatch.setenv("FLAWLINE_S3_PUBLIC_URL", f"http://localhost:{port}")
+    public = ObjectStore.from_settings(load_settings())
+    url = public.presigned_get("probe.txt")
+    assert url.startswith(f"http://localhost:{port}/")
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == b"seen"
+    assert store.presigned_get("probe.txt").startswith(f"http://{s3_server.endpoint}/")
+    monkeypatch.setenv("FLAWLINE_S3_PUBLIC_URL", "minio:9000")
+    with pytest.raises(ConfigError, match="s3_public_url must look like http://host:port"):
+        load_settings()

@@ -234,7 +234,8 @@ def test_flawline_settings_names_exist() -> None:
 
 
 def _fill(value: str) -> str:
-    return re.sub(r"\$\{[^}]*\}", "x", value)
+    """Compose interpolation: a variable's default (``${VAR:-default}``) where it has one, else x."""
+    return re.sub(r"\$\{[^}:]*(?::-([^}]*))?[^}]*\}", lambda m: m.group(1) if m.group(1) is not None else "x", value)
 
 
 def test_settings_values_parse() -> None:

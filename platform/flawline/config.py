@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     s3_bucket: str = "flawline"
     s3_secure: bool = Field(default=False, description="Use https for S3.")
     s3_region: str | None = None
+    s3_public_url: str | None = Field(
+        default=None, description="Base URL (http[s]://host:port) at which browsers reach the S3 server, for the "
+        "presigned image URLs Label Studio shows annotators; default: the endpoint flawline uses. Set it when "
+        "that endpoint is a cluster-internal name (minio:9000).")
 
     # Ports of the embedded SeaweedFS server that `flawline up` starts (S3 port comes from
     # s3_endpoint). Set explicitly: its defaults (8080, 9333, 8888) collide with other services.
@@ -108,6 +112,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
+        if self.s3_public_url:
+            from urllib.parse import urlparse
+
+            url = urlparse(self.s3_public_url)
+            if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+                raise ValueError(f"s3_public_url must look like http://host:port, not {self.s3_public_url!r}")
         self.data_dir = self.data_dir.expanduser().resolve()
         if not self.catalog_url:
             self.catalog_url = f"sqlite:///{self.data_dir / 'catalog.db'}"

@@ -37,6 +37,7 @@ class ObjectStore:
         *,
         secure: bool = False,
         region: str | None = None,
+        public_url: str | None = None,
         max_connections: int = 32,
         retries: int = 2,
     ) -> None:
@@ -51,6 +52,15 @@ class ObjectStore:
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
             http_client=http,
         )
+        # Presigned URLs are signed for the host they name: a browser outside the cluster needs
+        # them signed for the public address. Signing needs no request when the region is known.
+        self.presigner = self.client
+        if public_url:
+            from urllib.parse import urlparse
+
+            url = urlparse(public_url)
+            self.presigner = Minio(url.netloc, access_key=access_key, secret_key=secret_key,
+                                   secure=url.scheme == "https", region=region or "us-east-1", http_client=http)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs) -> ObjectStore:
@@ -62,6 +72,7 @@ class ObjectStore:
             settings.s3_bucket,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            public_url=settings.s3_public_url,
             **kwargs,
         )
 
@@ -121,7 +132,7 @@ class ObjectStore:
 
     def presigned_get(self, key: str, expires: timedelta = timedelta(hours=12)) -> str:
         with self._errors("presign", key):
-            return self.client.presigned_get_object(self.bucket, key, expires=expires)
+            return self.presigner.presigned_get_object(self.bucket, key, expires=expires)
 
     # -- error translation ---------------------------------------------------------------------
     def _errors(self, action: str, key: str | None = None) -> _ErrorScope:
