@@ -176,12 +176,22 @@ class LocalS3Server:
         return stop_pid_file(self.pid_file, timeout)
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def _free_ports(count: int) -> list[int]:
-    """Ports p with p and p+10000 (SeaweedFS's gRPC twin) both free on loopback."""
+    """Ports p with p and p+10000 (SeaweedFS's gRPC twin) both free on loopback, both below the
+    kernel's ephemeral range: there any outgoing connection (or another process's bind to port 0)
+    may take a port between this check and the server's start."""
     rng = random.Random()
     chosen: list[int] = []
+    top = max(10100, min(29990, _ephemeral_start() - 10000))
     for _ in range(2000):
-        port = rng.randrange(20000, 29990)
+        port = rng.randrange(10000, top)
         if port in chosen or any(abs(port - c) < 2 for c in chosen):
             continue
         if not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", port + 10000):
