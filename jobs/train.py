@@ -1,9 +1,16 @@
 """Ray job entrypoint for one training run: `python train.py --run-id N` (submitted by
 `flawline train submit`, with this folder as the job's working directory)."""
 
+import os
 import sys
+import tempfile
 
-from flawline.train.job import main
+# Ray unpacks this folder (the job's working_dir) once per package and may unpack it again while the
+# job runs, when another job's driver starts with the same package: a driver standing in the old
+# folder then fails on its next relative path (its own __file__ is relative). Stand elsewhere first.
+os.chdir(tempfile.gettempdir())
+
+from flawline.train.job import main  # noqa: E402  (after the chdir above)
 
 if __name__ == "__main__":
     sys.exit(main())

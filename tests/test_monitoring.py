@@ -53,7 +53,8 @@ def _fill(catalog: Catalog) -> None:
         s.flush()
         for i, status in enumerate([LabelTaskStatus.labelled, LabelTaskStatus.labelled, LabelTaskStatus.pushed]):
             s.add(LabelTask(project_id=project.id, image_id=images[i].id, ls_task_id=100 + i, status=status))
-        s.add_all([TrainingRun(dataset_id=ds.id, method="padim", setting="unsupervised", status=RunStatus.succeeded),
+        s.add_all([TrainingRun(dataset_id=ds.id, method="classifier", setting="supervised", status=RunStatus.succeeded,
+                               metrics={"progress": {"epoch": 2, "epochs": 2, "loss": 0.25}}),
                    TrainingRun(dataset_id=ds.id, method="padim", setting="unsupervised", status=RunStatus.failed)])
         s.add(ModelVersion(name="tiles-padim", version=2, artifact_uri="s3://b/models/tiles-padim/x/model.pt",
                            method="padim", stage=ModelStage.production,
@@ -78,6 +79,8 @@ def test_catalog_gauges_read_queues_labels_runs_and_production_metrics(catalog):
                                       (("dataset", "tiles"), ("source", "pseudo")): 1}
     runs = {dict(k)["status"]: v for k, v in got["flawline_runs"].items()}
     assert runs == {"pending": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
+    train = (("method", "classifier"), ("run", "1"), ("setting", "supervised"))
+    assert got["flawline_train_loss"] == {train: 0.25} and got["flawline_train_epoch"] == {train: 2}
     assert got["flawline_model_metric"] == {
         (("metric", "image_auroc"), ("model", "tiles-padim"), ("version", "2")): 0.91}
     assert all(METRICS[name].kind == "gauge" and set(dict(next(iter(v))).keys()) == set(METRICS[name].tag_keys)

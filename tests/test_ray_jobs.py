@@ -1,22 +1,29 @@
-"""Training as Ray jobs on a real local Ray cluster of two nodes (a head plus a second raylet on
-this machine): a 2-worker DDP job across both nodes, a run whose worker is killed resumes from its
-checkpoint, normal-only embeddings on actors, cancel, and bad configurations that never reach the
-cluster. Uses a slice of the real ELPV set and the real S3 server."""
+"""The platform on a real local Ray cluster of two nodes (a head plus a second raylet on this
+machine) with PostgreSQL as the catalog: the whole flow (monitor, 2-worker DDP training across both
+nodes, promotion, pre-annotation on the cluster, Label Studio round trip, serving, metrics,
+`flawline status`), a run whose worker is killed resumes from its checkpoint, normal-only
+embeddings on actors, cancel, and bad configurations that never reach the cluster. Uses a slice of
+the real ELPV set, the real S3 server and a real Label Studio."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import write
 from flawline.cli.main import app
-from flawline.cluster.local_ray import LocalRayCluster
+from flawline.catalog.db import make_engine, upgrade
+from flawline.cluster.local_ray import LocalRayCluster, free_ports
 from flawline.config import get_settings
 from flawline.context import open_catalog
+from flawline.labelstudio import LabelStudioClient
 from flawline.train.runs import get_run
 
 
@@ -27,6 +34,13 @@ def ray_cluster(tmp_path_factory):
     cluster.add_node(num_cpus=2, resources='{"second_node": 1}')
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def catalog_url(pg_url):
+    """This module's catalog is PostgreSQL, as in production."""
+    upgrade(make_engine(pg_url))
+    return pg_url
 
 
 def _cli(*args):
@@ -79,23 +93,121 @@ def _wait(run_id: int, timeout: float = 240, until=None):
     pytest.fail(f"run {run_id} still {row.status.value} after {timeout} s; logs:\n{logs}")
 
 
-def test_two_worker_ddp_job_spans_both_nodes_and_registers_a_model(elpv_small):
-    # 1.5 CPUs each: two workers cannot share one 2-CPU node, so Ray must place them on both.
-    run = _submit("--dataset", elpv_small, "--setting", "supervised", "--workers", 2, "--cpus-per-worker", 1.5,
-                  "--epochs", 2)
-    row = _wait(run)
-    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
-    assert len(set(row.metrics["worker_nodes"])) == 2
-    assert row.metrics["checkpoints"] == 2 and row.metrics["progress"]["world_size"] == 2
-    assert 0.0 <= row.metrics["accuracy"] <= 1.0 and row.metrics["model"] == "elpv-supervised-classifier:1"
-    shown = _cli("runs", "show", run)
-    assert shown.exit_code == 0 and "succeeded" in shown.stdout and "elpv-supervised-classifier:1" in shown.stdout
-    assert "workers on 2 node(s)" in shown.stdout
-    listed = _cli("runs", "list", "--json")
-    assert listed.exit_code == 0 and '"status": "succeeded"' in listed.stdout
-    assert "Reporting training result" in _cli("runs", "logs", run).stdout
-    models = _cli("models", "show", "elpv-supervised-classifier:1", "--json")
-    assert models.exit_code == 0, models.output
+def _scrape(cluster: LocalRayCluster) -> str:
+    """Every node's Prometheus endpoint, concatenated (what Prometheus would scrape)."""
+    out = []
+    for port in cluster.metrics_ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                out.append(resp.read().decode())
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
+def _series(text: str, name: str, **tags: str) -> list[float]:
+    """Values of ``name`` whose labels include ``tags``."""
+    values = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in tags.items()):
+            values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstudio, monkeypatch):
+    """The platform end to end on a two-node cluster with PostgreSQL as the catalog: the monitor
+    job, a 2-worker DDP training job across both nodes, promotion, pre-annotation on the cluster,
+    Label Studio round trip, serving, the metrics on the nodes' Prometheus endpoints and
+    `flawline status`."""
+    assert get_settings().catalog_url.startswith("postgresql")
+    serve_port, = free_ports(1)
+    monkeypatch.setenv("FLAWLINE_LABELSTUDIO_URL", labelstudio.url)
+    monkeypatch.setenv("FLAWLINE_LABELSTUDIO_TOKEN", labelstudio.token)
+    monkeypatch.setenv("FLAWLINE_SERVE_PORT", str(serve_port))
+    get_settings.cache_clear()
+    started = _cli("monitor", "start", "--interval", 1)
+    assert started.exit_code == 0 and "started as Ray job flawline-monitor-" in started.stdout, started.output
+    again = _cli("monitor", "start")
+    assert again.exit_code == 0 and "already runs" in again.stdout
+    try:
+        # Training: 1.5 CPUs each, so two workers cannot share one 2-CPU node and Ray must place
+        # them on both.
+        run = _submit("--dataset", elpv_small, "--setting", "supervised", "--workers", 2, "--cpus-per-worker", 1.5,
+                      "--epochs", 2)
+        row = _wait(run)
+        assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
+        assert len(set(row.metrics["worker_nodes"])) == 2
+        assert row.metrics["checkpoints"] == 2 and row.metrics["progress"]["world_size"] == 2
+        model = "elpv-supervised-classifier:1"
+        assert 0.0 <= row.metrics["accuracy"] <= 1.0 and row.metrics["model"] == model
+        shown = _cli("runs", "show", run)
+        assert shown.exit_code == 0 and "succeeded" in shown.stdout and model in shown.stdout
+        assert "workers on 2 node(s)" in shown.stdout
+        assert '"status": "succeeded"' in _cli("runs", "list", "--json").stdout
+        assert "Reporting training result" in _cli("runs", "logs", run).stdout
+        assert _cli("models", "promote", model).exit_code == 0
+
+        # Labelling: pre-annotations from a Ray job, answered and pulled back.
+        assert _cli("label", "setup", "-d", elpv_small, "--task", "classification").exit_code == 0
+        pushed = _cli("label", "push", "-d", elpv_small, "--task", "classification", "--split", "test",
+                      "--model", model, "--on-cluster", "--workers", 2, "--json")
+        assert pushed.exit_code == 0, pushed.output
+        pushed = json.loads(pushed.stdout)
+        assert pushed["created"] == 16  # 40 % of the 40 cells
+        tasks = list(LabelStudioClient(labelstudio.url, labelstudio.token).iter_tasks(pushed["project"]))
+        versions = {(p if isinstance(p, dict) else p.__dict__)["model_version"] for t in tasks for p in t.predictions}
+        assert len(tasks) == 16 and versions == {model}
+        answered = _cli("label", "simulate", "-d", elpv_small, "--limit", 10)
+        assert answered.exit_code == 0, answered.output
+        pulled = _cli("label", "pull", "-d", elpv_small, "--json")
+        assert pulled.exit_code == 0, pulled.output
+
+        # Serving the promoted model.
+        up = _cli("serve", "up")
+        assert up.exit_code == 0, up.output
+        image = next((Path(get_settings().data_dir).parent / "elpv").rglob("*.png"))
+        predicted = _cli("predict", image, "--model", "elpv-supervised-classifier", "--json")
+        assert predicted.exit_code == 0, predicted.output
+        (answer,) = json.loads(predicted.stdout)
+        assert answer["model_version"] == 1 and answer["is_defect"] in (True, False), answer
+
+        # Metrics, on the nodes' Prometheus endpoints (Ray prefixes ray_; counters end in _total).
+        wanted = {"ray_flawline_train_loss": {"run": str(run)}, "ray_flawline_train_epoch": {"run": str(run)},
+                  "ray_flawline_images_scored_total": {}, "ray_flawline_predictions_total": {},
+                  "ray_flawline_predict_latency_ms_count": {},
+                  "ray_flawline_labels_pulled": {"dataset": elpv_small},
+                  "ray_flawline_label_queue": {"dataset": elpv_small, "status": "pushed"},
+                  "ray_flawline_runs": {"status": "succeeded"}}
+        deadline = time.monotonic() + 60
+        while True:
+            text = _scrape(ray_cluster)
+            missing = [name for name, tags in wanted.items() if not _series(text, name, **tags)]
+            if (not missing and max(_series(text, "ray_flawline_labels_pulled", dataset=elpv_small)) == 10
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(1)
+        assert not missing, f"not exported: {missing}"
+        assert max(_series(text, "ray_flawline_labels_pulled", dataset=elpv_small)) == 10
+        assert max(_series(text, "ray_flawline_label_queue", dataset=elpv_small, status="pushed")) == 6
+        assert sum(_series(text, "ray_flawline_images_scored_total")) >= 16
+        assert max(_series(text, "ray_flawline_train_epoch", run=str(run))) == 2
+
+        # Everything at a glance.
+        status = _cli("status", "--json")
+        view = json.loads(status.stdout)
+        assert view["cluster"]["alive"] == 2 and view["cluster"]["cpus"] == 4
+        kinds = " | ".join(j["kind"] for j in view["jobs"]["jobs"])
+        assert f"train run {run} (supervised/classifier)" in kinds and "monitor" in kinds, kinds
+        assert {d["deployment"] for d in view["serve"]["deployments"]} == {"Gateway", "ModelServer"}
+        (project,) = view["queues"]["label_projects"]
+        assert (project["pushed"], project["labelled"]) == (6, 10)
+        assert view["queues"]["runs"]["succeeded"] == 1
+        table = _cli("status")
+        assert "cluster: 2 node(s) alive" in table.stdout and "label queues" in table.stdout, table.stdout
+    finally:
+        _cli("serve", "down")
+        stopped = _cli("monitor", "stop")
+    assert "stopped flawline-monitor-" in stopped.stdout, stopped.output
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(elpv_small, ray_cluster):
@@ -116,6 +228,26 @@ def test_killed_worker_resumes_from_its_last_checkpoint(elpv_small, ray_cluster)
     progress = row.metrics["progress"]
     assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
     assert progress["epoch"] == 12
+
+
+def test_in_process_training_as_a_ray_jobs_entrypoint(elpv_small, ray_cluster):
+    """What a KubeRay RayJob does (infra/k8s/rayjob-train.yaml): the Ray job's own entrypoint is
+    `flawline train submit --in-process`, which records the run and trains from that driver."""
+    from ray.job_submission import JobSubmissionClient
+
+    from flawline.train.submit import job_env
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    job = client.submit_job(entrypoint=f"flawline train submit --in-process --dataset {elpv_small} --setting "
+                                       "unsupervised --method padim --image-size 64 --json",
+                            runtime_env={"env_vars": job_env(get_settings())})
+    deadline = time.monotonic() + 240
+    while (status := str(client.get_job_status(job)).rsplit(".", 1)[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job still {status}"
+        time.sleep(1)
+    assert status == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    (run,) = json.loads(_cli("runs", "list", "--json").stdout)
+    assert (run["status"], run["ray_job_id"], run["metrics"]["model"]) == ("succeeded", job, "elpv-unsupervised-padim:1")
 
 
 def test_jobs_run_side_by_side_embeddings_on_actors_and_cancel(elpv_small):
@@ -221,30 +353,3 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
         assert (other.mask is None) == (pred.mask is None)
         if pred.mask is not None:
             assert (other.mask == pred.mask).mean() > 0.999
-
-
-def test_label_push_pre_annotates_on_the_cluster(elpv_small, ray_cluster, labelstudio, monkeypatch):
-    """`flawline label push --model M --on-cluster`: the pre-annotations come from a Ray job."""
-    import json
-
-    from flawline.active.trainers import in_process_trainer
-    from flawline.context import open_store
-    from flawline.labelstudio import LabelStudioClient
-    from flawline.train import TrainSpec
-
-    monkeypatch.setenv("FLAWLINE_LABELSTUDIO_URL", labelstudio.url)
-    monkeypatch.setenv("FLAWLINE_LABELSTUDIO_TOKEN", labelstudio.token)
-    get_settings.cache_clear()
-    catalog, store = open_catalog(), open_store()
-    model = in_process_trainer(catalog, store)(TrainSpec(datasets=[elpv_small], setting="unsupervised",
-                                                         method="padim", image_size=64, batch_size=8))["model"]
-    assert _cli("label", "setup", "-d", elpv_small, "--task", "boxes").exit_code == 0
-    result = CliRunner().invoke(app, ["label", "push", "-d", elpv_small, "--task", "boxes", "--split", "test",
-                                      "--model", model, "--on-cluster", "--workers", "2", "--json"])
-    assert result.exit_code == 0, result.output
-    pushed = json.loads(result.stdout)
-    assert pushed["created"] == 16  # 40 % of the 40 cells
-    client = LabelStudioClient(labelstudio.url, labelstudio.token)
-    tasks = list(client.iter_tasks(pushed["project"]))
-    versions = {(p if isinstance(p, dict) else p.__dict__)["model_version"] for t in tasks for p in t.predictions}
-    assert len(tasks) == 16 and versions == {model}

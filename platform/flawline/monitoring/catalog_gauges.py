@@ -1,4 +1,5 @@
-"""The catalog as gauges: label queue depth, labels gained, runs, production metrics.
+"""The catalog as gauges: label queue depth, labels gained, training progress, runs, production
+metrics.
 
 Labelling and pulling happen outside Ray (the CLI, the webhook listener, a person in Label
 Studio), so their state is read where it is kept, the catalog, and published by one long-running
@@ -29,6 +30,8 @@ from flawline.catalog import (
     TrainingRun,
 )
 from flawline.monitoring.metrics import METRICS, metric
+
+RECENT_RUNS = 20  # finished runs whose last loss stays published (bounds the series count)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,15 @@ def catalog_samples(catalog: Catalog) -> list[Sample]:
                 .group_by(Image.dataset_id, Annotation.source)):
             out.append(Sample("flawline_labels", {"dataset": datasets.get(ds_id, str(ds_id)),
                                                   "source": source.value}, n))
+        recent = s.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.running)).all() + s.scalars(
+            select(TrainingRun).where(TrainingRun.status != RunStatus.running).order_by(TrainingRun.id.desc())
+            .limit(RECENT_RUNS)).all()
+        for run in recent:
+            progress = (run.metrics or {}).get("progress") or {}
+            tags = {"run": str(run.id), "setting": run.setting, "method": run.method}
+            for name, key in (("flawline_train_loss", "loss"), ("flawline_train_epoch", "epoch")):
+                if isinstance(progress.get(key), (int, float)):
+                    out.append(Sample(name, tags, float(progress[key])))
         runs = dict(s.execute(select(TrainingRun.status, func.count()).group_by(TrainingRun.status)).all())
         for status in RunStatus:
             out.append(Sample("flawline_runs", {"status": status.value}, runs.get(status, 0)))

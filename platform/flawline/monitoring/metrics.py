@@ -42,11 +42,12 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("flawline_batch_size", "histogram", "Images per forward pass in the model server.", (), BATCH),
     # Batch scoring of the unlabelled pool (recorded by the Ray Data scoring actors).
     MetricSpec("flawline_images_scored", "counter", "Pool images scored by batch-scoring jobs.", ("model",)),
-    # Training (recorded by rank 0 of each Ray Train run, once per epoch).
-    MetricSpec("flawline_train_loss", "gauge", "Mean training loss of the last finished epoch.",
-               ("run", "setting", "method")),
-    MetricSpec("flawline_train_epoch", "gauge", "Epochs finished by the run.", ("run", "setting", "method")),
     # The catalog, published by the monitor job (`flawline monitor start`) every few seconds.
+    # Training progress is read there too: rank 0 records each epoch in the run's row, and a gauge
+    # set in a Ray Train worker would vanish with the worker when the run ends.
+    MetricSpec("flawline_train_loss", "gauge", "Mean training loss of the run's last finished epoch (running "
+               "and recent runs).", ("run", "setting", "method")),
+    MetricSpec("flawline_train_epoch", "gauge", "Epochs the run has finished.", ("run", "setting", "method")),
     MetricSpec("flawline_label_queue", "gauge", "Images sent to Label Studio, by task status "
                "(pushed = waiting for a person).", ("dataset", "status")),
     MetricSpec("flawline_labels", "gauge", "Annotations in the catalog, by source (human ones were pulled from "
@@ -92,12 +93,3 @@ def prometheus_names(spec: MetricSpec) -> list[str]:
     if spec.kind == "histogram":
         return [f"{base}_bucket", f"{base}_sum", f"{base}_count"]
     return [base]
-
-
-def record_training_epoch(run_id: int, setting: str, method: str, metrics: dict[str, Any]) -> None:
-    """Per-epoch training gauges (rank 0 of a Ray Train run)."""
-    tags = {"run": str(run_id), "setting": setting, "method": method}
-    if "loss" in metrics:
-        metric("flawline_train_loss").set(float(metrics["loss"]), tags=tags)
-    if "epoch" in metrics:
-        metric("flawline_train_epoch").set(float(metrics["epoch"]), tags=tags)

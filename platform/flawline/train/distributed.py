@@ -85,7 +85,7 @@ class RayShardBatches(TensorBatches):
 class RayTrainContext:
     """``TrainContext`` inside a Ray Train worker: DDP, per-epoch checkpoints to S3, resume."""
 
-    def __init__(self, run_id: int | None, setting: str = "", method: str = "") -> None:
+    def __init__(self, run_id: int | None) -> None:
         import ray.train
 
         import ray.train.torch
@@ -93,7 +93,7 @@ class RayTrainContext:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()  # this worker's GPU (by local rank), or the CPU
-        self.run_id, self.setting, self.method = run_id, setting, method
+        self.run_id = run_id
         self.resumed_from_epoch: int | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -123,11 +123,9 @@ class RayTrainContext:
             torch.save(state, Path(tmp) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.run_id is not None:
-            from flawline.monitoring.metrics import record_training_epoch
             from flawline.train.runs import record_progress
 
             record_progress(self.run_id, metrics)
-            record_training_epoch(self.run_id, self.setting, self.method, metrics)
 
     def resume(self) -> dict[str, Any] | None:
         import ray.train
@@ -157,7 +155,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     spec = TrainSpec.from_dict(config["spec"])
     setting = get_setting(spec.setting)
-    ctx = RayTrainContext(config["run_id"], spec.setting, spec.method or "")
+    ctx = RayTrainContext(config["run_id"])
     torch.set_num_threads(max(1, int(config["threads"])))
     source = RayShardBatches(config["streams"], spec.batch_size, spec.seed, ctx.rank, ctx.device)
     from flawline.train.data import RunData
