@@ -78,13 +78,16 @@ def test_up_status_down(local_env):
     assert "S3 server already running" in again.stdout and "Ray already running" in again.stdout
     status = _run("status", "--json")
     assert status.exit_code == 0, status.output
-    states = {r["service"]: r["state"] for r in json.loads(status.stdout)}
+    view = json.loads(status.stdout)
+    states = {r["service"]: r["state"] for r in view["services"]}
     assert states == {"S3": "ok", "catalog": "ok", "Ray": "ok", "Label Studio": "idle"}
+    assert view["cluster"]["alive"] == 1 and view["jobs"]["jobs"] == [] and view["serve"]["deployments"] == []
+    assert view["queues"]["label_projects"] == [] and not any(view["queues"]["runs"].values())
     down = _run("down").stdout
     assert "S3 server stopped" in down and "Ray stopped" in down
     after = _run("status", "--json")
     assert after.exit_code == 1
-    states = {r["service"]: r["state"] for r in json.loads(after.stdout)}
+    states = {r["service"]: r["state"] for r in json.loads(after.stdout)["services"]}
     assert states["S3"] == "down" and states["Ray"] == "idle"
 
 

@@ -278,7 +278,7 @@ def test_up_label_studio_and_down(up_env, labelstudio, monkeypatch, capsys):
     assert f"Label Studio already running at {labelstudio.url}" in out
     assert f"API token in {up_env / 'labelstudio' / 'token'}" in out
     status = json.loads(_run("status", "--json").stdout)  # no token set: the local server's is used
-    (ls,) = [r for r in status if r["service"] == "Label Studio"]
+    (ls,) = [r for r in status["services"] if r["service"] == "Label Studio"]
     assert ls["state"] == "ok" and labelstudio.username in ls["detail"]
     services.up(timeout=60.0, ray=False)  # as quickstart calls it: Label Studio stays off by default
     assert "Label Studio" not in capsys.readouterr().out
