@@ -147,6 +147,16 @@ def test_onnx_export_scores_like_the_model(method, data, tmp_path):
     np.testing.assert_allclose(scores, det.predict(defect).scores, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_every_detector_fits_and_predicts_under_bf16(method, data):
+    """Fitting runs under the configured autocast too (reconstruction once failed there: torch.cat
+    of its fp16 feature cache under bf16 autocast)."""
+    train, normal, defect = data
+    det = create_detector(method, **FAST, **SHORT.get(method, {}), precision="bf16").fit(train)
+    scores = det.predict(torch.cat([normal, defect])).scores
+    assert np.isfinite(scores).all() and roc_auc([0] * 8 + [1] * 8, scores) >= 0.9
+
+
 def test_bf16_precision_tracks_fp32(data):
     train, normal, defect = data
     x = torch.cat([normal, defect])

@@ -71,6 +71,9 @@ def upsample_map(patch_maps: torch.Tensor, size: tuple[int, int] | torch.Size, s
     the same smoothing as blurring at full size, at a sixteenth of the cost."""
     h, w = int(size[0]), int(size[1])
     mid = (max(1, h // 4), max(1, w // 4))
-    x = F.interpolate(patch_maps.unsqueeze(1), size=mid, mode="bilinear", align_corners=False).squeeze(1)
-    x = gaussian_blur(x, sigma / 4)
-    return F.interpolate(x.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
+    # In fp32 whatever the caller's autocast: scores are read off these maps, and bf16's 8-bit
+    # mantissa would quantise them into ties (steps of ~0.004 near 1).
+    with torch.autocast(patch_maps.device.type, enabled=False):
+        x = F.interpolate(patch_maps.float().unsqueeze(1), size=mid, mode="bilinear", align_corners=False).squeeze(1)
+        x = gaussian_blur(x, sigma / 4)
+        return F.interpolate(x.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)

@@ -102,7 +102,10 @@ class FeatureReconstructionDetector(Detector):
         cached, count = collect(lambda f: f.half(), embedded)
         if count == 0:
             return 0
-        feats = torch.cat(cached)  # fp16 in memory: half the footprint, restored to fp32 per batch
+        # fp16 in memory: half the footprint, restored to fp32 per batch. Concatenated outside
+        # autocast: under bf16 autocast, cat refuses fp16 inputs ("Unexpected floating ScalarType").
+        with torch.autocast(self.device.type, enabled=False):
+            feats = torch.cat(cached)
         self.net = ReconstructionNet(feats.shape[1], c.hidden, c.bottleneck).to(self.device)
         n, bs = count, c.batch_size
         order = torch.arange(n)

@@ -48,7 +48,8 @@ class SelfSupervisedScorer(nn.Module):
         self.extractor, self.head, self.blur_sigma = extractor, head, blur_sigma
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prob = torch.sigmoid(self.head(patch_features(self.extractor(x))))
+        # Logits to fp32 first: a bf16 sigmoid near 1 has steps of ~0.004, which ties scores.
+        prob = torch.sigmoid(self.head(patch_features(self.extractor(x))).float())
         maps = upsample_map(prob, x.shape[-2:], self.blur_sigma)
         return maps.flatten(1).max(1).values, maps
 
