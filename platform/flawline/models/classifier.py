@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawline.models.backbones import FeatureExtractor, build_feature_extractor
-from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.backbones import FeatureExtractor
+from flawline.models.base import DetectorConfig, register_detector
 from flawline.models.features import upsample_map
+from flawline.models.labelled import LabelTrainedDetector
 
 NORMAL = "normal"
 
@@ -73,12 +74,11 @@ class ClassifierConfig(DetectorConfig):
 
 
 @register_detector
-class ClassifierDetector(Detector):
+class ClassifierDetector(LabelTrainedDetector):
     """Learns from labelled images (``flawline train --setting supervised`` and friends)."""
 
     name = "classifier"
     Config = ClassifierConfig
-    learns_from_labels = True
 
     def __init__(self, config: ClassifierConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -87,17 +87,9 @@ class ClassifierDetector(Detector):
             from flawline.errors import ConfigError
 
             raise ConfigError(f"classifier classes must start with {NORMAL!r} and name at least one defect class")
-        self._net: ClassifierNet | None = None
 
-    @property
-    def net(self) -> ClassifierNet:
-        """The trainable network (built on first use; training updates it in place)."""
-        if self._net is None:
-            c: ClassifierConfig = self.config
-            encoder = build_feature_extractor(c.backbone, c.weights, layers=(1, 2, 3, 4), trainable=True)
-            encoder.freeze_stem(c.freeze_blocks)
-            self._net = ClassifierNet(encoder, len(c.classes), c.dropout).to(self.device).eval()
-        return self._net
+    def build_net(self, encoder: FeatureExtractor) -> ClassifierNet:
+        return ClassifierNet(encoder, len(self.config.classes), self.config.dropout)
 
     def class_index(self, defect_class: str | None, defective: bool) -> int:
         """Target index for a label: 0 for normal; a defect's own class, else the first defect class."""
@@ -108,16 +100,3 @@ class ClassifierDetector(Detector):
 
     def scorer(self, chunked: bool = True) -> ClassifierScorer:
         return ClassifierScorer(self.net.eval(), self.config.blur_sigma)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.net.eval()
-        self.fitted = True
-
-    def _fit_embedded(self, embedded) -> int:  # noqa: ANN001
-        from flawline.errors import ConfigError
-
-        raise ConfigError(f"{self.name} learns from labels: train it with `flawline train submit --setting ...`")

@@ -4,16 +4,15 @@ a U-Net-style decoder on a fine-tuned timm encoder's feature pyramid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawline.errors import ConfigError
-from flawline.models.backbones import FeatureExtractor, build_feature_extractor
-from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.backbones import FeatureExtractor
+from flawline.models.base import DetectorConfig, register_detector
 from flawline.models.features import upsample_map
+from flawline.models.labelled import LabelTrainedDetector
 
 
 class UpBlock(nn.Module):
@@ -75,36 +74,14 @@ class SegmenterConfig(DetectorConfig):
 
 
 @register_detector
-class SegmenterDetector(Detector):
+class SegmenterDetector(LabelTrainedDetector):
     """Learns from masks (``--setting supervised``) or boxes/ellipses (``--setting weakly``)."""
 
     name = "segmenter"
     Config = SegmenterConfig
-    learns_from_labels = True
 
-    def __init__(self, config: SegmenterConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self._net: SegmenterNet | None = None
-
-    @property
-    def net(self) -> SegmenterNet:
-        if self._net is None:
-            c: SegmenterConfig = self.config
-            encoder = build_feature_extractor(c.backbone, c.weights, layers=(1, 2, 3, 4), trainable=True)
-            encoder.freeze_stem(c.freeze_blocks)
-            self._net = SegmenterNet(encoder, c.width).to(self.device).eval()
-        return self._net
+    def build_net(self, encoder: FeatureExtractor) -> SegmenterNet:
+        return SegmenterNet(encoder, self.config.width)
 
     def scorer(self, chunked: bool = True) -> SegmenterScorer:
         return SegmenterScorer(self.net.eval(), self.config.blur_sigma, self.config.top_fraction)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.net.eval()
-        self.fitted = True
-
-    def _fit_embedded(self, embedded) -> int:  # noqa: ANN001
-        raise ConfigError(f"{self.name} learns from labels: train it with `flawline train submit --setting ...`")
