@@ -5,8 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
+
+
+def spawn_service(command: list[str], log_file: Path, pid_file: Path, cwd: Path,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a service in its own session (a Ctrl-C in the shell that started it leaves it
+    running), output appended to ``log_file``, its pid in ``pid_file``."""
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd, env=env)
+    pid_file.write_text(str(proc.pid))
+    return proc
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flawline.cluster.process import port_in_use, running_pid, stop_pid_file
+from flawline.cluster.process import port_in_use, running_pid, spawn_service, stop_pid_file
 from flawline.config import Settings
 from flawline.errors import ServiceError
 
@@ -113,10 +113,7 @@ class LocalLabelStudio:
                    # its webhooks call flawline on loopback, which SSRF protection refuses (this
                    # server itself listens on loopback only)
                    SSRF_PROTECTION_ENABLED="false")
-        with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.root, env=env)
-        self.pid_file.write_text(str(proc.pid))
+        proc = spawn_service(self.command(), self.log_file, self.pid_file, self.root, env)
         try:
             self.wait_ready(timeout, proc=proc)
         except ServiceError:

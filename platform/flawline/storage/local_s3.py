@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flawline.cluster.process import port_in_use, running_pid, stop_pid_file
+from flawline.cluster.process import port_in_use, running_pid, spawn_service, stop_pid_file
 from flawline.errors import ServiceError, StorageError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -138,10 +138,7 @@ class LocalS3Server:
         # It reads master.toml from its working directory, which is self.root.
         (self.root / "master.toml").write_text(
             "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
-        with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
-        self.pid_file.write_text(str(proc.pid))
+        proc = spawn_service(self.command(), self.log_file, self.pid_file, self.root)
         try:
             self.wait_ready(timeout, proc=proc)
         except ServiceError:
