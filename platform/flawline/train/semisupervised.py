@@ -35,7 +35,7 @@ from flawline.storage import ObjectStore
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData, decode_all
 from flawline.train.loop import autocast, train_network
-from flawline.train.settings import TrainingSetting, register_setting
+from flawline.train.settings import TrainingSetting, missing_verdicts, register_setting
 from flawline.train.spec import TrainSpec
 from flawline.train.supervised import class_weights, classifier_steps
 
@@ -87,11 +87,7 @@ class SemiSupervised(TrainingSetting):
     unlabelled_weight = 1.0  # lambda_u: weight of the consistency loss
 
     def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
-        missing = []
-        if data.count("labelled", defect=True) == 0:
-            missing.append("no labelled defect images in the train split")
-        if data.count("labelled", defect=False) == 0:
-            missing.append("no labelled normal images in the train split")
+        missing = missing_verdicts(data)
         if data.count("unlabelled") == 0:
             missing.append("no unlabelled images in the train split (import some, or hold labels back "
                            "with a label fraction below 1)")

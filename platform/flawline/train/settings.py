@@ -78,5 +78,15 @@ register_setting = SETTINGS.register
 setting_names = SETTINGS.names
 
 
+def missing_verdicts(data: RunData) -> list[str]:
+    """What a setting that learns both verdicts lacks: labelled defects and labelled normals."""
+    missing = []
+    if data.count("labelled", defect=True) == 0:
+        missing.append("no labelled defect images in the train split")
+    if data.count("labelled", defect=False) == 0:
+        missing.append("no labelled normal images in the train split")
+    return missing
+
+
 def get_setting(name: str) -> TrainingSetting:
     return SETTINGS.get(name)()

@@ -15,7 +15,7 @@ from flawline.models import Detector
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData
 from flawline.train.loop import autocast, train_network
-from flawline.train.settings import TrainingSetting, register_setting
+from flawline.train.settings import TrainingSetting, missing_verdicts, register_setting
 from flawline.train.spec import TrainSpec
 
 
@@ -81,11 +81,7 @@ class Supervised(TrainingSetting):
     default_lr = 1e-3
 
     def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
-        missing = []
-        if data.count("labelled", defect=True) == 0:
-            missing.append("no labelled defect images in the train split")
-        if data.count("labelled", defect=False) == 0:
-            missing.append("no labelled normal images in the train split")
+        missing = missing_verdicts(data)
         if self.method(spec) == "segmenter" and data.count("labelled", defect=True, with_masks=True) == 0:
             missing.append("no defect masks in the train split (segmenter learns from masks; "
                            "use --method classifier, or --setting weakly for boxes)")
