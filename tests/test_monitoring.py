@@ -141,3 +141,13 @@ def test_job_kinds_and_the_drivers_submission_id(monkeypatch):
     assert current_submission_id() is None
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
     assert current_submission_id() == "raysubmit_1"
+
+
+def test_monitor_and_in_process_training_refuse_bad_input_in_one_line(settings_env, catalog):
+    """No cluster behind the dashboard URL, an unknown dataset: one line, nothing recorded."""
+    started = CliRunner().invoke(app, ["monitor", "start"])
+    assert started.exit_code == 1 and "no Ray cluster answers at http://127.0.0.1:9" in started.output
+    assert len(started.output.strip().splitlines()) == 1
+    trained = CliRunner().invoke(app, ["train", "submit", "--in-process", "-d", "nope", "--setting", "supervised"])
+    assert trained.exit_code == 1 and "no dataset named 'nope'" in trained.output
+    assert json.loads(CliRunner().invoke(app, ["runs", "list", "--json"]).stdout) == []

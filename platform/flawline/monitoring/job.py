@@ -16,7 +16,8 @@ MONITOR_METADATA = "flawline_monitor"
 ACTIVE = ("PENDING", "RUNNING")
 
 
-def _status(job: Any) -> str:
+def job_status(job: Any) -> str:
+    """A Ray job's status as its plain name (PENDING, RUNNING, SUCCEEDED, ...)."""
     return str(job.status).rsplit(".", 1)[-1]
 
 
@@ -26,7 +27,7 @@ def monitor_jobs(settings: Settings, active_only: bool = True) -> list[Any]:
 
     jobs = [j for j in job_client(settings).list_jobs() if (j.metadata or {}).get(MONITOR_METADATA)]
     if active_only:
-        jobs = [j for j in jobs if _status(j) in ACTIVE]
+        jobs = [j for j in jobs if job_status(j) in ACTIVE]
     return sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
 
 

@@ -21,6 +21,7 @@ from flawline.catalog import (
     TrainingRun,
 )
 from flawline.config import Settings
+from flawline.monitoring.job import ACTIVE, job_status
 
 RECENT_JOBS = 8
 
@@ -68,20 +69,13 @@ def recent_jobs(settings: Settings, limit: int = RECENT_JOBS) -> dict[str, Any]:
         jobs = job_client(settings).list_jobs()
     except Exception as err:  # noqa: BLE001
         return _fail("jobs", err)
-    rows = []
-    for j in jobs:
-        status = str(j.status).rsplit(".", 1)[-1]
-        started = (datetime.fromtimestamp(j.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
-                   if j.start_time else None)
-        rows.append({"id": j.submission_id or j.job_id, "status": status, "kind": job_kind(j.metadata),
-                     "started": started})
-    rows.sort(key=lambda r: (r["status"] not in ("PENDING", "RUNNING"), -(_ts(r["started"]))))
-    active = sum(1 for r in rows if r["status"] in ("PENDING", "RUNNING"))
+    jobs = sorted(jobs, key=lambda j: (job_status(j) not in ACTIVE, -(j.start_time or 0)))
+    rows = [{"id": j.submission_id or j.job_id, "status": job_status(j),
+             "kind": job_kind(j.metadata),
+             "started": (datetime.fromtimestamp(j.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+                         if j.start_time else None)} for j in jobs]
+    active = sum(1 for r in rows if r["status"] in ACTIVE)
     return {"jobs": rows[:limit], "active": active, "total": len(rows)}
-
-
-def _ts(iso: str | None) -> float:
-    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
 
 
 def deployments(settings: Settings) -> dict[str, Any]:
