@@ -17,19 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flawline.cluster.process import free_ports
 from flawline.errors import ServiceError
 
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+__all__ = ["LocalRayCluster", "free_ports"]
 
 
 def _ray_bin() -> str:

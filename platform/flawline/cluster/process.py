@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,42 @@ def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+LOWEST = 20000
+_handed_out: set[int] = set()
+
+
+def free_ports(count: int, twin: int = 0) -> list[int]:
+    """``count`` loopback ports that nothing listens on (each with ``port + twin`` free too, for
+    servers that derive a second port), below the kernel's ephemeral range and never handed out
+    before by this process. The ephemeral range is avoided because any outgoing connection, or
+    another process's bind to port 0, may take such a port between this check and the service's
+    start (seen: a Ray node's agent and SeaweedFS's gRPC port lost that race). Ports below
+    20000 are left to Ray's worker processes (its default worker port range is 10002-19999)."""
+    rng = random.Random()
+    top = max(LOWEST + 100, _ephemeral_start() - twin)
+    chosen: list[int] = []
+    for _ in range(5000):
+        port = rng.randrange(LOWEST, top)
+        wanted = {port, port + twin}
+        if wanted & _handed_out or any(abs(port - c) < 2 for c in chosen):
+            continue
+        if not any(port_in_use("127.0.0.1", p) for p in wanted):
+            chosen.append(port)
+            _handed_out.update(wanted)
+            if len(chosen) == count:
+                return chosen
+    from flawline.errors import ServiceError
+
+    raise ServiceError(f"no {count} free loopback ports found below {top}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,7 +5,6 @@ Production points ``FLAWLINE_S3_*`` at MinIO instead and never starts this."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flawline.cluster.process import port_in_use, running_pid, spawn_service, stop_pid_file
+from flawline.cluster.process import free_ports, port_in_use, running_pid, spawn_service, stop_pid_file
 from flawline.errors import ServiceError, StorageError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -173,26 +172,6 @@ class LocalS3Server:
         return stop_pid_file(self.pid_file, timeout)
 
 
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
 def _free_ports(count: int) -> list[int]:
-    """Ports p with p and p+10000 (SeaweedFS's gRPC twin) both free on loopback, both below the
-    kernel's ephemeral range: there any outgoing connection (or another process's bind to port 0)
-    may take a port between this check and the server's start."""
-    rng = random.Random()
-    chosen: list[int] = []
-    top = max(10100, min(29990, _ephemeral_start() - 10000))
-    for _ in range(2000):
-        port = rng.randrange(10000, top)
-        if port in chosen or any(abs(port - c) < 2 for c in chosen):
-            continue
-        if not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", port + 10000):
-            chosen.append(port)
-            if len(chosen) == count:
-                return chosen
-    raise ServiceError("no free loopback ports found for a local S3 server")
+    """Ports p with p and p+10000 (SeaweedFS's gRPC twin) both free."""
+    return free_ports(count, twin=10000)
