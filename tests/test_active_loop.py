@@ -113,3 +113,27 @@ def test_bad_loop_configs_fail_before_anything_runs(catalog, store, ls_client, c
                       in_process_trainer(catalog, store), log=lambda line: None)
     with pytest.raises(InvalidInput, match="unlabelled pool is empty"):
         loop.run_round()
+
+
+def test_loop_starts_from_the_label_free_model_and_promotes_only_a_better_one(catalog, store, ls_client, cracks):
+    """No labels at the start: round 0's model is the label-free detector (mixed supervision with
+    nothing labelled: the base fitted on every train image, calibrated on normals alone); each
+    retrain refines it with the answers, and is promoted only when its test metric is higher."""
+    assert hide_labels(catalog, cracks, keep=0.0)["kept"] == 0
+    truth = truth_from_catalog(catalog, cracks)
+    spec = LoopSpec(dataset=cracks, budget=4, rounds=2, retrain_after=4, strategy="hybrid",
+                    train={"setting": "mixed", "method": "mixed", "image_size": 64, "batch_size": 8})
+    loop = ActiveLoop(catalog, store, ls_client, spec, in_process_trainer(catalog, store),
+                      annotate=SimulatedAnnotator(ls_client, store, truth).answer, log=lambda line: None)
+    first, second = loop.run()
+    status = loop_status(catalog, cracks)
+    start = status["rounds"][0]
+    assert start["labels_start"] == 0 and start["start_metric"] is not None  # the label-free figure
+    with catalog.session() as s:
+        first_run = s.scalars(select(TrainingRun).order_by(TrainingRun.id)).first()
+        assert first_run.metrics["threshold"]["method"] == "quantile"  # no labels: normals alone
+    for r in (first, second):
+        assert r["retrained"] and r["labels_new"] == 4
+        better = r["candidate_metric"] > (r["previous_metric"] if r["previous_metric"] is not None else -1)
+        assert r["promoted"] == better
+    assert second["metric"] >= start["start_metric"]

@@ -5,6 +5,7 @@ annotator answering through Label Studio's API."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -38,6 +39,8 @@ def test_loop_run_and_status(settings_env, monkeypatch, labelstudio, tmp_path):
     assert status["labels"] == 6 and [r["queue"] for r in status["rounds"]] == [{"labelled": 3}] * 2
     table = _cli("loop", "status", "-d", "cracks")
     assert table.exit_code == 0 and "new / N" in table.output
+    assert status["curve"] and Path(status["curve"]).read_bytes().startswith(b"\x89PNG")
+    assert "learning curve:" in table.output
 
 
 def test_loop_bad_input_is_one_line(settings_env, monkeypatch, labelstudio):

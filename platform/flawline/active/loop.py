@@ -75,7 +75,8 @@ class LoopSpec:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"  # the Label Studio labelling task
     metric: str = "image_auroc"  # compared on the test split to decide promotion
-    train: dict[str, Any] = field(default_factory=lambda: {"setting": "supervised", "method": "classifier"})
+    # Mixed supervision: round 0 fits the label-free detector, every retrain refines it with the answers.
+    train: dict[str, Any] = field(default_factory=lambda: {"setting": "mixed", "method": "mixed"})
     seed: int = 0
     wait_timeout_s: float = 24 * 3600.0  # how long a round waits for people to finish its tasks
     poll_s: float = 10.0
@@ -141,11 +142,15 @@ class ActiveLoop:
         name = self.spec.model_name()
         row = _production(self.catalog, name)
         if row is None:
-            self.log(f"no production model {name!r}: training the first one on the labels there are")
+            self.log(f"no production model {name!r}: training the first one on the labels there are "
+                     f"({human_label_count(self.catalog, self.spec.dataset)} from people)")
             metrics = self.trainer(self.spec.train_spec())
             with self.catalog.session() as s:
                 promote(s, metrics["model"])
             row = _production(self.catalog, name)
+            metric = (row.metrics or {}).get(self.spec.metric)
+            self.log(f"starting model {row.name}:{row.version}: {self.spec.metric} "
+                     f"{'n/a' if metric is None else f'{metric:.4f}'}")
         return row
 
     def score(self, model: ModelVersion, rows: list[dict]) -> tuple[Any, PoolScores]:
@@ -191,7 +196,9 @@ class ActiveLoop:
             ds = get_dataset(s, spec.dataset)
             rnd = ActiveLearningRound(dataset_id=ds.id, round_index=self._round_index(), strategy=spec.strategy,
                                       budget=spec.budget, model_version_id=model.id, status="waiting",
-                                      metrics={"scores_key": scores_key, "pool": n, "model": ref})
+                                      metrics={"scores_key": scores_key, "pool": n, "model": ref, "model_at_start": ref,
+                                               "start_metric": (model.metrics or {}).get(spec.metric),
+                                               "labels_start": human_label_count(self.catalog, spec.dataset)})
             s.add(rnd)
             s.flush()
             for rank, (image_id, priority) in enumerate(zip(chosen.image_ids, chosen.priority)):
@@ -293,7 +300,8 @@ def loop_status(catalog: Catalog, dataset: str) -> dict[str, Any]:
                         "labels_total": m.get("labels_total"), "labels_new": m.get("labels_new"),
                         "retrain_after": m.get("retrain_after"), "retrained": m.get("retrained"),
                         "run_id": r.run_id, "promoted": m.get("promoted"), "metric_name": m.get("metric_name"),
-                        "metric": m.get("metric")})
+                        "metric": m.get("metric"), "start_model": m.get("model_at_start", m.get("model")),
+                        "start_metric": m.get("start_metric"), "labels_start": m.get("labels_start")})
     return {"dataset": dataset, "labels": human_label_count(catalog, dataset), "rounds": out}
 
 

@@ -30,7 +30,7 @@ def hide_labels(catalog: Catalog, dataset: str, keep: float, seed: int = 0, spli
             r = dict(r, defect=label is Label.defect, defect_class=cls)
         if r["defect"] is not None:
             rows.append(r)
-    kept, held = keep_fraction(rows, keep, seed)
+    kept, held = keep_fraction(rows, keep, seed) if keep > 0 else ([], rows)  # keep 0: start from no labels
     ids = [r["image_id"] for r in held if r["image_id"] not in oracle]
     with catalog.session() as s:
         if ids:

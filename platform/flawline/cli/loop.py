@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -10,6 +11,7 @@ from rich.table import Table
 from flawline.cli.app import FlawlineTyper, console, print_json
 from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
+from flawline.errors import InvalidInput
 
 app = FlawlineTyper(help="Active learning: score the unlabelled pool, send the most useful images to Label Studio, "
                          "pull the labels back, retrain when enough arrived, promote a better model.")
@@ -24,8 +26,12 @@ def run(
                                                       "training run (the trigger `loop status` shows)."),
     strategy: str = typer.Option("hybrid", help="Query strategy; see `flawline loop strategies`."),
     task: str = typer.Option("classification", help="Label Studio task: classification, segmentation, polygons, boxes."),
-    setting: str = typer.Option("supervised", help="Label setting the model is (re)trained in."),
-    method: str = typer.Option("classifier", help="Detector trained in that setting."),
+    setting: str = typer.Option("mixed", help="Label setting the model is (re)trained in (`flawline train settings`). "
+                                              "mixed: round 0 fits the label-free detector, each retrain refines it "
+                                              "with the answers so far."),
+    method: str = typer.Option("mixed", help="Detector trained in that setting."),
+    base: str = typer.Option("padim", help="mixed only: the normal-only detector it builds on (patchcore, padim, "
+                                           "flow)."),
     image_size: int = typer.Option(128, min=32, max=1024, help="Training and scoring image size."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the setting's)."),
     workers: int = typer.Option(2, min=1, help="Ray workers for training and scoring actors."),
@@ -34,7 +40,8 @@ def run(
     simulate: bool = typer.Option(False, "--simulate", help="Benchmarks and demos only: hold the train split's "
                                                             "imported labels back and let a simulated annotator "
                                                             "answer the tasks from them."),
-    keep_labels: float = typer.Option(0.05, help="With --simulate: the share of train labels kept from the start."),
+    keep_labels: float = typer.Option(0.0, min=0.0, max=1.0, help="With --simulate: the share of train labels kept "
+                                                                   "from the start (0: start with no labels)."),
     wait_hours: float = typer.Option(24.0, help="How long a round waits for people to finish its tasks."),
     seed: int = typer.Option(0, help="Seed for selection and training."),
     as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON."),
@@ -48,6 +55,8 @@ def run(
     settings = get_settings()
     catalog, store = open_catalog(settings), open_store(settings)
     train = {"setting": setting, "method": method, "image_size": image_size, "workers": workers}
+    if method == "mixed":
+        train["options"] = {"base_method": base}
     if epochs is not None:
         train["epochs"] = epochs
     spec = LoopSpec(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy=strategy,
@@ -99,21 +108,35 @@ def _rounds_table(rounds: list[dict], title: str) -> None:
 @app.command()
 def status(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the learning curve PNG "
+                                                              "(default: <data dir>/reports/"
+                                                              "loop-<dataset>.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The loop's rounds: queue per round, labels gained, what triggers retraining (new labels since
-    the last run against N) and the run it started, the model in production and its test metric."""
+    the last run against N) and the run it started, the model in production and its test metric.
+    Also writes the learning curve (metric against labels from people) as a PNG."""
+    from flawline.active.curve import learning_curve_png
     from flawline.active.loop import loop_status
 
-    data = loop_status(open_catalog(), dataset)
+    settings = get_settings()
+    data = loop_status(open_catalog(settings), dataset)
+    curve, note = None, ""
+    if data["rounds"]:
+        plot = plot or settings.data_dir.expanduser() / "reports" / f"loop-{dataset}.png"
+        try:
+            curve = learning_curve_png(data, plot)
+        except InvalidInput as err:  # rounds without a metric yet: the table still shows
+            note = str(err)
     if as_json:
-        print_json(data)
+        print_json({**data, "curve": str(curve) if curve else None})
         return
     console.print(f"{dataset}: {data['labels']} images labelled by people")
     _rounds_table(data["rounds"], title=f"{dataset}: rounds")
     if data["rounds"]:
         console.print("labels: images labelled by people so far; new / N: labels since the last training run "
                       "against the retraining threshold", highlight=False)
+        console.print(f"learning curve: {curve}" if curve else note, highlight=False, soft_wrap=True)
 
 
 @app.command()

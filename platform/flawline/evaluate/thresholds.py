@@ -15,7 +15,7 @@ import numpy as np
 
 from flawline.errors import InvalidInput
 
-METHODS = ("max", "quantile", "k-sigma", "max-area", "best-f1", "manual")
+METHODS = ("max", "quantile", "k-sigma", "max-area", "best-f1", "youden", "manual")
 
 
 @dataclass
@@ -115,18 +115,40 @@ def decide(threshold: Threshold, scores: np.ndarray, maps: np.ndarray | None = N
     return np.array(verdicts, dtype=bool)
 
 
-def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> Threshold:
-    """The score threshold with the highest F1 on labelled images (needs defects and normals)."""
-    from flawline.evaluate.metrics import precision_recall_curve
+def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None,
+            weights: np.ndarray | None = None) -> Threshold:
+    """The score threshold with the highest F1 on labelled images (needs defects and normals).
+    ``weights`` [N]: how many images each one stands for (e.g. held-back normals standing for the
+    train split's prior); precision and recall are scikit-learn's weighted ones."""
+    from sklearn.metrics import precision_recall_curve
 
     y = np.asarray(labels).astype(bool).ravel()
     s = _normal_scores(scores)
     if y.all() or not y.any():
         raise InvalidInput("best-f1 threshold needs both normal and defect images")
-    precision, recall, thresholds = precision_recall_curve(y, s)
+    precision, recall, thresholds = precision_recall_curve(y, s, sample_weight=weights)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
     i = int(np.argmax(f1))
     return Threshold(float(thresholds[i]), "best-f1", {"f1": round(float(f1[i]), 6)},
+                     data or {"images": int(y.size), "defects": int(y.sum())})
+
+
+def youden(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> Threshold:
+    """The score threshold with the highest balanced accuracy (Youden's J = TPR - FPR) on
+    labelled images: unlike best-F1 it does not depend on the share of defects among the labelled
+    images, which active learning and few-shot labelling skew. scikit-learn's ROC curve."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels).astype(bool).ravel()
+    s = _normal_scores(scores)
+    if y.all() or not y.any():
+        raise InvalidInput("youden threshold needs both normal and defect images")
+    fpr, tpr, thresholds = roc_curve(y, s)
+    j = tpr - fpr
+    i = int(np.flatnonzero(j == j.max())[0])  # the highest threshold among the best
+    value = float(thresholds[i]) if np.isfinite(thresholds[i]) else float(np.nextafter(s.max(), np.inf))
+    return Threshold(value, "youden", {"balanced_accuracy": round(float(0.5 + j[i] / 2), 6)},
                      data or {"images": int(y.size), "defects": int(y.sum())})
 
 
@@ -149,4 +171,6 @@ def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray |
         return max_defect_area(maps, int(params.get("max_area", 64)), data)
     if method == "best-f1":
         return best_f1(labels, scores, data)
+    if method == "youden":
+        return youden(labels, scores, data)
     raise InvalidInput(f"unknown threshold method {method!r}; choose one of: {', '.join(METHODS[:-1])}")

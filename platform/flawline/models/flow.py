@@ -124,11 +124,17 @@ class FlowScorer(nn.Module):
         self.register_buffer("norm", norm)  # per-channel feature scale seen in training
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
+        return self._features(x)[0]
+
+    def _features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the normalised deepest map at each scale, the backbone's maps at full scale)."""
+        out, full = [], []
         for i in range(self.scales):
             xi = x if i == 0 else F.avg_pool2d(x, 2 ** i)  # box-filtered halving (exports to ONNX)
-            out.append(self.extractor(xi)[-1] / self.norm.view(1, -1, 1, 1))
-        return out
+            maps = self.extractor(xi)
+            full = full or maps
+            out.append(maps[-1] / self.norm.view(1, -1, 1, 1))
+        return out, full
 
     def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         energy = [0.5 * (z ** 2).sum(1) for z in zs]  # [B, h_i, w_i]
@@ -136,8 +142,14 @@ class FlowScorer(nn.Module):
         return scores, upsample_map(energy[0], size, self.blur_sigma)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zs, _ = self.flow(self.features(x))
-        return self.score(zs, x.shape[-2:])
+        scores, maps, _ = self.forward_features(x)
+        return scores, maps
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Scores [B], maps [B, S, S] and the backbone's feature maps at full scale."""
+        feats, full = self._features(x)
+        zs, _ = self.flow(feats)
+        return (*self.score(zs, x.shape[-2:]), full)
 
 
 @register_detector

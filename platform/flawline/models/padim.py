@@ -27,13 +27,19 @@ class PaDiMScorer(nn.Module):
         self.blur_sigma = blur_sigma
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = patch_features(self.extractor(x), pool=1).index_select(1, self.channel_idx)
+        scores, maps, _ = self.forward_features(x)
+        return scores, maps
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Scores [B], maps [B, S, S] and the backbone's feature maps they came from."""
+        feats = self.extractor(x)
+        f = patch_features(feats, pool=1).index_select(1, self.channel_idx)
         b, d, h, w = f.shape
         diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean.unsqueeze(1)  # [P, B, d]
         m2 = (torch.bmm(diff, self.inv_cov) * diff).sum(-1).clamp_min(0)  # [P, B] squared Mahalanobis
         patch_maps = m2.sqrt().T.reshape(b, h, w)
         scores = patch_maps.flatten(1).max(1).values
-        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma)
+        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma), feats
 
 
 @dataclass

@@ -29,13 +29,20 @@ class PatchCoreScorer(nn.Module):
         self.chunk = chunk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = patch_features(self.extractor(x))
+        scores, maps, _ = self.forward_features(x)
+        return scores, maps
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Scores [B], maps [B, S, S] and the backbone's feature maps they came from (so a head
+        on top, e.g. ``mixed``, needs no second backbone pass)."""
+        feats = self.extractor(x)
+        f = patch_features(feats)
         b, c, h, w = f.shape
         q = f.permute(0, 2, 3, 1).reshape(-1, c)
         d = nearest_distances(q, self.bank, 1, self.chunk or q.shape[0])
         patch_maps = d.reshape(b, h, w)
         scores = patch_maps.flatten(1).max(1).values
-        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma)
+        return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma), feats
 
 
 @dataclass

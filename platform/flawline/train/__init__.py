@@ -3,7 +3,7 @@
 
 from flawline.train import supervised, unsupervised  # noqa: F401  (registration)
 from flawline.train import fewshot, semisupervised  # noqa: F401  (registration)
-from flawline.train import weakly  # noqa: F401  (registration)
+from flawline.train import mixed, weakly  # noqa: F401  (registration)
 from flawline.train.settings import TrainingSetting, get_setting, setting_names
 from flawline.train.spec import TrainSpec
 

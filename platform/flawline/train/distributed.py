@@ -259,5 +259,15 @@ def fit_on_ray(plan: RunPlan) -> Detector:
             for blob in batch["embedded"]:
                 yield torch.load(io.BytesIO(blob), weights_only=True)
 
-    return detector.fit_embedded(batches())
+    detector.fit_embedded(batches())
+    if plan.setting.refine_streams:  # small streams (held-back normals, labelled defects): on the driver
+        from flawline.context import open_store
+        from flawline.train.data import TensorBatches, decode_all
+
+        store = open_store()
+        decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
+                   for name in plan.setting.refine_streams if plan.streams.get(name)}
+        facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed), spec)
+        detector.info.update(refine=facts)
+    return detector
 

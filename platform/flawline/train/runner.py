@@ -69,17 +69,46 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     if not data.test:
         raise InvalidInput(f"{where}: no labelled images in the test split to evaluate on; run `flawline data split`")
     streams = setting.select(data, spec)
-    empty = [name for name, rows in streams.items() if not rows]
+    empty = [name for name, rows in streams.items() if not rows and name not in setting.optional_streams]
     if empty:
         raise InvalidInput(f"{where}: nothing to train on for {spec.setting!r} (empty: {', '.join(empty)})")
-    if not setting.gradient and not [r for r in data.val if r["defect"] is False]:
+    if not setting.gradient and "calibration" not in streams and not [r for r in data.val if r["defect"] is False]:
         # Normal-only detectors calibrate on normal images they did not see: hold out a tenth.
         normal = streams["normal"]
         rng = np.random.default_rng(spec.seed)
         cut = set(rng.permutation(len(normal))[:max(1, len(normal) // 10)].tolist()) if len(normal) > 1 else set()
         data.val = data.val + [r for i, r in enumerate(normal) if i in cut]
         streams["normal"] = [r for i, r in enumerate(normal) if i not in cut]
+    if setting.gradient and not _both_verdicts(data.val):
+        # Label-trained detectors output p(defect) that is not a calibrated probability: hold back a
+        # seeded, stratified share of the labelled train images to choose the threshold on.
+        held = hold_back(data.labelled, CALIBRATION_FRACTION, spec.seed)
+        if held:
+            ids = {r["image_id"] for r in held}
+            data.val = data.val + held
+            data.labelled = [r for r in data.labelled if r["image_id"] not in ids]
+            streams = {name: [r for r in rows if r["image_id"] not in ids] for name, rows in streams.items()}
     return RunPlan(spec, setting, method, data, streams)
+
+
+CALIBRATION_FRACTION = 0.15  # of labelled train images, held back to calibrate label-trained detectors
+
+
+def _both_verdicts(rows: list[dict[str, Any]]) -> bool:
+    return any(r["defect"] is True for r in rows) and any(r["defect"] is False for r in rows)
+
+
+def hold_back(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+    """A seeded share of labelled rows per verdict: at least one, never the last one of a verdict
+    (a verdict with a single image keeps it for training)."""
+    rng = np.random.default_rng([seed, 7])
+    held = []
+    for verdict in (False, True):
+        group = [r for r in rows if r["defect"] is verdict]
+        if len(group) >= 2:
+            n = min(len(group) - 1, max(1, round(fraction * len(group))))
+            held += [group[i] for i in sorted(rng.permutation(len(group))[:n].tolist())]
+    return held
 
 
 def train_local(store: ObjectStore, plan: RunPlan, device: str = "auto",
@@ -101,19 +130,21 @@ def rows_to_refs(rows: list[dict[str, Any]]) -> list[ImageRef]:
 
 
 def calibrate(detector: Detector, plan: RunPlan, val: LabelledImages | None) -> th.Threshold:
-    """Best F1 on a labelled validation set with both verdicts; else the 0.99-quantile of normal
-    validation scores (normal-only detectors); else p(defect) >= 0.5 for detectors that output a
-    probability learned from labels."""
+    """Every threshold is chosen on images the model was not fitted on: best F1 on validation
+    images with both verdicts (the split's, or labelled train images held back by ``plan_run``);
+    else the threshold the setting chose on its own held-out images (``mixed``: out-of-fold
+    scores); else the 0.99-quantile of normal validation scores, saying that no defect was there
+    to calibrate on. Never p(defect) >= 0.5 on an uncalibrated score."""
     note = {"datasets": plan.spec.datasets, "split": "val", "images": 0 if val is None else len(val)}
-    if val is not None and len(val):
-        pred = detector.predict(val.images)
-        if val.labels.any() and not val.labels.all():
-            return th.best_f1(val.labels, pred.scores, note)
-        if not val.labels.any() and not plan.setting.gradient:
-            return th.quantile(pred.scores, 0.99, note)
-    if plan.setting.gradient:
-        return th.manual(0.5, "defect probability >= 0.5 (no validation images with both verdicts)")
-    raise InvalidInput("no normal validation images to calibrate the threshold on")
+    if val is not None and len(val) and val.labels.any() and not val.labels.all():
+        return th.best_f1(val.labels, detector.predict(val.images).scores, note)
+    if detector.threshold is not None:
+        return detector.threshold
+    if val is not None and len(val) and not val.labels.any():
+        note["note"] = f"no labelled defects to calibrate on: 0.99-quantile of {len(val)} normal images alone"
+        return th.quantile(detector.predict(val.images).scores, 0.99, note)
+    raise InvalidInput("no held-out images to calibrate the threshold on: label a few normal images, "
+                       "or add a validation split (flawline data split --val)")
 
 
 def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,

@@ -30,6 +30,8 @@ class TrainingSetting(ABC):
     methods: ClassVar[tuple[str, ...]]  # detectors it trains; the first is the default
     gradient: ClassVar[bool] = True  # trained by Ray Train workers (False: fitted from embeddings)
     streams: ClassVar[tuple[str, ...]] = ("labelled",)  # which RunData rows feed the workers
+    optional_streams: ClassVar[tuple[str, ...]] = ()  # streams that may be empty
+    refine_streams: ClassVar[tuple[str, ...]] = ()  # streams ``refine`` reads after a non-gradient fit
     default_epochs: ClassVar[int] = 10
     default_lr: ClassVar[float] = 1e-3
 
@@ -64,6 +66,12 @@ class TrainingSetting(ABC):
               class_counts: list[int]) -> list[dict[str, Any]]:
         """Train ``detector`` in place on this worker's shard; returns per-epoch metrics.
         ``class_counts``: labelled training rows per class index (all workers together)."""
+
+    def refine(self, detector: Detector, source: BatchSource, spec: TrainSpec) -> dict[str, Any]:
+        """Non-gradient settings, after the fit on embeddings (on the driver in a Ray job): learn
+        what needs the fitted model from ``refine_streams`` (e.g. a head and its threshold);
+        returns facts for the run's metrics. Default: nothing."""
+        return {}
 
     def after_training(self, catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,
                        model_name: str) -> dict[str, Any]:

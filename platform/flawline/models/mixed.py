@@ -1,0 +1,282 @@
+"""Mixed supervision: a normal-only detector refined by whatever labels exist.
+
+The survey's "few defect labels" setting (``../shared/seeds/000_…``, section 3.3) and mixed
+supervision in the sense of Božič, Tabernik and Skočaj, "Mixed supervision for surface-defect
+detection" (Computers in Industry, 2021): one model learns from normal images, image-level verdicts
+and the few annotated defects at once, instead of one model per kind of label.
+
+Parts, all in one prediction path (``MixedScorer``, which ONNX export runs too):
+
+- ``base``: a normal-only detector (``base_method``: patchcore, padim or flow) fitted on normal
+  images. It gives the anomaly score s [B] and map m [B, S, S], and the backbone's feature maps it
+  computed them from (``forward_features``: no second backbone pass).
+- normal statistics: mean and standard deviation of s and of m on normal images the base was not
+  fitted on, so z = (s - mean) / std is in units of the normal spread.
+- an image head: logistic regression (scikit-learn) on [z, the whitened principal components of
+  the globally pooled backbone features]. The weight on z is (almost) unpenalised, the embedding's
+  weights are L2-penalised, so with few defects the head stays close to the base detector and
+  departs from it only as far as the labels carry it. Which inputs and which penalty are chosen
+  by stratified cross-validation on the labelled images (ROC-AUC of out-of-fold scores); "z
+  alone" is always a candidate, so labels can only replace the base detector's ranking where they
+  beat it on images they were not fitted on.
+
+Image score: the head's logit (a monotone function of z when the head uses z alone, and z itself
+with no labelled defects: then the scores rank exactly as the base detector's). Pixel map: the
+base map in normal-spread units, (m - mean_m) / std_m. The threshold is chosen by the setting on
+out-of-fold scores of images the model was not fitted on (``flawline.train.mixed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawline.errors import ConfigError, InvalidInput
+from flawline.models.base import Detector, DetectorConfig, Embedded, create_detector, detector_class, register_detector
+from flawline.models.features import patch_features, upsample_map
+
+SHARED_FIELDS = ("backbone", "weights", "image_size", "batch_size", "device", "seed", "precision")
+BASE_METHODS = ("patchcore", "padim", "flow")
+
+
+def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone maps [B, C_i, h_i, w_i] → [B, 2 * sum(C_i)]: global average and global max per
+    channel (the max keeps small defects that the average washes out)."""
+    return torch.cat([f.float().mean((2, 3)) for f in feats] + [f.float().amax((2, 3)) for f in feats], 1)
+
+
+class MixedScorer(nn.Module):
+    """Images [B, 3, S, S] → (scores [B] = the head's logit, maps [B, S, S] in normal-spread units,
+    plus the patch head's logit map where the head uses it)."""
+
+    def __init__(self, base: nn.Module, stats: torch.Tensor, head: dict[str, Any], blur_sigma: float) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("stats", stats.float())  # score mean, score std, map mean, map std
+        for name in ("pca_mean", "pca", "coef_e", "patch_mean", "patch_proj", "patch_coef"):
+            self.register_buffer(name, head[name].float().to(stats.device))
+        self.coef_z, self.intercept = float(head["coef_z"]), float(head["intercept"])
+        self.coef_p, self.patch_intercept = float(head["coef_p"]), float(head["patch_intercept"])
+        self.uses_embedding = self.pca.shape[-1] > 0
+        self.uses_patches = self.patch_proj.shape[-1] > 0
+        self.blur_sigma = blur_sigma
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, m, feats = self.base.forward_features(x)
+        z = (s.float() - self.stats[0]) / self.stats[1]
+        z_map = (m.float() - self.stats[2]) / self.stats[3]
+        logit = self.coef_z * z + self.intercept
+        if self.uses_embedding:
+            logit = logit + ((pooled_features(feats) - self.pca_mean) @ self.pca) @ self.coef_e
+        if self.uses_patches:
+            f = patch_features([t.float() for t in feats]).permute(0, 2, 3, 1)  # [B, h, w, D]
+            patch_logit = ((f - self.patch_mean) @ self.patch_proj) @ self.patch_coef + self.patch_intercept
+            logit = logit + self.coef_p * patch_logit.flatten(1).max(1).values
+            ratio = self.coef_p / max(self.coef_z, 1e-6)
+            z_map = z_map + ratio * upsample_map(patch_logit, x.shape[-2:], self.blur_sigma)
+        return logit, z_map
+
+
+@dataclass
+class MixedConfig(DetectorConfig):
+    base_method: str = "padim"  # the normal-only detector refined by the labels
+    base_options: dict[str, Any] = field(default_factory=dict)  # its own settings (e.g. coreset_ratio)
+    components: int = 16  # principal components of the pooled features the head may use
+    penalties: tuple[float, ...] = (0.03, 0.3, 3.0)  # inverse L2 strengths (C) tried for the embedding
+    folds: int = 5  # cross-validation folds (fewer when there are fewer labelled defects)
+    min_defects: int = 10  # below this many labelled defects the head uses z alone (CV too noisy)
+    margin: float = 0.005  # a richer head must beat z's out-of-fold ROC-AUC by this much
+    blur_sigma: float = 4.0  # the patch head's map, like the base maps
+
+
+@dataclass
+class HeadInputs:
+    """What the head learns from, for a set of images: base scores [N], pooled features [N, D],
+    patch features [N, P, D'] (float16, P = h * w positions) with the base map at patch
+    resolution [N, P], and per image the share of each patch a mask or box covers ([P], or None
+    where the image has neither)."""
+
+    scores: np.ndarray
+    pooled: np.ndarray
+    patches: np.ndarray
+    patch_map: np.ndarray
+    targets: list[np.ndarray | None] = field(default_factory=list)
+
+    @staticmethod
+    def concat(parts: list[HeadInputs]) -> HeadInputs:
+        if not parts:
+            return HeadInputs(np.zeros(0), np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float16),
+                              np.zeros((0, 0), np.float32), [])
+        return HeadInputs(*(np.concatenate([getattr(p, k) for p in parts])
+                            for k in ("scores", "pooled", "patches", "patch_map")),
+                          [t for p in parts for t in p.targets])
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    mean = float(values.mean())
+    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return mean, max(std, 1e-3 * abs(mean), 1e-6)  # never divide by (about) zero
+
+
+@register_detector
+class MixedDetector(Detector):
+    """Fitted in two steps by the ``mixed`` setting: ``fit_embedded`` fits the base on normal
+    images (embeddings may come from other processes); ``fit_head`` then learns the normal
+    statistics and the image head from images the base was not fitted on."""
+
+    name = "mixed"
+    Config = MixedConfig
+    learns_from_labels = True
+
+    def __init__(self, config: MixedConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        c: MixedConfig = self.config
+        if c.base_method not in BASE_METHODS:
+            raise ConfigError(f"mixed: base_method {c.base_method!r} must be one of {', '.join(BASE_METHODS)}")
+        detector_class(c.base_method)
+        shared = {k: getattr(c, k) for k in SHARED_FIELDS}
+        clash = sorted(set(shared) & set(c.base_options))
+        if clash:
+            raise ConfigError(f"mixed: base_options cannot set {', '.join(clash)} (shared with the base detector)")
+        if c.components < 0 or c.folds < 2:
+            raise ConfigError("mixed: components must be >= 0 and folds >= 2")
+        self.base: Detector = create_detector(c.base_method, **shared, **c.base_options)
+        self.stats: torch.Tensor | None = None
+        self.head: dict[str, Any] | None = None  # pca_mean, pca, coef_z, coef_e, intercept, chosen
+
+    # -- the backbone is the base detector's ----------------------------------------------------
+    @property
+    def extractor(self):  # noqa: ANN201
+        return self.base.extractor
+
+    # -- step 1: the base, on normal images -----------------------------------------------------
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> Embedded:
+        """The base detector's ``embed`` (patch features, or multi-scale features for flow)."""
+        return self.base.embed(x)
+
+    def _fit_embedded(self, embedded: Iterator[Embedded]) -> int:
+        self.base.fit_embedded(embedded)
+        self.stats, self.head = None, None
+        return int(self.base.info.get("train_images", 0))
+
+    # -- step 2: statistics and head, on images the base did not see ----------------------------
+    @torch.no_grad()
+    def head_inputs(self, images: torch.Tensor, regions: torch.Tensor | None = None,
+                    has_region: torch.Tensor | None = None) -> HeadInputs:
+        """Head inputs of a batch of images [B, C, H, W] in [0, 1]; ``regions`` [B, H', W'] (masks
+        or rasterised boxes, > 0.5 = defect) where ``has_region`` [B] says an image has one."""
+        if not self.base.fitted:
+            raise ConfigError("mixed: fit the base detector first")
+        scorer = self.base.scorer()
+        with self.autocast():
+            s, m, feats = scorer.forward_features(self.prepare(images))
+        f = patch_features([t.float() for t in feats])  # [B, D, h, w]
+        hw = tuple(f.shape[-2:])
+        patch_map = F.adaptive_avg_pool2d(m.float().unsqueeze(1), hw).flatten(1)
+        targets: list[np.ndarray | None] = [None] * len(s)
+        if regions is not None and has_region is not None:
+            cover = F.adaptive_avg_pool2d((regions.float() > 0.5).float().unsqueeze(1), hw).flatten(1).cpu().numpy()
+            targets = [cover[i] if bool(has_region[i]) else None for i in range(len(s))]
+        return HeadInputs(s.float().cpu().numpy().astype(np.float64), pooled_features(feats).cpu().numpy(),
+                          f.flatten(2).transpose(1, 2).cpu().numpy().astype(np.float16),
+                          patch_map.cpu().numpy(), targets)
+
+    def set_normal_stats(self, scores: np.ndarray, maps: np.ndarray) -> None:
+        """From the base's scores [N] and maps (any shape, e.g. ``HeadInputs.patch_map``) on normal
+        images it was not fitted on."""
+        if len(scores) == 0:
+            raise InvalidInput("mixed: no normal images to take the normal score statistics from")
+        s_mean, s_std = _mean_std(scores)
+        m_mean, m_std = _mean_std(maps)
+        self.stats = torch.tensor([s_mean, s_std, m_mean, m_std], dtype=torch.float32)
+        self.info["normal_stats"] = {"images": int(len(scores)), "score_mean": round(s_mean, 6),
+                                     "score_std": round(s_std, 6), "map_mean": round(m_mean, 6),
+                                     "map_std": round(m_std, 6)}
+
+    def z(self, scores: np.ndarray) -> np.ndarray:
+        return (np.asarray(scores, dtype=np.float64) - float(self.stats[0])) / float(self.stats[1])
+
+    def fit_head(self, normal: HeadInputs, defects: HeadInputs) -> dict[str, Any]:
+        """Choose and fit the image head; returns what was chosen and its out-of-fold scores.
+
+        ``normal``/``defects``: head inputs of labelled normal images the base was not fitted on and
+        of labelled defect images. Returns ``{"chosen", "cv_auroc", "oof_scores" [N],
+        "oof_labels" [N]}`` (normals first)."""
+        from flawline.models.head import fit_image_head
+
+        if self.stats is None:
+            raise ConfigError("mixed: set the normal statistics first (set_normal_stats)")
+        c: MixedConfig = self.config
+        result = fit_image_head(self.z(normal.scores), normal.pooled, self.z(defects.scores), defects.pooled,
+                                patches_normal=normal.patches, patches_defect=defects.patches,
+                                patch_z_defect=defects.patch_map, targets_defect=defects.targets,
+                                components=c.components, penalties=c.penalties, folds=c.folds,
+                                min_defects=c.min_defects, margin=c.margin, seed=c.seed)
+        self.head = result.head
+        self.info["head"] = {"chosen": result.chosen, "cv_auroc": result.cv_auroc,
+                             "normal_images": len(normal), "defect_images": len(defects)}
+        return {"chosen": result.chosen, "cv_auroc": result.cv_auroc, "oof_scores": result.oof_scores,
+                "oof_labels": result.oof_labels}
+
+    def scores_from_inputs(self, inputs: HeadInputs) -> tuple[np.ndarray, np.ndarray]:
+        """What ``predict`` returns, from cached ``head_inputs`` (benchmarks refit heads many times on
+        one backbone pass): scores [N] and maps at the patch grid [N, P] (before upsampling and
+        blur). Matches ``predict``'s scores to float32 rounding."""
+        head = {**identity_head(), **(self.head or {})}
+        z = self.z(inputs.scores)
+        z_map = (inputs.patch_map - float(self.stats[2])) / float(self.stats[3])
+        logit = head["coef_z"] * z + head["intercept"]
+        if head["pca"].shape[-1]:
+            logit = logit + ((inputs.pooled - head["pca_mean"].numpy()) @ head["pca"].numpy()) @ head["coef_e"].numpy()
+        if head["patch_proj"].shape[-1]:
+            pl = ((inputs.patches.astype(np.float32) - head["patch_mean"].numpy()) @ head["patch_proj"].numpy()
+                  ) @ head["patch_coef"].numpy() + head["patch_intercept"]
+            logit = logit + head["coef_p"] * pl.max(1)
+            z_map = z_map + head["coef_p"] / max(head["coef_z"], 1e-6) * pl
+        return logit, z_map
+
+    # -- prediction -----------------------------------------------------------------------------
+    def scorer(self, chunked: bool = True) -> MixedScorer:
+        if self.stats is None:
+            raise ConfigError("mixed: not trained (no normal statistics); train it with --setting mixed")
+        head = {**identity_head(), **(self.head or {})}
+        return MixedScorer(self.base.scorer(chunked), self.stats.to(self.device), head, self.config.blur_sigma)
+
+    def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer()(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        head = {**identity_head(), **(self.head or {})}
+        return {"base": self.base.state_dict(), "base_info": dict(self.base.info), "stats": self.stats.cpu(),
+                "head": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state["base"])
+        self.base.info = dict(state.get("base_info") or {})
+        self.stats = state["stats"].float()
+        self.head = dict(state["head"])
+        self.fitted = True
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["config"] = {**dataclasses.asdict(self.config), "penalties": list(self.config.penalties)}
+        return out
+
+
+def identity_head() -> dict[str, Any]:
+    """The head with no labelled defects: score = z (ranks exactly as the base detector)."""
+    return {"pca_mean": torch.zeros(0), "pca": torch.zeros(0, 0), "coef_e": torch.zeros(0), "coef_z": 1.0,
+            "intercept": 0.0, "patch_mean": torch.zeros(0), "patch_proj": torch.zeros(0, 0),
+            "patch_coef": torch.zeros(0), "patch_intercept": 0.0, "coef_p": 0.0, "chosen": "z"}

@@ -1,0 +1,115 @@
+"""Mixed supervision (``--setting mixed``): the normal-only detector a user picks, refined by
+whatever labels the train split has (``flawline.models.mixed``).
+
+1. ``normal``: the labelled normal images, less a seeded ``calibration_fraction`` held back; with
+   no labelled normal image at all (the active-learning loop's first round) every train image,
+   labelled or not, since defects are rare. The base detector embeds and fits on them (on Ray Data
+   actors in a Ray job, like the unsupervised setting).
+2. ``calibration``: the held-back normals. The base never saw them, so its scores on them give the
+   normal statistics and the head's negatives without the optimism of scoring fitted images.
+3. ``defects``: every labelled defect image (image verdicts, with or without boxes or masks).
+4. The head is chosen and fitted by cross-validation (``flawline.models.head``), and the threshold
+   is the best balanced accuracy (Youden's J) of its out-of-fold scores: labelled sets are skewed
+   towards defects (active learning, few-shot), so a prior-free criterion. With no labelled defect
+   the threshold is the 0.99-quantile of the held-back normals' scores, and its record says so.
+
+A validation split with both verdicts, where there is one, overrides that threshold (the runner
+calibrates on it, as for every setting).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from flawline.errors import ConfigError
+from flawline.evaluate import thresholds as th
+from flawline.models import Detector
+from flawline.models.mixed import HeadInputs, MixedDetector
+from flawline.train.context import TrainContext
+from flawline.train.data import BatchSource, RunData
+from flawline.train.settings import TrainingSetting, register_setting
+from flawline.train.spec import TrainSpec
+
+MIN_HOLDOUT_NORMALS = 10  # with fewer normal images none are held back (stated in the threshold's record)
+QUANTILE = 0.99
+
+
+def head_threshold(result: dict[str, Any], normal_z: np.ndarray, defects: int, held_out: bool = True) -> th.Threshold:
+    """The threshold for a fitted head (``MixedDetector.fit_head``'s result): the best balanced
+    accuracy (Youden's J) of its out-of-fold scores, which does not depend on how many of the
+    labelled images are defects; with no labelled defects the 0.99-quantile of the normal images'
+    z-scores ``normal_z`` (the head is then z itself)."""
+    n_cal = len(normal_z)
+    where = (f"{n_cal} held-back normal images" if held_out else
+             f"the {n_cal} normal images it was fitted on (too few to hold any back)")
+    if defects:
+        return th.youden(result["oof_labels"], result["oof_scores"],
+                         {"images": len(result["oof_labels"]), "defects": defects, "normal_images": n_cal,
+                          "note": f"out-of-fold scores of {defects} labelled defects and {where}"})
+    return th.quantile(normal_z, QUANTILE, {"normal_images": n_cal,
+                                            "note": f"no labelled defects: calibrated on {where} alone"})
+
+
+def _regions(batch: dict) -> tuple:  # noqa: ANN001
+    """A batch's masks, else its rasterised boxes, per image (None where it has neither)."""
+    if "mask" not in batch:
+        return None, None
+    has_mask, has_region = batch["has_mask"].bool(), batch["has_region"].bool()
+    regions = torch.where(has_mask.view(-1, 1, 1), batch["mask"].float(), batch["region"].float())
+    return regions, has_mask | has_region
+
+
+@register_setting
+class MixedSupervision(TrainingSetting):
+    name = "mixed"
+    description = ("mixed supervision: a normal-only detector (--option base_method=patchcore|padim|flow) refined by "
+                   "whatever labels exist (verdicts, boxes, masks, k defects); no labels needed to start")
+    methods = ("mixed",)
+    gradient = False
+    streams = ("normal", "calibration", "defects")
+    refine_streams = ("calibration", "defects")
+    optional_streams = ("defects",)  # no labelled defect yet: the base detector alone, calibrated on normals
+    calibration_fraction = 0.2
+
+    def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
+        if not data.labelled and not data.unlabelled:
+            return ["no images in the train split"]
+        return []
+
+    def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
+        normal = [r for r in data.labelled if r["defect"] is False]
+        if not normal:  # nothing labelled normal yet: defects are rare, fit on every image
+            normal = [r for r in data.labelled + data.unlabelled if r["defect"] is not True]
+        held: set[int] = set()
+        if len(normal) >= MIN_HOLDOUT_NORMALS:
+            n = max(MIN_HOLDOUT_NORMALS // 2, round(self.calibration_fraction * len(normal)))
+            held = set(np.random.default_rng(spec.seed).permutation(len(normal))[:n].tolist())
+        fit = [r for i, r in enumerate(normal) if i not in held]
+        calibration = [r for i, r in enumerate(normal) if i in held] if held else fit
+        return {"normal": fit, "calibration": calibration,
+                "defects": [r for r in data.labelled if r["defect"] is True]}
+
+    def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
+              class_counts: list[int]) -> list[dict[str, Any]]:
+        """Single process: fit the base, then refine (the distributed path embeds on actors)."""
+        detector.fit_embedded(detector.embed(detector.prepare(b["image"])) for b in source.epoch("normal", 0))
+        facts = self.refine(detector, source, spec)
+        return [{"epoch": 1, "epochs": 1, "train_images": detector.info.get("train_images"), **facts}]
+
+    def refine(self, detector: Detector, source: BatchSource, spec: TrainSpec) -> dict[str, Any]:
+        """Normal statistics, head and threshold from the ``calibration`` and ``defects`` streams."""
+        if not isinstance(detector, MixedDetector):
+            raise ConfigError(f"setting 'mixed' trains the mixed detector, not {detector.name!r}")
+        held_out = source.size("calibration") != source.size("normal") or source.size("normal") == 0
+        normal = HeadInputs.concat([detector.head_inputs(b["image"]) for b in source.epoch("calibration", 0)])
+        detector.set_normal_stats(normal.scores, normal.patch_map)
+        defects = HeadInputs.concat([detector.head_inputs(b["image"], *_regions(b))
+                                     for b in source.epoch("defects", 0)])
+        result = detector.fit_head(normal, defects)
+        threshold = head_threshold(result, detector.z(normal.scores), len(defects), held_out)
+        detector.set_threshold(threshold)
+        detector.info["calibration"] = threshold.data.get("note")
+        return {"head": result["chosen"], "cv_auroc": result["cv_auroc"], "calibration": threshold.data.get("note")}
