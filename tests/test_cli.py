@@ -113,18 +113,26 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     (data / "labelstudio").symlink_to(labelstudio.root)
-    env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url)
+    from flawline.cluster.process import free_ports
+
+    env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url, FLAWLINE_SERVE_PORT=str(free_ports(1)[0]))
     proc = subprocess.run([sys.executable, "-m", "flawline.cli", "quickstart", "--source", str(root), "--rounds", "1",
-                           "--budget", "3", "--retrain-after", "3", "--image-size", "64", "--epochs", "1"],
+                           "--budget", "3", "--retrain-after", "3", "--image-size", "64"],
                           env=env, capture_output=True, text=True, timeout=600)
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "16 new images" in out and "blowhole 4, crack 4" in out
     assert f"Label Studio already running at {labelstudio.url}" in out
-    assert "simulation: 3 train labels kept" in out
-    # one round: 3 images labelled through Label Studio, retrained (3 >= 3), the metric printed
+    assert "simulation: 0 train labels kept" in out  # the loop starts from no labels
+    assert "starting model magnetic-tile-mixed-mixed:1: image_auroc" in out  # the label-free figure first
+    # one round: 3 images labelled through Label Studio, refined (3 >= 3), the metric printed
     assert "round 0: 3 images sent to Label Studio" in out and "round 0: 3 labels (3 new" in out
     assert "retrain at 3): retrained (run " in out and "image_auroc" in out
+    assert "learning curve: " in out and (data / "reports" / "loop-magnetic-tile.png").read_bytes()[:4] == b"\x89PNG"
+    # the production model deployed with Serve answers for a held-out image over HTTP, with its overlay
+    assert "predicting the held-out test image" in out
+    overlays = list((data / "reports" / "quickstart").glob("*.overlay.png"))
+    assert len(overlays) == 1 and ("DEFECT" in out or " ok " in out) and "magnetic-tile-mixed-mixed:" in out
 
 
 def test_data_survives_a_restart(local_env, folder_tree):

@@ -74,16 +74,22 @@ def quickstart(
     rounds: int = typer.Option(3, min=1, help="Active-learning rounds."),
     budget: int = typer.Option(20, min=1, help="Images sent to Label Studio per round."),
     retrain_after: int = typer.Option(20, min=1, help="Retrain after this many new labels."),
-    keep_labels: float = typer.Option(0.05, help="Share of the train split's labels known at the start."),
+    keep_labels: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of the train split's labels known at the "
+                                                                   "start (0: the loop starts from no labels)."),
+    base: str = typer.Option("padim", help="The normal-only detector the labels refine (patchcore, padim, flow)."),
     image_size: int = typer.Option(128, min=32, max=1024, help="Training and scoring image size."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the setting's)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (label-trained settings only)."),
+    serve: bool = typer.Option(True, help="Deploy the production model with Ray Serve and predict one held-out "
+                                          "image through the HTTP API."),
 ) -> None:
     """The main job on the embedded default: start the local services (S3, catalog, Ray, Label
     Studio), import the Magnetic Tile set, split it (75 % train, stratified), then run the
-    active-learning loop with the simulated annotator: each round scores the unlabelled pool as a
-    Ray job, sends the chosen images to Label Studio with pre-annotations, pulls the answers back,
-    retrains as a Ray job once enough labels arrived, and promotes a better model. It prints the
-    test metric per round."""
+    active-learning loop with the simulated annotator from no labels: round 0 fits the label-free
+    detector, each round scores the unlabelled pool as a Ray job, sends the chosen images to Label
+    Studio with pre-annotations, pulls the answers back, refines the detector with them (mixed
+    supervision) as a Ray job and promotes it if its test metric is better. It prints the metric
+    per round, then deploys the production model with Ray Serve and predicts one held-out test
+    image through the HTTP API (verdict and overlay PNG)."""
     from flawline.cli import loop as loop_cli
     from flawline.cli.data import import_, show, split
 
@@ -93,11 +99,34 @@ def quickstart(
     split(name=dataset, train=0.75, val=0.0, test=0.25, seed=seed, normal_only_train=False, stratify_by=None)
     show(name=dataset, as_json=False)
     services.status(as_json=False)
-    if loop:
-        loop_cli.run(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy="hybrid",
-                     task="segmentation", setting="supervised", method="classifier", image_size=image_size,
-                     epochs=epochs, workers=2, in_process=False, simulate=True, keep_labels=keep_labels,
-                     wait_hours=1.0, seed=seed, as_json=False)
+    if not loop:
+        return
+    loop_cli.run(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy="hybrid",
+                 task="segmentation", setting="mixed", method="mixed", base=base, image_size=image_size,
+                 epochs=epochs, workers=2, in_process=False, simulate=True, keep_labels=keep_labels,
+                 wait_hours=1.0, seed=seed, as_json=False)
+    loop_cli.status(dataset=dataset, plot=None, as_json=False)
+    if serve:
+        _serve_and_predict(dataset, seed)
+
+
+def _serve_and_predict(dataset: str, seed: int) -> None:
+    """Deploy the Serve app and ask it for one held-out (test split) image's verdict."""
+    from flawline.active.loop import LoopSpec
+    from flawline.context import open_catalog, open_store
+    from flawline.train.data import held_out_image
+
+    settings = get_settings()
+    name, data = held_out_image(open_catalog(settings), open_store(settings), dataset, seed)
+    folder = settings.data_dir.expanduser() / "reports" / "quickstart"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / name
+    image.write_bytes(data)
+    model = LoopSpec(dataset=dataset).model_name()
+    console.print(f"deploying the production model {model} with Ray Serve …")
+    serve_cli.up(config=serve_cli.DEFAULT_CONFIG, app_dir=serve_cli.REPO, port=None, timeout=300.0, wait=True)
+    console.print(f"predicting the held-out test image {image} through {settings.serve_url}:")
+    serve_cli.predict(images=[image], model=model, local=False, out=folder, url=None, timeout=120.0, as_json=False)
 
 
 def main() -> None:

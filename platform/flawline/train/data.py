@@ -72,6 +72,20 @@ def dataset_rows(catalog: Catalog, dataset: str) -> list[dict[str, Any]]:
     return rows
 
 
+def held_out_image(catalog: Catalog, store: ObjectStore, dataset: str, seed: int = 0) -> tuple[str, bytes]:
+    """(file name, stored bytes) of one labelled test-split image of ``dataset`` (a defect where
+    there is one), picked with ``seed``: an image no model of the dataset was fitted on."""
+    from flawline.errors import InvalidInput
+
+    rows = [r for r in dataset_rows(catalog, dataset) if r["split"] == Split.test.value and r["defect"] is not None]
+    if not rows:
+        raise InvalidInput(f"{dataset}: no labelled test images; run `flawline data split`")
+    defects = [r for r in rows if r["defect"]] or rows
+    row = defects[int(np.random.default_rng(seed).integers(len(defects)))]
+    name = str(row["origin"]).replace("\\", "/").rsplit("/", 1)[-1] or f"image-{row['image_id']}.png"
+    return name, store.get_bytes(row["key"])
+
+
 def keep_fraction(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     """A seeded share of ``rows``, stratified by (dataset, verdict, class, stratum), at least one per
     stratum; returns (kept, held back)."""
