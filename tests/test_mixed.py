@@ -106,12 +106,33 @@ def test_bad_configurations_are_refused():
         create_detector("mixed", **FAST).scorer()
 
 
+def with_patch_contrast(det, normal: HeadInputs, coef: float = 0.5):
+    """A head that uses the two-bank patch contrast: defect bank from masked scratches."""
+    from flawline.models.head import coreset, defect_patches
+    from flawline.models.mixed import identity_head
+
+    x, masks = scratched(textures(12, 2), 2, 0.3)
+    d = det.head_inputs(x, masks, torch.ones(12, dtype=torch.bool))
+    det.head = {**identity_head(), "coef_p": coef, "chosen": "z+patches",
+                "normal_bank": coreset(normal.patches.reshape(-1, normal.patches.shape[-1])),
+                "defect_bank": coreset(defect_patches(d.patches, d.targets, d.patch_map))}
+    return det
+
+
+def test_patch_contrast_head_scores_alike_from_images_and_cached_inputs():
+    """The scorer module (predict, ONNX) and the cached inputs the benchmarks use agree."""
+    det, normal = fitted("patchcore", normals=40)
+    with_patch_contrast(det, normal)
+    probe = torch.cat([textures(4, 7), scratched(textures(4, 8), 8, 0.3)[0]])
+    cached, _ = det.scores_from_inputs(det.head_inputs(probe))
+    np.testing.assert_allclose(cached, det.predict(probe).scores, rtol=1e-2, atol=1e-2)
+
+
 def test_save_load_and_onnx_score_alike(tmp_path):
     from flawline.models.export import check_export, export_onnx
 
     det, normal = fitted("patchcore", normals=40)
-    x, masks = scratched(textures(12, 2), 2, 0.3)
-    det.fit_head(normal, det.head_inputs(x, masks, torch.ones(12, dtype=torch.bool)))
+    with_patch_contrast(det, normal)
     probe = torch.cat([textures(6, 7), scratched(textures(6, 8), 8, 0.3)[0]])
     loaded = detector_from_bytes(detector_to_bytes(det))
     np.testing.assert_allclose(loaded.predict(probe).scores, det.predict(probe).scores, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,16 @@
-"""The mixed-supervision image head: which inputs, which penalty, chosen by cross-validation.
+"""The mixed-supervision head: which inputs, which penalty, chosen by cross-validation.
+
+Inputs per image (``flawline.models.mixed.HeadInputs``): the base detector's z-score, pooled
+backbone features, and patch features. Two memory banks turn patches into a label-aware score
+(``PatchContrast``): a *normal bank* (k-center coreset of patches of normal images held back for
+it) and a *defect bank* (k-center coreset of the patches a mask or box covers in labelled defect
+images, or of the most anomalous patches where an image has only its verdict). A patch scores
+d(normal bank) - d(defect bank): PatchCore's nearest-neighbour distance (Roth et al. 2022), made
+two-sided by the labelled defects; an image scores its highest patch.
 
 Plain numpy + scikit-learn (``LogisticRegression``, ``StratifiedKFold``, ``roc_auc_score``,
-``PCA``); ``flawline.models.mixed`` turns the result into torch buffers for its scorer.
+``PCA``) and flawline's k-center and nearest-neighbour blocks; ``flawline.models.mixed`` turns the
+result into torch buffers for its scorer.
 """
 
 from __future__ import annotations
@@ -12,74 +21,66 @@ from typing import Any
 import numpy as np
 import torch
 
-Z_SCALE = 100.0  # z enters the head multiplied by this: its L2 penalty is 1/Z_SCALE**2 of the embedding's
+from flawline.models.neighbors import nearest_distances, select_k_center
+
+Z_SCALE = 100.0  # z enters the head multiplied by this: its L2 penalty is 1/Z_SCALE**2 of the others'
+BANK_SIZE = 1024  # patches kept in each memory bank (k-center coreset)
+TOP_PATCHES_WEAK = 3  # defect images without mask or box: their most anomalous patches go to the defect bank
 
 
-PATCH_COMPONENTS = 16  # principal components of patch features the patch head uses
-NORMAL_PATCHES_PER_IMAGE = 48  # negatives sampled from each normal image
-TOP_PATCHES_WEAK = 3  # defect images without mask or box: their most anomalous patches are positives
+def coreset(patches: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> torch.Tensor:
+    """At most ``size`` rows of ``patches`` [n, D] by greedy k-center (float32 tensor)."""
+    x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+    if len(x) <= size:
+        return x
+    return x[select_k_center(x, size, seed=seed)].contiguous()
+
+
+def defect_patches(patches: np.ndarray, targets: list[np.ndarray | None], patch_map: np.ndarray) -> np.ndarray:
+    """The defect bank's candidates from defect images [N, P, D]: patches a mask or box covers by
+    half or more (the most covered one where a region is smaller than a patch); where an image has
+    neither, its ``TOP_PATCHES_WEAK`` most anomalous patches by the base map [N, P]."""
+    rows = []
+    for p, target, m in zip(patches, targets, patch_map):
+        if target is None:
+            sel = np.argsort(-m)[:TOP_PATCHES_WEAK]
+        else:
+            sel = np.flatnonzero(target >= 0.5)
+            if not len(sel):
+                sel = np.array([int(np.argmax(target))])
+        rows.append(p[sel])
+    return np.concatenate(rows)
+
+
+def bank_distances(patches: np.ndarray, bank: torch.Tensor) -> np.ndarray:
+    """Nearest-neighbour distance of every patch [N, P, D] to ``bank`` [K, D] → [N, P]."""
+    if not len(patches):
+        return np.zeros(patches.shape[:2], np.float32)
+    q = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).reshape(-1, patches.shape[-1])
+    return nearest_distances(q, bank, 1, 4096).reshape(patches.shape[:2]).numpy()
 
 
 @dataclass
-class PatchHead:
-    """Logistic regression on whitened patch features: logit = (f - mean) @ proj @ coef + intercept."""
+class PatchContrast:
+    """Two banks; ``image_scores``: max over patches of d(normal bank) - d(defect bank)."""
 
-    mean: np.ndarray  # [D]
-    proj: np.ndarray  # [D, k]
-    coef: np.ndarray  # [k]
-    intercept: float
+    normal_bank: torch.Tensor  # [Kn, D]
+    defect_bank: torch.Tensor  # [Kd, D]
 
-    def logits(self, patches: np.ndarray) -> np.ndarray:
-        """[..., D] → [...]."""
-        return ((patches.astype(np.float32) - self.mean) @ self.proj) @ self.coef + self.intercept
+    def patch_scores(self, patches: np.ndarray, normal_distances: np.ndarray | None = None) -> np.ndarray:
+        """[N, P, D] → [N, P]; ``normal_distances`` [N, P]: already computed for the normal bank."""
+        dn = bank_distances(patches, self.normal_bank) if normal_distances is None else normal_distances
+        return dn - bank_distances(patches, self.defect_bank)
 
-    def image_max(self, patches: np.ndarray) -> np.ndarray:
-        """[N, P, D] → [N]: each image's most defect-like patch."""
-        return np.stack([self.logits(p).max() for p in patches]) if len(patches) else np.zeros(0)
-
-
-def patch_training_set(normal_patches: np.ndarray, defect_patches: np.ndarray, defect_targets: list[np.ndarray | None],
-                       defect_z: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Patches and 0/1 targets: sampled patches of normal images (negatives); in defect images the
-    patches a mask or box covers by half or more (positives) and those it does not touch
-    (negatives); defect images with neither: their ``TOP_PATCHES_WEAK`` most anomalous patches by
-    the base map ``defect_z`` [N, P] (multiple-instance learning's positive bag)."""
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for p in normal_patches:
-        idx = rng.choice(len(p), size=min(NORMAL_PATCHES_PER_IMAGE, len(p)), replace=False)
-        xs.append(p[idx])
-        ys.append(np.zeros(len(idx), bool))
-    for p, target, z in zip(defect_patches, defect_targets, defect_z):
-        if target is None:
-            idx = np.argsort(-z)[:TOP_PATCHES_WEAK]
-            xs.append(p[idx])
-            ys.append(np.ones(len(idx), bool))
-            continue
-        pos, neg = np.flatnonzero(target >= 0.5), np.flatnonzero(target == 0)
-        if not len(pos):  # a region smaller than a patch: its most covered patch
-            pos = np.array([int(np.argmax(target))])
-        neg = rng.choice(neg, size=min(NORMAL_PATCHES_PER_IMAGE // 2, len(neg)), replace=False) if len(neg) else neg
-        xs += [p[pos], p[neg]]
-        ys += [np.ones(len(pos), bool), np.zeros(len(neg), bool)]
-    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
-
-
-def fit_patch_head(normal_patches: np.ndarray, defect_patches: np.ndarray, defect_targets: list[np.ndarray | None],
-                   defect_z: np.ndarray, c: float = 0.1, seed: int = 0) -> PatchHead:
-    from sklearn.linear_model import LogisticRegression
-
-    x, y = patch_training_set(normal_patches, defect_patches, defect_targets, defect_z, seed)
-    mean, proj = _whiten(x, PATCH_COMPONENTS)
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit((x - mean) @ proj, y)
-    return PatchHead(mean, proj, model.coef_.ravel().astype(np.float32), float(model.intercept_[0]))
+    def image_scores(self, patches: np.ndarray, normal_distances: np.ndarray | None = None) -> np.ndarray:
+        return self.patch_scores(patches, normal_distances).max(1) if len(patches) else np.zeros(0)
 
 
 @dataclass
 class HeadFit:
-    head: dict[str, Any]  # pca_mean [D], pca [D, k], coef_z, coef_e [k], coef_p, patch head, intercept, chosen
-    chosen: str  # "z" or "z+embedding(C=…)"
-    cv_auroc: dict[str, float]  # per candidate, out-of-fold ROC-AUC (empty when not cross-validated)
+    head: dict[str, Any]  # tensors and floats for MixedScorer (see mixed.identity_head), chosen
+    chosen: str  # "z", "z+patches", "z+embedding(C=…)" or both, with a note where it fell back
+    cv_auroc: dict[str, float]  # per candidate, mean out-of-fold ROC-AUC over folds (empty when not cross-validated)
     oof_scores: np.ndarray  # [N] out-of-fold logits of the chosen candidate (normals first, then defects)
     oof_labels: np.ndarray  # [N] bool
 
@@ -109,21 +110,21 @@ def _fit(z: np.ndarray, extra: np.ndarray | None, y: np.ndarray, c: float):  # n
 
 
 def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np.ndarray,
-                   pooled_defect: np.ndarray, *, patches_normal: np.ndarray | None = None,
-                   patches_defect: np.ndarray | None = None, patch_z_defect: np.ndarray | None = None,
-                   targets_defect: list[np.ndarray | None] | None = None, components: int = 16,
-                   penalties: tuple[float, ...] = (0.03, 0.3, 3.0), folds: int = 5,
-                   min_defects: int = 10, margin: float = 0.005, seed: int = 0) -> HeadFit:
-    """Fit the head on z-scores of the base detector, pooled backbone features and (when patches
-    are given) a patch head's most defect-like patch per image.
+                   pooled_defect: np.ndarray, *, normal_bank: torch.Tensor | None = None,
+                   patches_normal: np.ndarray | None = None, patches_defect: np.ndarray | None = None,
+                   patch_map_defect: np.ndarray | None = None, targets_defect: list[np.ndarray | None] | None = None,
+                   components: int = 16, penalties: tuple[float, ...] = (0.03, 0.3, 3.0), folds: int = 5,
+                   min_defects: int = 10, seed: int = 0) -> HeadFit:
+    """Fit the head on z-scores of the base detector ([N_n], [N_d]), pooled backbone features
+    ([N, D]) and, with a ``normal_bank`` and patches ([N, P, D']), the two-bank patch contrast.
 
     Candidates: "z" (logistic regression on z alone: the base detector's ranking); with at least
-    ``min_defects`` defects also "z+patch" (z and the patch head's image maximum;
-    the patch head learns from masks, boxes, or the most anomalous patches of defect images with
-    neither) and "z+embedding(C)" for each C in ``penalties``. With two or more defects they are
-    compared by the ROC-AUC of stratified out-of-fold scores (the patch head, too, is refitted
-    without each fold's images); a richer candidate wins only if it beats "z" by ``margin``. With
-    no defects the head is the identity on z."""
+    ``min_defects`` defects also "z+embedding(C)" for each C in ``penalties``, "z+patches" (z and
+    the image's highest patch contrast, the defect bank rebuilt from each fold's training defects)
+    and "z+patches+embedding(C)". They are compared fold by fold on stratified out-of-fold ROC-AUC; a richer
+    candidate replaces "z" only when its mean gain over "z" exceeds one standard error of the
+    per-fold gains (the one-standard-error rule), and the largest such gain wins. With no defects
+    the head is the identity on z; with one, "z" without cross-validation."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
@@ -139,49 +140,64 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
     pooled = np.concatenate([pooled_normal, pooled_defect]).astype(np.float64)
     rich = n_d >= min_defects and n_n + n_d > 3
     candidates: list[tuple[str, float]] = [("z", 1.0)]
-    if rich and patches_normal is not None and patches_defect is not None:
-        candidates.append(("z+patch", 1.0))
+    targets = targets_defect if targets_defect is not None else [None] * n_d
     if rich and components > 0:
         candidates += [(f"z+embedding(C={c:g})", c) for c in penalties]
+    if rich and normal_bank is not None and patches_defect is not None:
+        candidates.append(("z+patches", 1.0))
+        if components > 0:
+            candidates += [(f"z+patches+embedding(C={c:g})", c) for c in penalties]
     n_folds = int(min(folds, n_d, n_n))
     splits = (list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(z, labels))
               if n_folds >= 2 else [])
-    targets = targets_defect if targets_defect is not None else [None] * n_d
 
-    def patch_head(idx: np.ndarray) -> PatchHead:
-        nn_, dd = idx[idx < n_n], idx[idx >= n_n] - n_n
-        return fit_patch_head(patches_normal[nn_], patches_defect[dd], [targets[i] for i in dd],
-                              patch_z_defect[dd], seed=seed)
+    def contrast(train_idx: np.ndarray) -> PatchContrast:
+        dd = train_idx[train_idx >= n_n] - n_n
+        bank = coreset(defect_patches(patches_defect[dd], [targets[i] for i in dd], patch_map_defect[dd]), seed=seed)
+        return PatchContrast(normal_bank, bank)
 
-    def patch_max(head: PatchHead, idx: np.ndarray) -> np.ndarray:
-        return np.array([head.logits(patches_normal[i] if i < n_n else patches_defect[i - n_n]).max()
-                         for i in idx])
+    dn_normal = dn_defect = None
+    if any(name.startswith("z+patches") for name, _ in candidates):  # the normal bank is fixed: once
+        dn_normal, dn_defect = bank_distances(patches_normal, normal_bank), bank_distances(patches_defect, normal_bank)
 
-    oof_patch = None
-    if any(name == "z+patch" for name, _ in candidates):
-        oof_patch = np.zeros(len(z))
-        for tr, te in splits:
-            oof_patch[te] = patch_max(patch_head(tr), te)
+    def contrast_scores(pc: PatchContrast, idx: np.ndarray) -> np.ndarray:
+        normal_i, defect_i = idx[idx < n_n], idx[idx >= n_n] - n_n
+        out = np.empty(len(idx))
+        out[idx < n_n] = pc.image_scores(patches_normal[normal_i], dn_normal[normal_i])
+        out[idx >= n_n] = pc.image_scores(patches_defect[defect_i], dn_defect[defect_i])
+        return out
 
     def extra(name: str, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if name == "z":
+        """Columns beside z for the training and the applied rows: patch contrast, then embedding."""
+        cols_tr, cols_te = [], []
+        if name.startswith("z+patches"):
+            pc = contrast(tr)
+            cols_tr.append(contrast_scores(pc, tr)[:, None])
+            cols_te.append(contrast_scores(pc, te)[:, None])
+        if "embedding" in name:
+            mean, proj = _whiten(pooled[tr], components)
+            cols_tr.append((pooled[tr] - mean) @ proj)
+            cols_te.append((pooled[te] - mean) @ proj)
+        if not cols_tr:
             return None, None
-        if name == "z+patch":
-            return oof_patch[tr], oof_patch[te]
-        mean, proj = _whiten(pooled[tr], components)
-        return (pooled[tr] - mean) @ proj, (pooled[te] - mean) @ proj
+        return np.concatenate(cols_tr, 1), np.concatenate(cols_te, 1)
 
-    cv: dict[str, float] = {}
+    fold_auc: dict[str, np.ndarray] = {}
     oof_by: dict[str, np.ndarray] = {}
     for name, c in candidates if splits else []:
-        oof = np.zeros(len(z))
+        oof, aucs = np.zeros(len(z)), []
         for tr, te in splits:
             e_tr, e_te = extra(name, tr, te)
             oof[te] = _fit(z[tr], e_tr, labels[tr], c).decision_function(_design(z[te], e_te))
-        cv[name] = round(float(roc_auc_score(labels, oof)), 6)
-        oof_by[name] = oof
-    richer = {k: v for k, v in cv.items() if k != "z" and v >= cv["z"] + margin}
-    best = max(richer, key=richer.get) if richer else "z"
+            aucs.append(roc_auc_score(labels[te], oof[te]))
+        fold_auc[name], oof_by[name] = np.array(aucs), oof
+    cv = {k: round(float(v.mean()), 6) for k, v in fold_auc.items()}
+    best, best_gain = "z", 0.0
+    for name, aucs in fold_auc.items():
+        gain = aucs - fold_auc["z"]
+        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+        if name != "z" and gain.mean() - se > 0 and gain.mean() > best_gain:
+            best, best_gain = name, float(gain.mean())
     c_best = dict(candidates)[best]
     everything = np.arange(len(z))
     e_all, _ = extra(best, everything, everything)
@@ -193,14 +209,15 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
                        oof_by.get("z", z), labels)
     head = identity_head()
     head.update(coef_z=coef_z, intercept=float(model.intercept_[0]), chosen=best)
-    if best == "z+patch":
-        ph = patch_head(everything)
-        head.update(patch_mean=torch.from_numpy(ph.mean), patch_proj=torch.from_numpy(ph.proj),
-                    patch_coef=torch.from_numpy(ph.coef), patch_intercept=ph.intercept, coef_p=float(coef[1]))
-    elif best != "z":
+    rest = coef[1:]
+    if best.startswith("z+patches"):
+        pc = contrast(everything)
+        head.update(normal_bank=pc.normal_bank, defect_bank=pc.defect_bank, coef_p=float(rest[0]))
+        rest = rest[1:]
+    if "embedding" in best:
         mean, proj = _whiten(pooled, components)
         head.update(pca_mean=torch.from_numpy(mean), pca=torch.from_numpy(proj),
-                    coef_e=torch.from_numpy(coef[1:].astype(np.float32)))
+                    coef_e=torch.from_numpy(rest.astype(np.float32)))
     oof = oof_by.get(best)
     if oof is None:  # not cross-validated: in-sample logits (stated in ``chosen``)
         oof = model.decision_function(_design(z, e_all))

@@ -12,17 +12,21 @@ Parts, all in one prediction path (``MixedScorer``, which ONNX export runs too):
   computed them from (``forward_features``: no second backbone pass).
 - normal statistics: mean and standard deviation of s and of m on normal images the base was not
   fitted on, so z = (s - mean) / std is in units of the normal spread.
-- an image head: logistic regression (scikit-learn) on [z, the whitened principal components of
-  the globally pooled backbone features]. The weight on z is (almost) unpenalised, the embedding's
-  weights are L2-penalised, so with few defects the head stays close to the base detector and
-  departs from it only as far as the labels carry it. Which inputs and which penalty are chosen
-  by stratified cross-validation on the labelled images (ROC-AUC of out-of-fold scores); "z
-  alone" is always a candidate, so labels can only replace the base detector's ranking where they
-  beat it on images they were not fitted on.
+- a head: logistic regression (scikit-learn) on z and one of: the whitened principal components
+  of the globally pooled backbone features (what an image looks like as a whole), or the patch
+  contrast (``flawline.models.head.PatchContrast``): per patch, the nearest-neighbour distance to
+  a normal patch bank minus that to a bank of labelled defect patches (from masks, boxes, or the
+  most anomalous patches of images with a verdict only), the image taking its highest patch. The
+  weight on z is (almost) unpenalised, the others are L2-penalised, so with few defects the head
+  stays close to the base detector. Which inputs are used is chosen by stratified
+  cross-validation on the labelled images with the one-standard-error rule; "z alone" is always
+  a candidate, so labels replace the base detector's ranking only where they beat it, fold by
+  fold, on images they were not fitted on.
 
 Image score: the head's logit (a monotone function of z when the head uses z alone, and z itself
 with no labelled defects: then the scores rank exactly as the base detector's). Pixel map: the
-base map in normal-spread units, (m - mean_m) / std_m. The threshold is chosen by the setting on
+base map in normal-spread units, (m - mean_m) / std_m, plus the patch contrast map (weighted as
+in the image score) where the head uses it. The threshold is chosen by the setting on
 out-of-fold scores of images the model was not fitted on (``flawline.train.mixed``).
 """
 
@@ -41,7 +45,9 @@ from torch import nn
 from flawline.errors import ConfigError, InvalidInput
 from flawline.models.base import Detector, DetectorConfig, Embedded, create_detector, detector_class, register_detector
 from flawline.models.features import patch_features, upsample_map
+from flawline.models.neighbors import nearest_distances
 
+MIN_BANK_NORMALS = 15  # fewer held-back normal images: no normal patch bank, so no patch contrast
 SHARED_FIELDS = ("backbone", "weights", "image_size", "batch_size", "device", "seed", "precision")
 BASE_METHODS = ("patchcore", "padim", "flow")
 
@@ -53,20 +59,21 @@ def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
 
 
 class MixedScorer(nn.Module):
-    """Images [B, 3, S, S] → (scores [B] = the head's logit, maps [B, S, S] in normal-spread units,
-    plus the patch head's logit map where the head uses it)."""
+    """Images [B, 3, S, S] → (scores [B] = the head's logit, maps [B, S, S]: the base map in
+    normal-spread units, plus the patch contrast map where the head uses it). ``chunk``: query
+    patches per distance block (None: one block, for ONNX export)."""
 
-    def __init__(self, base: nn.Module, stats: torch.Tensor, head: dict[str, Any], blur_sigma: float) -> None:
+    def __init__(self, base: nn.Module, stats: torch.Tensor, head: dict[str, Any], blur_sigma: float,
+                 chunk: int | None = 1024) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("stats", stats.float())  # score mean, score std, map mean, map std
-        for name in ("pca_mean", "pca", "coef_e", "patch_mean", "patch_proj", "patch_coef"):
+        for name in ("pca_mean", "pca", "coef_e", "normal_bank", "defect_bank"):
             self.register_buffer(name, head[name].float().to(stats.device))
-        self.coef_z, self.intercept = float(head["coef_z"]), float(head["intercept"])
-        self.coef_p, self.patch_intercept = float(head["coef_p"]), float(head["patch_intercept"])
+        self.coef_z, self.intercept, self.coef_p = float(head["coef_z"]), float(head["intercept"]), float(head["coef_p"])
         self.uses_embedding = self.pca.shape[-1] > 0
-        self.uses_patches = self.patch_proj.shape[-1] > 0
-        self.blur_sigma = blur_sigma
+        self.uses_patches = self.defect_bank.shape[0] > 0
+        self.blur_sigma, self.chunk = blur_sigma, chunk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, m, feats = self.base.forward_features(x)
@@ -76,11 +83,15 @@ class MixedScorer(nn.Module):
         if self.uses_embedding:
             logit = logit + ((pooled_features(feats) - self.pca_mean) @ self.pca) @ self.coef_e
         if self.uses_patches:
-            f = patch_features([t.float() for t in feats]).permute(0, 2, 3, 1)  # [B, h, w, D]
-            patch_logit = ((f - self.patch_mean) @ self.patch_proj) @ self.patch_coef + self.patch_intercept
-            logit = logit + self.coef_p * patch_logit.flatten(1).max(1).values
-            ratio = self.coef_p / max(self.coef_z, 1e-6)
-            z_map = z_map + ratio * upsample_map(patch_logit, x.shape[-2:], self.blur_sigma)
+            f = patch_features([t.float() for t in feats])
+            b, d, h, w = f.shape
+            q = f.permute(0, 2, 3, 1).reshape(-1, d)
+            chunk = self.chunk or q.shape[0]
+            contrast = (nearest_distances(q, self.normal_bank, 1, chunk)
+                        - nearest_distances(q, self.defect_bank, 1, chunk)).reshape(b, h, w)
+            logit = logit + self.coef_p * contrast.flatten(1).max(1).values
+            z_map = z_map + self.coef_p / max(self.coef_z, 1e-6) * upsample_map(contrast, x.shape[-2:],
+                                                                                 self.blur_sigma)
         return logit, z_map
 
 
@@ -93,7 +104,8 @@ class MixedConfig(DetectorConfig):
     folds: int = 5  # cross-validation folds (fewer when there are fewer labelled defects)
     min_defects: int = 10  # below this many labelled defects the head uses z alone (CV too noisy)
     margin: float = 0.005  # a richer head must beat z's out-of-fold ROC-AUC by this much
-    blur_sigma: float = 4.0  # the patch head's map, like the base maps
+    bank_fraction: float = 1 / 3  # held-back normal images that form the normal patch bank
+    blur_sigma: float = 4.0  # the patch contrast map, like the base maps
 
 
 @dataclass
@@ -120,6 +132,12 @@ class HeadInputs:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def take(self, idx: np.ndarray, targets: list[np.ndarray | None] | None = None) -> HeadInputs:
+        """The rows ``idx``; ``targets`` replaces theirs (e.g. boxes instead of masks)."""
+        own = [self.targets[i] for i in idx] if self.targets else [None] * len(idx)
+        return HeadInputs(self.scores[idx], self.pooled[idx], self.patches[idx], self.patch_map[idx],
+                          own if targets is None else list(targets))
 
 
 def _mean_std(values: np.ndarray) -> tuple[float, float]:
@@ -209,42 +227,53 @@ class MixedDetector(Detector):
         return (np.asarray(scores, dtype=np.float64) - float(self.stats[0])) / float(self.stats[1])
 
     def fit_head(self, normal: HeadInputs, defects: HeadInputs) -> dict[str, Any]:
-        """Choose and fit the image head; returns what was chosen and its out-of-fold scores.
+        """Choose and fit the head; returns what was chosen and its out-of-fold scores.
 
         ``normal``/``defects``: head inputs of labelled normal images the base was not fitted on and
-        of labelled defect images. Returns ``{"chosen", "cv_auroc", "oof_scores" [N],
-        "oof_labels" [N]}`` (normals first)."""
-        from flawline.models.head import fit_image_head
+        of labelled defect images. A seeded ``bank_fraction`` of the normal images (when there are
+        at least ``MIN_BANK_NORMALS``) gives the normal patch bank and takes no other part, so no
+        image meets its own patches. Returns ``{"chosen", "cv_auroc", "oof_scores" [N],
+        "oof_labels" [N]}`` (the head's normals first, then the defects)."""
+        from flawline.models.head import coreset, fit_image_head
 
         if self.stats is None:
             raise ConfigError("mixed: set the normal statistics first (set_normal_stats)")
         c: MixedConfig = self.config
+        bank = None
+        if len(normal) >= MIN_BANK_NORMALS and len(defects):
+            order = np.random.default_rng([c.seed, 11]).permutation(len(normal))
+            cut = max(1, round(c.bank_fraction * len(normal)))
+            bank = coreset(normal.patches[order[:cut]].reshape(-1, normal.patches.shape[-1]), seed=c.seed)
+            normal = normal.take(np.sort(order[cut:]))
         result = fit_image_head(self.z(normal.scores), normal.pooled, self.z(defects.scores), defects.pooled,
-                                patches_normal=normal.patches, patches_defect=defects.patches,
-                                patch_z_defect=defects.patch_map, targets_defect=defects.targets,
+                                normal_bank=bank, patches_normal=normal.patches, patches_defect=defects.patches,
+                                patch_map_defect=defects.patch_map, targets_defect=defects.targets,
                                 components=c.components, penalties=c.penalties, folds=c.folds,
-                                min_defects=c.min_defects, margin=c.margin, seed=c.seed)
+                                min_defects=c.min_defects, seed=c.seed)
         self.head = result.head
         self.info["head"] = {"chosen": result.chosen, "cv_auroc": result.cv_auroc,
-                             "normal_images": len(normal), "defect_images": len(defects)}
+                             "normal_images": len(normal), "defect_images": len(defects),
+                             "normal_bank": 0 if bank is None else int(bank.shape[0]),
+                             "defect_bank": int(result.head["defect_bank"].shape[0])}
         return {"chosen": result.chosen, "cv_auroc": result.cv_auroc, "oof_scores": result.oof_scores,
                 "oof_labels": result.oof_labels}
 
     def scores_from_inputs(self, inputs: HeadInputs) -> tuple[np.ndarray, np.ndarray]:
         """What ``predict`` returns, from cached ``head_inputs`` (benchmarks refit heads many times on
         one backbone pass): scores [N] and maps at the patch grid [N, P] (before upsampling and
-        blur). Matches ``predict``'s scores to float32 rounding."""
+        blur). Matches ``predict``'s scores to float16 rounding of the cached patches."""
+        from flawline.models.head import PatchContrast
+
         head = {**identity_head(), **(self.head or {})}
         z = self.z(inputs.scores)
         z_map = (inputs.patch_map - float(self.stats[2])) / float(self.stats[3])
         logit = head["coef_z"] * z + head["intercept"]
         if head["pca"].shape[-1]:
             logit = logit + ((inputs.pooled - head["pca_mean"].numpy()) @ head["pca"].numpy()) @ head["coef_e"].numpy()
-        if head["patch_proj"].shape[-1]:
-            pl = ((inputs.patches.astype(np.float32) - head["patch_mean"].numpy()) @ head["patch_proj"].numpy()
-                  ) @ head["patch_coef"].numpy() + head["patch_intercept"]
-            logit = logit + head["coef_p"] * pl.max(1)
-            z_map = z_map + head["coef_p"] / max(head["coef_z"], 1e-6) * pl
+        if head["defect_bank"].shape[0]:
+            contrast = PatchContrast(head["normal_bank"], head["defect_bank"]).patch_scores(inputs.patches)
+            logit = logit + head["coef_p"] * contrast.max(1)
+            z_map = z_map + head["coef_p"] / max(head["coef_z"], 1e-6) * contrast
         return logit, z_map
 
     # -- prediction -----------------------------------------------------------------------------
@@ -252,7 +281,8 @@ class MixedDetector(Detector):
         if self.stats is None:
             raise ConfigError("mixed: not trained (no normal statistics); train it with --setting mixed")
         head = {**identity_head(), **(self.head or {})}
-        return MixedScorer(self.base.scorer(chunked), self.stats.to(self.device), head, self.config.blur_sigma)
+        return MixedScorer(self.base.scorer(chunked), self.stats.to(self.device), head, self.config.blur_sigma,
+                           1024 if chunked else None)
 
     def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer()(x)
@@ -278,5 +308,5 @@ class MixedDetector(Detector):
 def identity_head() -> dict[str, Any]:
     """The head with no labelled defects: score = z (ranks exactly as the base detector)."""
     return {"pca_mean": torch.zeros(0), "pca": torch.zeros(0, 0), "coef_e": torch.zeros(0), "coef_z": 1.0,
-            "intercept": 0.0, "patch_mean": torch.zeros(0), "patch_proj": torch.zeros(0, 0),
-            "patch_coef": torch.zeros(0), "patch_intercept": 0.0, "coef_p": 0.0, "chosen": "z"}
+            "intercept": 0.0, "normal_bank": torch.zeros(0, 0), "defect_bank": torch.zeros(0, 0), "coef_p": 0.0,
+            "chosen": "z"}
