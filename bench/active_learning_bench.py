@@ -9,27 +9,24 @@ Protocol (the oracle is the imported ground truth):
   then split once with ``assign_splits``: seeded (0) 75 % train / 25 % test,
   stratified by label and defect class (and cell type for ELPV). The test split is fixed: the same
   for every strategy and seed. ELPV: defect probability >= 0.5 is defective.
-- Features: frozen ImageNet EfficientNet-Lite0 (the platform's packaged weights through
-  ``build_feature_extractor``; no downloads), the deepest feature map the platform's extractor
-  returns (timm feature index 3, 112 channels, stride 16) global-average-pooled and L2-normalised,
-  computed ONCE per image at 224 px with ``flawline.active.scoring.embed_batch``: the same
-  embedding the platform's pool scoring hands to the diversity strategies.
-- Model, refitted every round: a logistic-regression probe (plain torch, float64) on the labelled
-  embeddings, standardised with the mean / std of the whole train split's embeddings (label-free);
-  class-balanced BCE (weights n / (2 n_class)) summed over the labelled images + 1/2 ||w||^2
-  (scikit-learn's default C = 1; the bias is not penalised), full-batch L-BFGS (strong Wolfe line
-  search, at most ``lbfgs_iterations`` iterations), zero init, seeded. p(defect) = sigmoid.
+- Model: the loop's own, the ``mixed`` detector (``flawline.models.mixed``) on a PaDiM base at
+  224 px. Per seed the train split is cut in two seeded halves: the base is fitted on one half
+  (unlabelled: the label-free model of the loop's round 0, its normal statistics from a tenth of
+  that half held back), and the other half is the pool people label. Head inputs (base score,
+  pooled features, patch features) are computed ONCE per image and seed, and every round refits
+  the head on them (``MixedDetector.fit_head``: cross-validated choice of z, embedding and patch
+  contrast; defects with their masks where the dataset has them), the threshold with
+  ``flawline.train.mixed.head_threshold`` (out-of-fold balanced accuracy; with no labelled defect
+  the 0.99-quantile of the held-back images).
 - Metric: image ROC-AUC on the test split (``image_auroc``); accuracy and F1 of the defective class
-  at p >= 0.5 are recorded too.
-- Loop, per (dataset, strategy, seed): the initial labelled set is a seeded random sample of the
-  train split stratified by label (and cell type for ELPV), with a floor on defects (Magnetic Tile:
-  10 images, at least 2 defective; ELPV: 20, at least 4) -- the same initial set for every strategy
-  of one seed. Each round: fit the probe, evaluate on test (labels count + metrics), score the
-  unlabelled rest of the train split (scores = p(defect), probs = [1 - p, p], embeddings,
-  threshold 0.5), let the strategy pick ``budget`` images (labelled_embeddings = the labelled
-  set's, seed = seed * 1000 + round) and add them with their true labels. Budget: 20 a round on
-  Magnetic Tile, 40 on ELPV; as many rounds as bring the labelled set to about 40 % of the train
-  split; the probe is evaluated after the last acquisition too.
+  at the model's threshold are recorded too.
+- Loop, per (dataset, strategy, seed): no labels at the start. Each round: evaluate the current
+  model on test, score the unlabelled pool (scores = the head's logit, probs = sigmoid of the logit
+  minus the threshold, embeddings = the L2-normalised pooled features, threshold), let the
+  strategy pick ``budget`` images (labelled_embeddings = the labelled set's, seed = seed * 1000 +
+  round), add them with their true labels (and masks), refit the head. Budget: 20 a round on
+  Magnetic Tile, 40 on ELPV, ``rounds`` rounds; the model is evaluated after the last acquisition
+  too.
 - Strategies: every registered one (``random``, ``top_score``, ``near_threshold``, ``entropy``,
   ``margin``, ``k_center``, ``hybrid``) with default options; seeds 0, 1, 2.
 - Aim (the issue): the best strategy reaches random's final mean metric with at most half of
@@ -63,38 +60,36 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from flawline.active.scoring import embed_batch  # noqa: E402
 from flawline.active.strategies import PoolScores, make_strategy, strategy_names  # noqa: E402
 from flawline.catalog import Catalog, upgrade  # noqa: E402
 from flawline.catalog.db import make_engine  # noqa: E402
 from flawline.data.ingest import import_dataset  # noqa: E402
 from flawline.data.split import SplitSpec, assign_splits  # noqa: E402
-from flawline.evaluate.metrics import precision_recall_f1, roc_auc  # noqa: E402
 from flawline.models import create_detector  # noqa: E402
+from flawline.models.mixed import HeadInputs, MixedDetector  # noqa: E402
 from flawline.storage import ObjectStore  # noqa: E402
 from flawline.storage.local_s3 import LocalS3Server  # noqa: E402
 from flawline.train.data import dataset_rows, decode_rows  # noqa: E402
+from flawline.train.mixed import head_threshold  # noqa: E402
 
 METRIC = "image_auroc"
 DATASETS: dict[str, dict[str, Any]] = {
     "magnetic_tile": {"layout": "magnetic-tile", "catalog_name": "magnetic-tile",
                       "source": str(REPO.parent / "shared" / "datasets" / "magnetic-tile"),
-                      "stratify_by": None, "initial": 10, "min_defects": 2, "budget": 20,
+                      "stratify_by": None, "budget": 20,
                       "title": "Magnetic Tile"},
     "elpv": {"layout": "elpv", "catalog_name": "elpv", "source": None, "stratify_by": "cell_type",
-             "initial": 20, "min_defects": 4, "budget": 40, "title": "ELPV"},
+             "budget": 40, "title": "ELPV"},
 }
 CONFIG: dict[str, Any] = {
     "split": {"train": 0.75, "val": 0.0, "test": 0.25, "seed": 0},
     "backbone": "efficientnet_lite0",
     "weights": "packaged",
     "image_size": 224,
-    "embedding": "embed_batch: GAP of the extractor's deepest feature map (timm index 3), L2-normalised",
-    "target_labelled_fraction": 0.40,
-    "probe": {"model": "logistic regression", "standardise": "mean/std of the train split's embeddings",
-              "class_weights": "balanced: n / (2 n_class)", "l2": "1/2 ||w||^2 + sum of losses (C = 1)",
-              "optimiser": "L-BFGS, strong Wolfe", "lbfgs_iterations": 200, "threshold": 0.5},
-    "embed_batch_size": 32,
+    "model": "mixed (flawline.models.mixed) on the base below; head refitted every round on cached inputs",
+    "base": "padim",
+    "base_share": 0.5,
+    "rounds": 8,
     "decode_chunk": 256,
     "threads": 2,
 }
@@ -132,112 +127,88 @@ def stratified_subset(rows: list[dict], n: int, rng: np.random.Generator) -> lis
     return sorted(out, key=lambda r: r["image_id"])
 
 
-@torch.no_grad()
-def embed_rows(store: ObjectStore, rows: list[dict], size: int) -> np.ndarray:
-    """The platform's pool embedding for each row, computed once: images decoded from S3 with
-    ``decode_rows`` (threads), embedded with ``embed_batch`` on an unfitted detector that only lends
-    it the packaged EfficientNet-Lite0 extractor and its preprocessing."""
+def decode(store: ObjectStore, rows: list[dict], size: int) -> dict[str, np.ndarray]:
+    """Images, masks and has_mask of ``rows`` decoded from S3 with the platform's ``decode_rows``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    detector = create_detector("padim", backbone=CONFIG["backbone"], weights=CONFIG["weights"],
-                               image_size=size, device="cpu")
-    chunk, batch = CONFIG["decode_chunk"], CONFIG["embed_batch_size"]
-    out = []
+    pieces = [rows[i:i + 32] for i in range(0, len(rows), 32)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            pieces = [part[i:i + 32] for i in range(0, len(part), 32)]
-            images = np.concatenate([d["image"] for d in pool.map(lambda p: decode_rows(store, p, size), pieces)])
-            x = torch.from_numpy(images)
-            for b in range(0, x.shape[0], batch):
-                out.append(embed_batch(detector, x[b:b + batch].float() / 255.0).numpy())
-    return np.concatenate(out).astype(np.float32)
+        parts = list(pool.map(lambda p: decode_rows(store, p, size), pieces))
+    return {k: np.concatenate([d[k] for d in parts]) for k in ("image", "mask", "has_mask")}
 
 
-# ---------------------------------------------------------------------------------------- probe
+def head_inputs(det: MixedDetector, decoded: dict[str, np.ndarray], idx: np.ndarray, batch: int = 32) -> HeadInputs:
+    parts = []
+    for b in range(0, len(idx), batch):
+        sel = idx[b:b + batch]
+        x = torch.from_numpy(decoded["image"][sel]).float() / 255.0
+        parts.append(det.head_inputs(x, torch.from_numpy(decoded["mask"][sel]).float(),
+                                     torch.from_numpy(decoded["has_mask"][sel])))
+    return HeadInputs.concat(parts)
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, iterations: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced, L2-penalised logistic regression by full-batch L-BFGS: (w, b)."""
-    torch.manual_seed(seed)  # the fit is deterministic (zero init, L-BFGS); seeded for form's sake
-    n = y.numel()
-    n_pos = float(y.sum())
-    weights = torch.where(y > 0.5, n / (2 * max(n_pos, 1.0)), n / (2 * max(n - n_pos, 1.0)))
-    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(1, dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iterations, tolerance_grad=1e-7,
-                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = x @ w + b
-        loss = (weights * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
-        loss = loss + 0.5 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
+def prepare_seed(decoded: dict[str, np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                 cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The label-free model of one seed and the cached head inputs of its pool and the test split."""
+    rng = np.random.default_rng([seed, 3])
+    order = train[rng.permutation(len(train))]
+    half = order[:round(cfg["base_share"] * len(order))]
+    pool = np.sort(order[len(half):])
+    held, fit = half[:max(10, len(half) // 10)], half[max(10, len(half) // 10):]
+    det = create_detector("mixed", base_method=cfg["base"], backbone=cfg["backbone"], weights=cfg["weights"],
+                          image_size=cfg["image_size"], batch_size=32, seed=seed)
+    t0 = time.perf_counter()
+    det.fit(torch.from_numpy(decoded["image"][fit]).float() / 255.0)
+    h_held = head_inputs(det, decoded, held)
+    det.set_normal_stats(h_held.scores, h_held.patch_map)
+    h_pool, h_test = head_inputs(det, decoded, pool), head_inputs(det, decoded, test)
+    return {"det": det, "held_z": det.z(h_held.scores), "pool": h_pool, "pool_y": y[pool],
+            "pool_ids": pool.astype(np.int64), "test": h_test, "test_y": y[test],
+            "seconds": time.perf_counter() - t0}
 
 
-def predict(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
-    return torch.sigmoid(x @ wb[0] + wb[1]).numpy()
+def evaluate(det: MixedDetector, data: dict[str, Any]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    scores, _ = det.scores_from_inputs(data["test"])
+    verdict = scores >= det.threshold.value
+    y = data["test_y"]
+    return {"metric": float(roc_auc_score(y, scores)), "accuracy": float(accuracy_score(y, verdict)),
+            "f1": float(f1_score(y, verdict, zero_division=0))}
 
 
-# ----------------------------------------------------------------------------------------- loop
-
-
-def initial_set(labels: np.ndarray, strata: np.ndarray, n: int, min_defects: int, seed: int) -> np.ndarray:
-    """Positions (in the train split) of a seeded random sample of ``n`` images stratified by label
-    and stratum, with at least ``min_defects`` defective ones."""
-    rng = np.random.default_rng(seed)
-    n_def = min(int(labels.sum()), max(min_defects, round(n * labels.mean())))
-    picks: list[int] = []
-    for is_defect, want in ((True, n_def), (False, n - n_def)):
-        idx = np.flatnonzero(labels == is_defect)
-        groups = {s: idx[strata[idx] == s] for s in sorted(set(strata[idx].tolist()))}
-        quota = {s: want * len(g) / len(idx) for s, g in groups.items()}
-        alloc = {s: int(math.floor(q)) for s, q in quota.items()}
-        for s in sorted(quota, key=lambda s: quota[s] - alloc[s], reverse=True)[: want - sum(alloc.values())]:
-            alloc[s] += 1  # largest remainder
-        for s, g in groups.items():
-            picks += rng.choice(g, size=alloc[s], replace=False).tolist()
-    return np.array(sorted(picks), dtype=np.int64)
-
-
-def evaluate(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    m = precision_recall_f1(y, p, 0.5)
-    return {"metric": roc_auc(y, p), "accuracy": m["accuracy"], "f1": m["f1"]}
-
-
-def run_curve(strategy: str, data: dict[str, Any], seed: int, rounds: int, budget: int,
-              initial: np.ndarray) -> dict[str, list]:
-    """One simulated active-learning run; returns per evaluation point labels, metrics, defects."""
-    strat = make_strategy(strategy)
-    ids, emb, xs, y = data["train_ids"], data["train_emb"], data["train_x"], data["train_y"]
+def run_curve(strategy: str, data: dict[str, Any], seed: int, rounds: int, budget: int) -> dict[str, list]:
+    """One simulated active-learning run from no labels; per evaluation point labels, metrics, defects."""
+    strat, det = make_strategy(strategy), data["det"]
+    pool, y, ids = data["pool"], data["pool_y"], data["pool_ids"]
+    emb = pool.pooled / np.linalg.norm(pool.pooled, axis=1, keepdims=True)
     labelled = np.zeros(len(ids), dtype=bool)
-    labelled[initial] = True
     curve: dict[str, list] = {"labels": [], "metric": [], "accuracy": [], "f1": [], "defects": [],
-                              "select_seconds": []}
-    y_t = torch.from_numpy(y.astype(np.float64))
-    position = {int(i): k for k, i in enumerate(ids)}
+                              "select_seconds": [], "head": []}
     for rnd in range(rounds + 1):
         lab = np.flatnonzero(labelled)
-        wb = fit_probe(xs[lab], y_t[lab], CONFIG["probe"]["lbfgs_iterations"], seed * 1000 + rnd)
-        m = evaluate(predict(data["test_x"], wb), data["test_y"])
+        normal, defects = lab[~y[lab]], lab[y[lab]]
+        fitted = det.fit_head(pool.take(normal), pool.take(defects))
+        det.set_threshold(head_threshold(fitted, data["held_z"] if not len(normal) else det.z(pool.scores[normal]),
+                                         len(defects)))
+        m = evaluate(det, data)
         curve["labels"].append(int(lab.size))
         curve["defects"].append(int(y[lab].sum()))
+        curve["head"].append(fitted["chosen"])
         for k in ("metric", "accuracy", "f1"):
             curve[k].append(float(m[k]))
-        pool = np.flatnonzero(~labelled)
-        if rnd == rounds or pool.size == 0:
+        left = np.flatnonzero(~labelled)
+        if rnd == rounds or left.size == 0:
             break
-        p = predict(xs[pool], wb).astype(np.float64)
-        scores = PoolScores(image_ids=ids[pool], scores=p, probs=np.stack([1.0 - p, p], axis=1),
-                            embeddings=emb[pool], threshold=CONFIG["probe"]["threshold"])
+        logit, _ = det.scores_from_inputs(pool.take(left))
+        p = 1.0 / (1.0 + np.exp(-(logit - det.threshold.value)))
+        scores = PoolScores(image_ids=ids[left], scores=logit, probs=np.stack([1.0 - p, p], axis=1),
+                            embeddings=emb[left], threshold=float(det.threshold.value))
         t0 = time.perf_counter()
-        sel = strat.select(scores, min(budget, pool.size), labelled_embeddings=emb[lab], seed=seed * 1000 + rnd)
+        sel = strat.select(scores, min(budget, left.size), labelled_embeddings=emb[lab] if lab.size else None,
+                           seed=seed * 1000 + rnd)
         curve["select_seconds"].append(time.perf_counter() - t0)
+        position = {int(i): k for k, i in enumerate(ids)}
         picked = [position[int(i)] for i in sel.image_ids]
         if labelled[picked].any() or len(set(picked)) != len(picked):
             raise RuntimeError(f"{strategy} picked an image twice or one already labelled")
@@ -254,22 +225,13 @@ def prepare(store: ObjectStore, catalog: Catalog, key: str, cfg: dict[str, Any],
         train = stratified_subset(train, QUICK["subset"]["train"], rng)
         test = stratified_subset(test, QUICK["subset"]["test"], rng)
     t0 = time.perf_counter()
-    emb = embed_rows(store, train + test, cfg["image_size"])
-    embed_s = time.perf_counter() - t0
-    train_emb, test_emb = emb[:len(train)], emb[len(train):]
-    # standardise with the train split's statistics (label-free: every train image is in the pool)
-    mean, std = train_emb.mean(0, keepdims=True), train_emb.std(0, keepdims=True) + 1e-6
-    to_x = lambda e: torch.from_numpy(((e - mean) / std).astype(np.float64))  # noqa: E731
-    return {
-        "train_ids": np.array([r["image_id"] for r in train], dtype=np.int64),
-        "train_emb": train_emb, "train_x": to_x(train_emb),
-        "train_y": np.array([bool(r["defect"]) for r in train]),
-        "train_strata": np.array([r["stratum"] or "" for r in train]),
-        "test_x": to_x(test_emb), "test_y": np.array([bool(r["defect"]) for r in test]),
-        "embed_seconds": embed_s, "embedding_dim": int(emb.shape[1]),
-        "counts": {"train": len(train), "train_defects": sum(bool(r["defect"]) for r in train),
-                   "test": len(test), "test_defects": sum(bool(r["defect"]) for r in test)},
-    }
+    decoded = decode(store, train + test, cfg["image_size"])
+    y = np.array([bool(r["defect"]) for r in train + test])
+    return {"decoded": decoded, "y": y, "train": np.arange(len(train)),
+            "test": np.arange(len(train), len(train) + len(test)),
+            "decode_seconds": time.perf_counter() - t0,
+            "counts": {"train": len(train), "train_defects": sum(bool(r["defect"]) for r in train),
+                       "test": len(test), "test_defects": sum(bool(r["defect"]) for r in test)}}
 
 
 # -------------------------------------------------------------------------------------- summary
@@ -359,7 +321,7 @@ def write_plot(out: Path, result: dict[str, Any], datasets: list[str]) -> None:
                    label=f"random's final ({summ['random_final_metric']:.3f} at {summ['random_final_labels']})")
         ax.axvline(summ["half_random_final_labels"], color="gray", linewidth=0.8, linestyle="-.",
                    label=f"half random's labels ({summ['half_random_final_labels']:g})")
-        ax.set_xlabel("labelled images (acquired + initial)")
+        ax.set_xlabel("labelled images (from none)")
         ax.set_ylabel("test image ROC-AUC (mean ± std over seeds)")
         ax.set_title(f"{DATASETS[key]['title']}: train pool {counts['train']}, test {counts['test']} "
                      f"({counts['test_defects']} defective)", fontsize=10)
@@ -368,7 +330,7 @@ def write_plot(out: Path, result: dict[str, Any], datasets: list[str]) -> None:
         ax.set_ylim(max(0.0, lo - 0.01), min(1.0, hi + 0.01))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
-    fig.suptitle("Active learning: logistic probe on frozen EfficientNet-Lite0 embeddings, "
+    fig.suptitle(f"Active learning with the loop's model (mixed on {result['config']['base']}), from no labels, "
                  f"seeds {', '.join(map(str, result['config']['seeds']))}", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -406,8 +368,8 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
         best, best_n = summ["best_strategy"], summ["labels_to_reach_random_final"][summ["best_strategy"]]
         lines += [f"## {DATASETS[key]['title']}", "",
                   (f"Train pool {counts['train']} images ({counts['train_defects']} defective), test "
-                   f"{counts['test']} ({counts['test_defects']} defective). Initial labelled set "
-                   f"{d['initial']} (at least {d['min_defects']} defective), {d['budget']} a round, "
+                   f"{counts['test']} ({counts['test_defects']} defective); half of the train split is the "
+                   f"pool. No labels at the start, {d['budget']} a round, "
                    f"{d['rounds']} rounds: {labels[-1]} labels at the end "
                    f"({100 * labels[-1] / counts['train']:.0f} % of the train split)."), "",
                   (f"Aim {verdict}: random ends at image ROC-AUC {summ['random_final_metric']:.4f} "
@@ -420,7 +382,7 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
                    + ", ".join(f"seed {s}: {fmt_n(n)}" for s, n in
                                summ["best_labels_to_reach_random_final_per_seed"].items()) + "."), "",
                   "Test image ROC-AUC, mean ± std over seeds, at these label counts; the last columns: labels "
-                  "needed to reach random's final mean, and final accuracy / F1 at p >= 0.5:", "",
+                  "needed to reach random's final mean, and final accuracy / F1 at the model's threshold:", "",
                   "| strategy | " + " | ".join(str(labels[i]) for i in cols)
                   + " | labels to reach random's final | final acc / F1 |",
                   "|---|" + "---|" * (len(cols) + 2)]
@@ -436,7 +398,7 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
         for strategy, c in curves.items():
             lines.append(f"| {strategy} | " + " | ".join(f"{c['defects'][i]:.1f}" for i in cols) + " |")
         lines.append("")
-    lines += ["## Timings", "", "| dataset | import + split | embeddings | AL loop (all strategies, seeds) |",
+    lines += ["## Timings", "", "| dataset | import + split | decode, base fits, head inputs | AL loop (all strategies, seeds) |",
               "|---|---|---|---|"]
     for key in datasets:
         s = secs[key]
@@ -452,18 +414,17 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
 
 def notes_for(result: dict[str, Any], datasets: list[str]) -> list[str]:
     notes = [
-        "The model is a linear probe on frozen ImageNet features, chosen so that "
-        f"{len(datasets)} datasets × {len(result['config']['strategies'])} strategies × "
-        f"{len(result['config']['seeds'])} seeds × about 20 rounds fit on 2 CPU cores; the platform's "
-        "trained detectors and classifiers would rank differently, and so might the strategies. Absolute "
-        "ROC-AUCs are those of a frozen-feature probe, not of the platform's best models.",
+        "The model is the loop's own (mixed supervision on the label-free base). Unlike the platform's loop, "
+        "the base is not refitted as the pool shrinks: it is fitted once per seed on the half of the train "
+        "split that is not the pool, so only the head learns from the labels (the platform refits both).",
         "The platform's loop around the strategies (Label Studio round trips, scoring and retraining as "
         "Ray jobs) is exercised by the tests, not by this benchmark: here the oracle is the imported ground "
         "truth and everything runs in one process.",
-        "Embeddings are computed once per image, so they do not improve as labels arrive: the diversity "
-        "strategies (k_center, hybrid) see the same geometry in every round.",
-        "Curves are means over seeds of one fixed test split; the initial set differs per seed, the test "
-        "split does not. The std band is over seeds only.",
+        "Embeddings (pooled features of the base's backbone) are computed once per image and seed, so they "
+        "do not improve as labels arrive: the diversity strategies (k_center, hybrid) see the same geometry "
+        "in every round.",
+        "Curves are means over seeds of one fixed test split; the pool and the base differ per seed, the "
+        "test split does not. The std band is over seeds only.",
     ]
     for key in datasets:
         summ, title = result["summary"][key], DATASETS[key]["title"]
@@ -471,8 +432,8 @@ def notes_for(result: dict[str, Any], datasets: list[str]) -> list[str]:
         for strategy, c in result[key].items():
             same.setdefault(json.dumps(c["per_seed"], sort_keys=True), []).append(strategy)
         for group in (g for g in same.values() if len(g) > 1):
-            why = (" with a binary probe, probs = [1 - p, p] and threshold 0.5, entropy, margin and "
-                   "near_threshold all rank the pool by |p - 0.5|, so they pick the same images"
+            why = (" with probs = [1 - p, p] centred on the threshold, entropy, margin and near_threshold all "
+                   "rank the pool by the distance of the logit to the threshold, so they pick the same images"
                    if set(group) <= {"entropy", "margin", "near_threshold"} else "")
             notes.append(f"{title}: {', '.join(group)} gave identical curves for every seed{':' if why else ''}"
                          f"{why}.")
@@ -552,33 +513,34 @@ def main() -> None:
                       f"{imp['seconds']:.1f}s; split {imp['split']}", flush=True)
                 data = prepare(store, catalog, key, cfg, args.quick)
                 n_train = data["counts"]["train"]
-                print(f"[{time.perf_counter() - started:6.0f}s] {key}: embedded "
-                      f"{n_train + data['counts']['test']} images ({data['embedding_dim']}-d) in "
-                      f"{data['embed_seconds']:.1f}s", flush=True)
-                rounds = (QUICK["rounds"] if args.quick else
-                          max(1, round((cfg["target_labelled_fraction"] * n_train - d["initial"]) / d["budget"])))
+                print(f"[{time.perf_counter() - started:6.0f}s] {key}: decoded "
+                      f"{n_train + data['counts']['test']} images in {data['decode_seconds']:.1f}s", flush=True)
+                rounds = QUICK["rounds"] if args.quick else cfg["rounds"]
                 cfg["datasets"][key] = {"layout": d["layout"], "stratify_by": d["stratify_by"],
-                                        "initial": d["initial"], "min_defects": d["min_defects"],
                                         "budget": d["budget"], "rounds": rounds, "counts": data["counts"],
-                                        "split": imp["split"], "embedding_dim": data["embedding_dim"]}
-                initial = {s: initial_set(data["train_y"], data["train_strata"], d["initial"], d["min_defects"], s)
-                           for s in seeds}
-                t_loop = time.perf_counter()
+                                        "split": imp["split"]}
+                t_loop, fit_s = time.perf_counter(), 0.0
+                per_seed = {}
+                for seed in seeds:
+                    per_seed[seed] = prepare_seed(data["decoded"], data["y"], data["train"], data["test"], cfg, seed)
+                    fit_s += per_seed[seed]["seconds"]
+                    print(f"[{time.perf_counter() - started:6.0f}s] {key} seed {seed}: label-free base fitted and "
+                          f"head inputs cached in {per_seed[seed]['seconds']:.0f}s", flush=True)
                 result[key] = {}
                 for strategy in strategies:
                     curves = {}
                     for seed in seeds:
                         t0 = time.perf_counter()
-                        curves[seed] = run_curve(strategy, data, seed, rounds, d["budget"], initial[seed])
+                        curves[seed] = run_curve(strategy, per_seed[seed], seed, rounds, d["budget"])
                         c = curves[seed]
                         print(f"[{time.perf_counter() - started:6.0f}s] {key} {strategy:>14} seed {seed}: "
                               f"{METRIC} {c['metric'][0]:.3f} @ {c['labels'][0]} -> {c['metric'][-1]:.3f} @ "
-                              f"{c['labels'][-1]} labels ({c['defects'][-1]} defective), "
+                              f"{c['labels'][-1]} labels ({c['defects'][-1]} defective; head {c['head'][-1]}), "
                               f"{time.perf_counter() - t0:.1f}s", flush=True)
                     result[key][strategy] = aggregate(curves)
-                seconds[key] = {"import": round(imp["seconds"], 1), "embed": round(data["embed_seconds"], 1),
+                seconds[key] = {"import": round(imp["seconds"], 1), "embed": round(data["decode_seconds"] + fit_s, 1),
                                 "embed_images": n_train + data["counts"]["test"],
-                                "loop": round(time.perf_counter() - t_loop, 1)}
+                                "loop": round(time.perf_counter() - t_loop - fit_s, 1)}
             catalog.dispose()
         finally:
             server.stop()

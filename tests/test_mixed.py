@@ -193,3 +193,18 @@ def test_label_trained_settings_never_ship_p_at_one_half(catalog, store, tmp_pat
     detector, history = train_local(store, plan)
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert metrics["threshold"]["method"] == "best-f1" and metrics["threshold"]["value"] != 0.5
+
+
+def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_out(catalog, store, tmp_path):
+    """The loop's regime: a few labels and a large pool. The base fits on the pool; the labelled
+    normal images are the head's negatives and were never fitted on."""
+    name = _dataset(catalog, store, crack_tiles(tmp_path / "t", normal=16, defect=14, unlabelled=40), "pool")
+    plan = plan_run(catalog, TrainSpec(datasets=[name], setting="mixed", image_size=SIZE, batch_size=16))
+    labelled_normals = {r["image_id"] for r in plan.data.labelled if r["defect"] is False}
+    fit = {r["image_id"] for r in plan.streams["normal"]}
+    assert fit and fit <= {r["image_id"] for r in plan.data.unlabelled}
+    assert labelled_normals and labelled_normals <= {r["image_id"] for r in plan.streams["calibration"]}
+    detector, history = train_local(store, plan)
+    metrics = finish_run(catalog, store, plan, detector, history=history)
+    assert detector.info["head"]["normal_images"] + detector.info["head"]["normal_bank_images"] == len(labelled_normals)
+    assert metrics["threshold"]["method"] == "youden" and metrics["image_auroc"] >= 0.9

@@ -114,7 +114,7 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
                    patches_normal: np.ndarray | None = None, patches_defect: np.ndarray | None = None,
                    patch_map_defect: np.ndarray | None = None, targets_defect: list[np.ndarray | None] | None = None,
                    components: int = 16, penalties: tuple[float, ...] = (0.03, 0.3, 3.0), folds: int = 5,
-                   min_defects: int = 10, seed: int = 0) -> HeadFit:
+                   min_defects: int = 20, seed: int = 0) -> HeadFit:
     """Fit the head on z-scores of the base detector ([N_n], [N_d]), pooled backbone features
     ([N, D]) and, with a ``normal_bank`` and patches ([N, P, D']), the two-bank patch contrast.
 
@@ -167,13 +167,18 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
         out[idx >= n_n] = pc.image_scores(patches_defect[defect_i], dn_defect[defect_i])
         return out
 
+    contrast_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # per fold: shared by the patch candidates
+
     def extra(name: str, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Columns beside z for the training and the applied rows: patch contrast, then embedding."""
         cols_tr, cols_te = [], []
         if name.startswith("z+patches"):
-            pc = contrast(tr)
-            cols_tr.append(contrast_scores(pc, tr)[:, None])
-            cols_te.append(contrast_scores(pc, te)[:, None])
+            key = tr.tobytes() + b"|" + te.tobytes()
+            if key not in contrast_cache:
+                pc = contrast(tr)
+                contrast_cache[key] = (contrast_scores(pc, tr)[:, None], contrast_scores(pc, te)[:, None])
+            cols_tr.append(contrast_cache[key][0])
+            cols_te.append(contrast_cache[key][1])
         if "embedding" in name:
             mean, proj = _whiten(pooled[tr], components)
             cols_tr.append((pooled[tr] - mean) @ proj)

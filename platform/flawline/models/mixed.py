@@ -102,7 +102,7 @@ class MixedConfig(DetectorConfig):
     components: int = 16  # principal components of the pooled features the head may use
     penalties: tuple[float, ...] = (0.03, 0.3, 3.0)  # inverse L2 strengths (C) tried for the embedding
     folds: int = 5  # cross-validation folds (fewer when there are fewer labelled defects)
-    min_defects: int = 10  # below this many labelled defects the head uses z alone (CV too noisy)
+    min_defects: int = 20  # below this many labelled defects the head uses z alone (CV needs >= 4 a fold)
     margin: float = 0.005  # a richer head must beat z's out-of-fold ROC-AUC by this much
     bank_fraction: float = 1 / 3  # held-back normal images that form the normal patch bank
     blur_sigma: float = 4.0  # the patch contrast map, like the base maps
@@ -239,11 +239,12 @@ class MixedDetector(Detector):
         if self.stats is None:
             raise ConfigError("mixed: set the normal statistics first (set_normal_stats)")
         c: MixedConfig = self.config
-        bank = None
+        bank, bank_images = None, 0
         if len(normal) >= MIN_BANK_NORMALS and len(defects):
             order = np.random.default_rng([c.seed, 11]).permutation(len(normal))
             cut = max(1, round(c.bank_fraction * len(normal)))
             bank = coreset(normal.patches[order[:cut]].reshape(-1, normal.patches.shape[-1]), seed=c.seed)
+            bank_images = cut
             normal = normal.take(np.sort(order[cut:]))
         result = fit_image_head(self.z(normal.scores), normal.pooled, self.z(defects.scores), defects.pooled,
                                 normal_bank=bank, patches_normal=normal.patches, patches_defect=defects.patches,
@@ -253,6 +254,7 @@ class MixedDetector(Detector):
         self.head = result.head
         self.info["head"] = {"chosen": result.chosen, "cv_auroc": result.cv_auroc,
                              "normal_images": len(normal), "defect_images": len(defects),
+                             "normal_bank_images": bank_images,
                              "normal_bank": 0 if bank is None else int(bank.shape[0]),
                              "defect_bank": int(result.head["defect_bank"].shape[0])}
         return {"chosen": result.chosen, "cv_auroc": result.cv_auroc, "oof_scores": result.oof_scores,

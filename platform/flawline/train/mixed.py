@@ -1,12 +1,15 @@
 """Mixed supervision (``--setting mixed``): the normal-only detector a user picks, refined by
 whatever labels the train split has (``flawline.models.mixed``).
 
-1. ``normal``: the labelled normal images, less a seeded ``calibration_fraction`` held back; with
-   no labelled normal image at all (the active-learning loop's first round) every train image,
-   labelled or not, since defects are rare. The base detector embeds and fits on them (on Ray Data
-   actors in a Ray job, like the unsupervised setting).
-2. ``calibration``: the held-back normals. The base never saw them, so its scores on them give the
-   normal statistics and the head's negatives without the optimism of scoring fitted images.
+1. ``normal``: what the base detector embeds and fits on (on Ray Data actors in a Ray job, like the
+   unsupervised setting). With an unlabelled pool larger than the labelled normals (the active-
+   learning loop; its first round has no label at all) the pool: defects are rare, and the pool
+   extends the normal model far beyond what people labelled. Otherwise the labelled normal images
+   less a seeded ``calibration_fraction`` held back.
+2. ``calibration``: images the base never saw: every labelled normal image in the first case
+   (with a tenth of the pool added when there are fewer than ``MIN_HOLDOUT_NORMALS``), the
+   held-back normals in the second. All of them give the normal statistics; the labelled ones are
+   the head's negatives, without the optimism of scoring fitted images.
 3. ``defects``: every labelled defect image (image verdicts, with or without boxes or masks).
 4. The head is chosen and fitted by cross-validation (``flawline.models.head``), and the threshold
    is the best balanced accuracy (Youden's J) of its out-of-fold scores: labelled sets are skewed
@@ -43,9 +46,9 @@ def head_threshold(result: dict[str, Any], normal_z: np.ndarray, defects: int, h
     labelled images are defects; with no labelled defects the 0.99-quantile of the normal images'
     z-scores ``normal_z`` (the head is then z itself)."""
     n_cal = len(normal_z)
-    where = (f"{n_cal} held-back normal images" if held_out else
+    where = (f"{n_cal} images the base detector was not fitted on" if held_out else
              f"the {n_cal} normal images it was fitted on (too few to hold any back)")
-    if defects:
+    if defects and not result["oof_labels"].all():
         return th.youden(result["oof_labels"], result["oof_scores"],
                          {"images": len(result["oof_labels"]), "defects": defects, "normal_images": n_cal,
                           "note": f"out-of-fold scores of {defects} labelled defects and {where}"})
@@ -80,17 +83,26 @@ class MixedSupervision(TrainingSetting):
         return []
 
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
+        rng = np.random.default_rng(spec.seed)
         normal = [r for r in data.labelled if r["defect"] is False]
-        if not normal:  # nothing labelled normal yet: defects are rare, fit on every image
-            normal = [r for r in data.labelled + data.unlabelled if r["defect"] is not True]
+        pool = list(data.unlabelled)
+        defects = [r for r in data.labelled if r["defect"] is True]
+        if len(pool) > len(normal):
+            # An unlabelled pool (the active-learning loop): defects are rare, so the base fits on the
+            # pool; every labelled normal image stays out of that fit, for the head and the statistics.
+            calibration = list(normal)
+            if len(normal) < MIN_HOLDOUT_NORMALS:  # too few for the statistics: a tenth of the pool too
+                cut = set(rng.permutation(len(pool))[:max(MIN_HOLDOUT_NORMALS, len(pool) // 10)].tolist())
+                calibration += [r for i, r in enumerate(pool) if i in cut]
+                pool = [r for i, r in enumerate(pool) if i not in cut]
+            return {"normal": pool, "calibration": calibration, "defects": defects}
         held: set[int] = set()
         if len(normal) >= MIN_HOLDOUT_NORMALS:
             n = max(MIN_HOLDOUT_NORMALS // 2, round(self.calibration_fraction * len(normal)))
-            held = set(np.random.default_rng(spec.seed).permutation(len(normal))[:n].tolist())
+            held = set(rng.permutation(len(normal))[:n].tolist())
         fit = [r for i, r in enumerate(normal) if i not in held]
         calibration = [r for i, r in enumerate(normal) if i in held] if held else fit
-        return {"normal": fit, "calibration": calibration,
-                "defects": [r for r in data.labelled if r["defect"] is True]}
+        return {"normal": fit, "calibration": calibration, "defects": defects}
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:
@@ -104,12 +116,18 @@ class MixedSupervision(TrainingSetting):
         if not isinstance(detector, MixedDetector):
             raise ConfigError(f"setting 'mixed' trains the mixed detector, not {detector.name!r}")
         held_out = source.size("calibration") != source.size("normal") or source.size("normal") == 0
-        normal = HeadInputs.concat([detector.head_inputs(b["image"]) for b in source.epoch("calibration", 0)])
-        detector.set_normal_stats(normal.scores, normal.patch_map)
+        parts, labelled = [], []
+        for b in source.epoch("calibration", 0):
+            parts.append(detector.head_inputs(b["image"]))
+            labelled.append(b["target"].cpu().numpy() == 0)  # labelled normal (unlabelled pool rows: -1)
+        calibration = HeadInputs.concat(parts)
+        detector.set_normal_stats(calibration.scores, calibration.patch_map)
+        normal = calibration.take(np.flatnonzero(np.concatenate(labelled))) if parts else calibration
         defects = HeadInputs.concat([detector.head_inputs(b["image"], *_regions(b))
                                      for b in source.epoch("defects", 0)])
         result = detector.fit_head(normal, defects)
-        threshold = head_threshold(result, detector.z(normal.scores), len(defects), held_out)
+        threshold = head_threshold(result, detector.z((normal if len(normal) else calibration).scores), len(defects),
+                                   held_out)
         detector.set_threshold(threshold)
         detector.info["calibration"] = threshold.data.get("note")
         return {"head": result["chosen"], "cv_auroc": result["cv_auroc"], "calibration": threshold.data.get("note")}
