@@ -125,3 +125,17 @@ def test_max_area_decides_on_regions():
     t = th.Threshold(0.5, "max-area", {"max_area": 4})
     assert th.decide(t, np.array([0.9, 0.9, 0.0]), maps).tolist() == [False, True, False]
     assert th.decide(th.Threshold(0.5, "quantile"), np.array([0.9, 0.4, 0.6])).tolist() == [True, False, True]
+
+
+def test_youden_threshold_maximises_balanced_accuracy_and_ignores_the_defect_share():
+    from flawline.evaluate.thresholds import youden
+
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.9])
+    t = youden(labels, scores)
+    assert t.method == "youden" and t.value == 0.5 and t.params["balanced_accuracy"] == pytest.approx(0.875)
+    # the same images with the defects repeated tenfold: the threshold does not move (best F1 would)
+    many = youden(np.r_[labels, np.ones(40)], np.r_[scores, np.tile([0.5, 0.9], 20)])
+    assert many.value == t.value
+    with pytest.raises(InvalidInput, match="needs both normal and defect images"):
+        youden(np.ones(3), np.arange(3.0))

@@ -38,7 +38,8 @@ def evaluate(
     backbone: str = typer.Option("efficientnet_lite0", help="Feature backbone."),
     image_size: int = typer.Option(256, min=32, max=1024, help="Images are resized to this square size."),
     threshold: str = typer.Option("quantile", help="How to choose the threshold from normal validation "
-                                  "images: max, quantile, k-sigma, max-area; or best-f1 (needs labelled val)."),
+                                  "images: max, quantile, k-sigma, max-area; or best-f1 / youden (balanced accuracy; "
+                                  "both need labelled val)."),
     p: float = typer.Option(0.99, help="quantile: the p-quantile of normal scores."),
     k: float = typer.Option(3.0, help="k-sigma: mean + k * std."),
     max_area: int = typer.Option(64, help="max-area: largest tolerated anomalous region (pixels)."),
@@ -53,7 +54,7 @@ def evaluate(
     catalog, store = open_catalog(settings), open_store(settings)
     train_refs = split_refs(catalog, dataset, Split.train, normal_only=True)
     test_refs = split_refs(catalog, dataset, Split.test)
-    val_refs = split_refs(catalog, dataset, Split.val, normal_only=threshold != "best-f1")
+    val_refs = split_refs(catalog, dataset, Split.val, normal_only=threshold not in ("best-f1", "youden"))
     if not train_refs:
         raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
     if not test_refs:
