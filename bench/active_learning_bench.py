@@ -11,8 +11,10 @@ Protocol (the oracle is the imported ground truth):
   for every strategy and seed. ELPV: defect probability >= 0.5 is defective.
 - Model: the loop's own, the ``mixed`` detector (``flawline.models.mixed``) on a PaDiM base at
   224 px. Per seed the train split is cut in two seeded halves: the base is fitted on one half
-  (unlabelled: the label-free model of the loop's round 0, its normal statistics from a tenth of
-  that half held back), and the other half is the pool people label. Head inputs (base score,
+  (unlabelled: the label-free model of the loop's round 0, cross-fitted to leave the half's 20 %
+  most anomalous images out, as the platform's ``mixed`` setting does with an unlabelled pool; its
+  normal statistics from a tenth of that half held back), and the other half is the pool people
+  label. Head inputs (base score,
   pooled features, patch features) are computed ONCE per image and seed, and every round refits
   the head on them (``MixedDetector.fit_head``: cross-validated choice of z, embedding and patch
   contrast; defects with their masks where the dataset has them), the threshold with
@@ -89,6 +91,7 @@ CONFIG: dict[str, Any] = {
     "model": "mixed (flawline.models.mixed) on the base below; head refitted every round on cached inputs",
     "base": "padim",
     "base_share": 0.5,
+    "trim": 0.2,
     "rounds": 8,
     "decode_chunk": 256,
     "threads": 2,
@@ -156,7 +159,7 @@ def prepare_seed(decoded: dict[str, np.ndarray], y: np.ndarray, train: np.ndarra
     pool = np.sort(order[len(half):])
     held, fit = half[:max(10, len(half) // 10)], half[max(10, len(half) // 10):]
     det = create_detector("mixed", base_method=cfg["base"], backbone=cfg["backbone"], weights=cfg["weights"],
-                          image_size=cfg["image_size"], batch_size=32, seed=seed)
+                          image_size=cfg["image_size"], batch_size=32, seed=seed, trim=cfg["trim"])
     t0 = time.perf_counter()
     det.fit(torch.from_numpy(decoded["image"][fit]).float() / 255.0)
     h_held = head_inputs(det, decoded, held)

@@ -198,7 +198,11 @@ def test_label_trained_settings_never_ship_p_at_one_half(catalog, store, tmp_pat
 def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_out(catalog, store, tmp_path):
     """The loop's regime: a few labels and a large pool. The base fits on the pool; the labelled
     normal images are the head's negatives and were never fitted on."""
-    name = _dataset(catalog, store, crack_tiles(tmp_path / "t", normal=16, defect=14, unlabelled=40), "pool")
+    root = crack_tiles(tmp_path / "t", normal=16, defect=14, unlabelled=8)  # 4 of the 8 cracked
+    for i, tile in enumerate(sorted((crack_tiles(tmp_path / "more", normal=40, defect=0, unlabelled=0, seed=5)
+                                     / "normal").iterdir())):
+        tile.rename(root / "unlabeled" / f"clean{i}.png")  # a pool of 48, 4 of them defects
+    name = _dataset(catalog, store, root, "pool")
     plan = plan_run(catalog, TrainSpec(datasets=[name], setting="mixed", image_size=SIZE, batch_size=16))
     labelled_normals = {r["image_id"] for r in plan.data.labelled if r["defect"] is False}
     fit = {r["image_id"] for r in plan.streams["normal"]}
@@ -208,3 +212,21 @@ def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_ou
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert detector.info["head"]["normal_images"] + detector.info["head"]["normal_bank_images"] == len(labelled_normals)
     assert metrics["threshold"]["method"] == "youden" and metrics["image_auroc"] >= 0.9
+
+
+@pytest.mark.parametrize("base", ["padim", "patchcore", "flow"])
+def test_cross_fitting_leaves_a_pools_outliers_out_of_the_normal_model(base):
+    """An unlabelled pool with defects in it: with ``trim`` the confident outliers stay out of the
+    normal model, and held-out defects score higher against the normal images than without."""
+    pool = torch.cat([textures(40, 0), scratched(textures(8, 1), 1, 0.35)[0]])
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))]
+    test_x = torch.cat([textures(20, 3), scratched(textures(20, 4), 4, 0.35)[0]])
+    y = np.r_[np.zeros(20), np.ones(20)]
+    options = {"epochs": 4} if base == "flow" else {}
+    plain = create_detector("mixed", base_method=base, base_options=options, **FAST).fit(pool)
+    trimmed = create_detector("mixed", base_method=base, base_options=options, trim=0.2, **FAST).fit(pool)
+    assert trimmed.info["trimmed"]["left_out"] == pytest.approx(0.2 * len(pool), abs=2)
+    assert trimmed.base.info["train_images"] == len(pool) - trimmed.info["trimmed"]["left_out"]
+    before = roc_auc(y, plain.base.predict(test_x).scores)
+    after = roc_auc(y, trimmed.base.predict(test_x).scores)
+    assert after >= before, (before, after)

@@ -160,6 +160,13 @@ class Detector(ABC):
         """Fit on embedded batches (moving what it needs to ``self.device``); return the number
         of images seen."""
 
+    def score_embedded(self, embedded: Embedded) -> torch.Tensor:
+        """Image scores [B] straight from ``embed``'s output, as ``predict`` would give them for the
+        same images (no second backbone pass): lets a fit on embeddings score its own inputs
+        (e.g. ``mixed`` leaving outliers out of an unlabelled pool). Detectors that cannot raise
+        ConfigError."""
+        raise ConfigError(f"{self.name}: cannot score embeddings")
+
     @abstractmethod
     def scorer(self, chunked: bool = True) -> torch.nn.Module:
         """The fitted prediction path as one module: images → (scores [B], maps [B, S, S]).

@@ -205,6 +205,12 @@ class FlowDetector(Detector):
         train_epochs(self.flow, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, c.weight_decay, c.seed, self.info)
         return count
 
+    @torch.no_grad()
+    def score_embedded(self, embedded: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        feats = [f.to(self.device).float() / self.norm.view(1, -1, 1, 1) for f in embedded]
+        zs, _ = self.flow(feats)
+        return torch.stack([(0.5 * (z ** 2).sum(1)).flatten(1).mean(1) for z in zs], 1).mean(1)
+
     def state_dict(self) -> dict[str, Any]:
         return {"flow": self.flow.state_dict(), "norm": self.norm.cpu(), "channels": int(self.norm.numel())}
 

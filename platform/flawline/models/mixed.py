@@ -105,6 +105,9 @@ class MixedConfig(DetectorConfig):
     min_defects: int = 20  # below this many labelled defects the head uses z alone (CV needs >= 4 a fold)
     margin: float = 0.005  # a richer head must beat z's out-of-fold ROC-AUC by this much
     bank_fraction: float = 1 / 3  # held-back normal images that form the normal patch bank
+    # Share of the fit images left out as outliers by cross-fitting (``_trimmed``); the mixed setting
+    # sets it when the base fits on an unlabelled pool, which may hold defects.
+    trim: float = 0.0
     blur_sigma: float = 4.0  # the patch contrast map, like the base maps
 
 
@@ -169,6 +172,8 @@ class MixedDetector(Detector):
             raise ConfigError(f"mixed: base_options cannot set {', '.join(clash)} (shared with the base detector)")
         if c.components < 0 or c.folds < 2:
             raise ConfigError("mixed: components must be >= 0 and folds >= 2")
+        if not 0.0 <= c.trim < 0.5:
+            raise ConfigError(f"mixed: trim {c.trim} must lie in [0, 0.5)")
         self.base: Detector = create_detector(c.base_method, **shared, **c.base_options)
         self.stats: torch.Tensor | None = None
         self.head: dict[str, Any] | None = None  # pca_mean, pca, coef_z, coef_e, intercept, chosen
@@ -185,9 +190,42 @@ class MixedDetector(Detector):
         return self.base.embed(x)
 
     def _fit_embedded(self, embedded: Iterator[Embedded]) -> int:
-        self.base.fit_embedded(embedded)
+        c: MixedConfig = self.config
+        if c.trim <= 0:
+            self.base.fit_embedded(embedded)
+        else:
+            self.base.fit_embedded(self._trimmed(list(embedded)))
         self.stats, self.head = None, None
         return int(self.base.info.get("train_images", 0))
+
+    def _trimmed(self, batches: list[Embedded]) -> Iterator[Embedded]:
+        """Cross-fitting on an unlabelled pool that may hold defects: the batches are dealt into two
+        halves, a base detector is fitted on each and scores the other half, and the ``trim`` share
+        of each half that scores highest (the confident outliers) is left out of the final fit.
+        Yields the kept rows, batch by batch."""
+        c: MixedConfig = self.config
+        shared = {k: getattr(c, k) for k in SHARED_FIELDS}
+        halves = [batches[0::2], batches[1::2]]
+        if not halves[1]:  # one batch: nothing to cross-fit with
+            yield from batches
+            return
+        keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
+        left_out = 0
+        for h, (fit_on, score) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
+            model = create_detector(c.base_method, **shared, **c.base_options).fit_embedded(iter(fit_on))
+            scores = torch.cat([model.score_embedded(e).float().cpu() for e in score])
+            cut = torch.quantile(scores, 1.0 - c.trim)
+            flags = scores < cut
+            left_out += int((~flags).sum())
+            start = 0
+            for i, e in enumerate(score):
+                n = _rows_of(e)
+                keep[(1 - h) + 2 * i] = flags[start:start + n]
+                start += n
+        self.info["trimmed"] = {"share": c.trim, "left_out": left_out}
+        for e, k in zip(batches, keep):
+            if k.any():
+                yield _take(e, k)
 
     # -- step 2: statistics and head, on images the base did not see ----------------------------
     @torch.no_grad()
@@ -305,6 +343,14 @@ class MixedDetector(Detector):
         out = super().describe()
         out["config"] = {**dataclasses.asdict(self.config), "penalties": list(self.config.penalties)}
         return out
+
+
+def _rows_of(e: Embedded) -> int:
+    return int((e[0] if isinstance(e, tuple) else e).shape[0])
+
+
+def _take(e: Embedded, keep: torch.Tensor) -> Embedded:
+    return tuple(t[keep] for t in e) if isinstance(e, tuple) else e[keep]
 
 
 def identity_head() -> dict[str, Any]:

@@ -30,14 +30,17 @@ class PaDiMScorer(nn.Module):
         scores, maps, _ = self.forward_features(x)
         return scores, maps
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Scores [B], maps [B, S, S] and the backbone's feature maps they came from."""
-        feats = self.extractor(x)
-        f = patch_features(feats, pool=1).index_select(1, self.channel_idx)
+    def patch_distances(self, f: torch.Tensor) -> torch.Tensor:
+        """Selected-channel features [B, d, h, w] → Mahalanobis distance per position [B, h, w]."""
         b, d, h, w = f.shape
         diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean.unsqueeze(1)  # [P, B, d]
         m2 = (torch.bmm(diff, self.inv_cov) * diff).sum(-1).clamp_min(0)  # [P, B] squared Mahalanobis
-        patch_maps = m2.sqrt().T.reshape(b, h, w)
+        return m2.sqrt().T.reshape(b, h, w)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Scores [B], maps [B, S, S] and the backbone's feature maps they came from."""
+        feats = self.extractor(x)
+        patch_maps = self.patch_distances(patch_features(feats, pool=1).index_select(1, self.channel_idx))
         scores = patch_maps.flatten(1).max(1).values
         return scores, upsample_map(patch_maps, x.shape[-2:], self.blur_sigma), feats
 
@@ -98,6 +101,10 @@ class PaDiMDetector(Detector):
         self.inv_cov = torch.linalg.inv(cov).float()
         self.info.update(positions=int(mean.shape[0]), channels=int(mean.shape[1]))
         return count
+
+    @torch.no_grad()
+    def score_embedded(self, embedded: torch.Tensor) -> torch.Tensor:
+        return self.scorer().patch_distances(embedded.to(self.device).float()).flatten(1).max(1).values
 
     def scorer(self, chunked: bool = True) -> PaDiMScorer:
         return PaDiMScorer(self.extractor, self.channel_idx, self.mean, self.inv_cov, self.config.blur_sigma)

@@ -95,6 +95,13 @@ class PatchCoreDetector(Detector):
                          coreset_seconds=round(time.perf_counter() - started - extract_s, 2))
         return count
 
+    @torch.no_grad()
+    def score_embedded(self, embedded: torch.Tensor) -> torch.Tensor:
+        f = embedded.to(self.device).float()
+        q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        d = nearest_distances(q, self.bank, 1, self.config.search_chunk)
+        return d.reshape(f.shape[0], -1).max(1).values
+
     def scorer(self, chunked: bool = True) -> PatchCoreScorer:
         return PatchCoreScorer(self.extractor, self.bank, self.config.blur_sigma,
                                self.config.search_chunk if chunked else None)

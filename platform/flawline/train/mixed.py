@@ -4,8 +4,11 @@ whatever labels the train split has (``flawline.models.mixed``).
 1. ``normal``: what the base detector embeds and fits on (on Ray Data actors in a Ray job, like the
    unsupervised setting). With an unlabelled pool larger than the labelled normals (the active-
    learning loop; its first round has no label at all) the pool: defects are rare, and the pool
-   extends the normal model far beyond what people labelled. Otherwise the labelled normal images
-   less a seeded ``calibration_fraction`` held back.
+   extends the normal model far beyond what people labelled; since it may hold defects, the
+   detector cross-fits two halves and leaves the ``pool_trim`` most anomalous images of each half
+   out (semi-supervised: confidently normal images extend the normal model, confident outliers
+   stay out of it). Otherwise the labelled normal images less a seeded ``calibration_fraction``
+   held back.
 2. ``calibration``: images the base never saw: every labelled normal image in the first case
    (with a tenth of the pool added when there are fewer than ``MIN_HOLDOUT_NORMALS``), the
    held-back normals in the second. All of them give the normal statistics; the labelled ones are
@@ -22,6 +25,7 @@ calibrates on it, as for every setting).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -77,6 +81,21 @@ class MixedSupervision(TrainingSetting):
     optional_streams = ("defects",)  # no labelled defect yet: the base detector alone, calibrated on normals
     calibration_fraction = 0.2
 
+    pool_trim = 0.2  # share of an unlabelled pool left out of the normal model as outliers (cross-fitting)
+
+    @staticmethod
+    def fits_on_pool(data: RunData) -> bool:
+        """The base fits on the unlabelled pool when it outnumbers the labelled normal images."""
+        return len(data.unlabelled) > data.count("labelled", defect=False)
+
+    def build(self, spec: TrainSpec, data: RunData, device: str = "auto") -> Detector:
+        """The mixed detector; fitting on an unlabelled pool, it leaves the pool's ``pool_trim``
+        most anomalous images out of the normal model (``MixedDetector._trimmed``), unless the
+        run's options set ``trim``."""
+        if self.fits_on_pool(data) and "trim" not in spec.options:
+            spec = dataclasses.replace(spec, options={**spec.options, "trim": self.pool_trim})
+        return super().build(spec, data, device)
+
     def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
         if not data.labelled and not data.unlabelled:
             return ["no images in the train split"]
@@ -87,7 +106,7 @@ class MixedSupervision(TrainingSetting):
         normal = [r for r in data.labelled if r["defect"] is False]
         pool = list(data.unlabelled)
         defects = [r for r in data.labelled if r["defect"] is True]
-        if len(pool) > len(normal):
+        if self.fits_on_pool(data):
             # An unlabelled pool (the active-learning loop): defects are rare, so the base fits on the
             # pool; every labelled normal image stays out of that fit, for the head and the statistics.
             calibration = list(normal)
