@@ -92,7 +92,7 @@ CONFIG: dict[str, Any] = {
     "base": "padim",
     "base_share": 0.5,
     "trim": 0.2,
-    "rounds": 8,
+    "rounds": 6,
     "decode_chunk": 256,
     "threads": 2,
 }

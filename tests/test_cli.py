@@ -124,7 +124,7 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     assert "16 new images" in out and "blowhole 4, crack 4" in out
     assert f"Label Studio already running at {labelstudio.url}" in out
     assert "simulation: 0 train labels kept" in out  # the loop starts from no labels
-    assert "starting model magnetic-tile-mixed-mixed:1: image_auroc" in out  # the label-free figure first
+    assert "starting model magnetic-tile-mixed-padim:1: image_auroc" in out  # the label-free figure first
     # one round: 3 images labelled through Label Studio, refined (3 >= 3), the metric printed
     assert "round 0: 3 images sent to Label Studio" in out and "round 0: 3 labels (3 new" in out
     assert "retrain at 3): retrained (run " in out and "image_auroc" in out
@@ -132,7 +132,7 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     # the production model deployed with Serve answers for a held-out image over HTTP, with its overlay
     assert "predicting the held-out test image" in out
     overlays = list((data / "reports" / "quickstart").glob("*.overlay.png"))
-    assert len(overlays) == 1 and ("DEFECT" in out or " ok " in out) and "magnetic-tile-mixed-mixed:" in out
+    assert len(overlays) == 1 and ("DEFECT" in out or " ok " in out) and "magnetic-tile-mixed-padim:" in out
 
 
 def test_data_survives_a_restart(local_env, folder_tree):

@@ -83,7 +83,7 @@ def test_no_defects_calibrates_on_normals_alone_and_says_so():
     det, normal = fitted()
     result = det.fit_head(normal, HeadInputs.concat([]))
     assert result["chosen"].startswith("z (no labelled defects")
-    t = head_threshold(result, det.z(normal.scores), 0, 1.0)
+    t = head_threshold(result, det.z(normal.scores), 0)
     assert t.method == "quantile" and "no labelled defects" in t.data["note"]
     assert t.value == pytest.approx(np.quantile(det.z(normal.scores), 0.99))
 
@@ -160,7 +160,7 @@ def test_mixed_setting_trains_calibrates_on_held_out_images_and_registers(catalo
     t = metrics["threshold"]
     assert t["method"] == "youden" and "out-of-fold" in t["data"]["note"]
     assert metrics["image_auroc"] >= 0.95 and metrics["accuracy"] >= 0.9
-    assert metrics["model"] == "tiles-mixed-mixed:1"
+    assert metrics["model"] == "tiles-mixed-padim:1"
 
 
 def test_mixed_setting_starts_from_no_labels(catalog, store, tmp_path):

@@ -93,7 +93,7 @@ class LoopSpec:
         spec = self.train_spec()
         from flawline.train.settings import get_setting
 
-        return spec.name(get_setting(spec.setting).method(spec))
+        return get_setting(spec.setting).model_name(spec)
 
 
 def human_label_count(catalog: Catalog, dataset: str) -> int:

@@ -45,7 +45,7 @@ def run(
     wait_hours: float = typer.Option(24.0, help="How long a round waits for people to finish its tasks."),
     seed: int = typer.Option(0, help="Seed for selection and training."),
     as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON."),
-) -> None:
+) -> str:
     """score → select → push (with pre-annotations) → wait → pull → retrain → evaluate → promote if
     better; each round is recorded in the catalog. Serve picks up a promoted model without a restart."""
     from flawline.active.loop import ActiveLoop, LoopSpec, local_scorer, ray_scorer
@@ -79,9 +79,10 @@ def run(
     results = loop.run()
     if as_json:
         print_json(results)
-        return
+        return spec.model_name()
     _rounds_table([{**r, "queue": None} for r in results],
                   title=f"{dataset}: active learning (model {spec.model_name()})")
+    return spec.model_name()
 
 
 def _rounds_table(rounds: list[dict], title: str) -> None:

@@ -101,18 +101,17 @@ def quickstart(
     services.status(as_json=False)
     if not loop:
         return
-    loop_cli.run(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy="hybrid",
+    model = loop_cli.run(dataset=dataset, budget=budget, rounds=rounds, retrain_after=retrain_after, strategy="hybrid",
                  task="segmentation", setting="mixed", method="mixed", base=base, image_size=image_size,
                  epochs=epochs, workers=2, in_process=False, simulate=True, keep_labels=keep_labels,
                  wait_hours=1.0, seed=seed, as_json=False)
     loop_cli.status(dataset=dataset, plot=None, as_json=False)
     if serve:
-        _serve_and_predict(dataset, seed)
+        _serve_and_predict(dataset, model, seed)
 
 
-def _serve_and_predict(dataset: str, seed: int) -> None:
+def _serve_and_predict(dataset: str, model: str, seed: int) -> None:
     """Deploy the Serve app and ask it for one held-out (test split) image's verdict."""
-    from flawline.active.loop import LoopSpec
     from flawline.context import open_catalog, open_store
     from flawline.train.data import held_out_image
 
@@ -122,7 +121,6 @@ def _serve_and_predict(dataset: str, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / name
     image.write_bytes(data)
-    model = LoopSpec(dataset=dataset).model_name()
     console.print(f"deploying the production model {model} with Ray Serve …")
     serve_cli.up(config=serve_cli.DEFAULT_CONFIG, app_dir=serve_cli.REPO, port=None, timeout=300.0, wait=True)
     console.print(f"predicting the held-out test image {image} through {settings.serve_url}:")

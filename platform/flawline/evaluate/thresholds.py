@@ -1,7 +1,8 @@
 """Decision thresholds a person can understand and control.
 
 From normal validation images, the four methods of the survey (Bergmann et al.): maximum score,
-p-quantile, k-sigma and maximum defect area; with labelled defects also best-F1. Each returns a
+p-quantile, k-sigma and maximum defect area; with labelled defects also best-F1 and Youden's J
+(best balanced accuracy, independent of the share of defects). Each returns a
 ``Threshold`` that records how and on what data it was chosen; a manual value overrides it.
 """
 
@@ -115,18 +116,16 @@ def decide(threshold: Threshold, scores: np.ndarray, maps: np.ndarray | None = N
     return np.array(verdicts, dtype=bool)
 
 
-def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None,
-            weights: np.ndarray | None = None) -> Threshold:
-    """The score threshold with the highest F1 on labelled images (needs defects and normals).
-    ``weights`` [N]: how many images each one stands for (e.g. held-back normals standing for the
-    train split's prior); precision and recall are scikit-learn's weighted ones."""
+def best_f1(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> Threshold:
+    """The score threshold with the highest F1 on labelled images (needs defects and normals);
+    scikit-learn's precision-recall curve."""
     from sklearn.metrics import precision_recall_curve
 
     y = np.asarray(labels).astype(bool).ravel()
     s = _normal_scores(scores)
     if y.all() or not y.any():
         raise InvalidInput("best-f1 threshold needs both normal and defect images")
-    precision, recall, thresholds = precision_recall_curve(y, s, sample_weight=weights)
+    precision, recall, thresholds = precision_recall_curve(y, s)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
     i = int(np.argmax(f1))

@@ -46,8 +46,8 @@ def defect_patches(patches: np.ndarray, targets: list[np.ndarray | None], patch_
             sel = np.argsort(-m)[:TOP_PATCHES_WEAK]
         else:
             sel = np.flatnonzero(target >= 0.5)
-            if not len(sel):
-                sel = np.array([int(np.argmax(target))])
+            if not len(sel):  # a region smaller than a patch: the patch it covers most, if any
+                sel = np.array([int(np.argmax(target))]) if target.max() > 0 else np.argsort(-m)[:TOP_PATCHES_WEAK]
         rows.append(p[sel])
     return np.concatenate(rows)
 
@@ -209,9 +209,8 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
     model = _fit(z, e_all, labels, c_best)
     coef = model.coef_.ravel()
     coef_z = float(coef[0] * Z_SCALE)
-    if best == "z" and coef_z <= 0:  # labels that contradict the base: keep its ranking
-        return HeadFit(identity_head(), "z (the labels did not rank with the base score)", cv,
-                       oof_by.get("z", z), labels)
+    if best == "z" and coef_z <= 0:  # labels that contradict the base: keep its ranking (the score is z)
+        return HeadFit(identity_head(), "z (the labels did not rank with the base score)", cv, z, labels)
     head = identity_head()
     head.update(coef_z=coef_z, intercept=float(model.intercept_[0]), chosen=best)
     rest = coef[1:]
@@ -226,5 +225,5 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
     oof = oof_by.get(best)
     if oof is None:  # not cross-validated: in-sample logits (stated in ``chosen``)
         oof = model.decision_function(_design(z, e_all))
-        best = f"{best} (1 defect: not cross-validated)"
+        best = f"{best} (one image of a verdict: not cross-validated)"
     return HeadFit(head, best, cv, oof, labels)

@@ -12,9 +12,9 @@ Parts, all in one prediction path (``MixedScorer``, which ONNX export runs too):
   computed them from (``forward_features``: no second backbone pass).
 - normal statistics: mean and standard deviation of s and of m on normal images the base was not
   fitted on, so z = (s - mean) / std is in units of the normal spread.
-- a head: logistic regression (scikit-learn) on z and one of: the whitened principal components
-  of the globally pooled backbone features (what an image looks like as a whole), or the patch
-  contrast (``flawline.models.head.PatchContrast``): per patch, the nearest-neighbour distance to
+- a head: logistic regression (scikit-learn) on z and, where labels carry it, the whitened
+  principal components of the globally pooled backbone features (what an image looks like as a
+  whole), the patch contrast, or both. The patch contrast (``flawline.models.head.PatchContrast``): per patch, the nearest-neighbour distance to
   a normal patch bank minus that to a bank of labelled defect patches (from masks, boxes, or the
   most anomalous patches of images with a verdict only), the image taking its highest patch. The
   weight on z is (almost) unpenalised, the others are L2-penalised, so with few defects the head
@@ -176,7 +176,8 @@ class MixedDetector(Detector):
             raise ConfigError(f"mixed: trim {c.trim} must lie in [0, 0.5)")
         self.base: Detector = create_detector(c.base_method, **shared, **c.base_options)
         self.stats: torch.Tensor | None = None
-        self.head: dict[str, Any] | None = None  # pca_mean, pca, coef_z, coef_e, intercept, chosen
+        self.head: dict[str, Any] | None = None
+        self._scorer: MixedScorer | None = None  # pca_mean, pca, coef_z, coef_e, intercept, chosen
 
     # -- the backbone is the base detector's ----------------------------------------------------
     @property
@@ -194,8 +195,8 @@ class MixedDetector(Detector):
         if c.trim <= 0:
             self.base.fit_embedded(embedded)
         else:
-            self.base.fit_embedded(self._trimmed(list(embedded)))
-        self.stats, self.head = None, None
+            self.base.fit_embedded(self._trimmed([_cpu(e) for e in embedded]))
+        self.stats, self.head, self._scorer = None, None, None
         return int(self.base.info.get("train_images", 0))
 
     def _trimmed(self, batches: list[Embedded]) -> Iterator[Embedded]:
@@ -207,15 +208,18 @@ class MixedDetector(Detector):
         shared = {k: getattr(c, k) for k in SHARED_FIELDS}
         halves = [batches[0::2], batches[1::2]]
         if not halves[1]:  # one batch: nothing to cross-fit with
+            self.info["trimmed"] = {"share": 0.0, "left_out": 0, "note": "one batch: nothing to cross-fit"}
             yield from batches
             return
         keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
         left_out = 0
         for h, (fit_on, score) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
-            model = create_detector(c.base_method, **shared, **c.base_options).fit_embedded(iter(fit_on))
+            model = create_detector(c.base_method, **shared, **c.base_options)
+            model._extractor = self.base.extractor  # one backbone for the three fits
+            model.fit_embedded(iter(fit_on))
             scores = torch.cat([model.score_embedded(e).float().cpu() for e in score])
-            cut = torch.quantile(scores, 1.0 - c.trim)
-            flags = scores < cut
+            flags = torch.ones(len(scores), dtype=torch.bool)  # rank cut: ties never empty a half
+            flags[torch.argsort(scores, descending=True)[:int(round(c.trim * len(scores)))]] = False
             left_out += int((~flags).sum())
             start = 0
             for i, e in enumerate(score):
@@ -257,6 +261,7 @@ class MixedDetector(Detector):
         s_mean, s_std = _mean_std(scores)
         m_mean, m_std = _mean_std(maps)
         self.stats = torch.tensor([s_mean, s_std, m_mean, m_std], dtype=torch.float32)
+        self._scorer = None
         self.info["normal_stats"] = {"images": int(len(scores)), "score_mean": round(s_mean, 6),
                                      "score_std": round(s_std, 6), "map_mean": round(m_mean, 6),
                                      "map_std": round(m_std, 6)}
@@ -269,7 +274,8 @@ class MixedDetector(Detector):
 
         ``normal``/``defects``: head inputs of labelled normal images the base was not fitted on and
         of labelled defect images. A seeded ``bank_fraction`` of the normal images (when there are
-        at least ``MIN_BANK_NORMALS``) gives the normal patch bank and takes no other part, so no
+        at least ``MIN_BANK_NORMALS``, and ``min_defects`` defects for the patch contrast to be a
+        candidate) gives the normal patch bank and takes no other part, so no
         image meets its own patches. Returns ``{"chosen", "cv_auroc", "oof_scores" [N],
         "oof_labels" [N]}`` (the head's normals first, then the defects)."""
         from flawline.models.head import coreset, fit_image_head
@@ -278,7 +284,7 @@ class MixedDetector(Detector):
             raise ConfigError("mixed: set the normal statistics first (set_normal_stats)")
         c: MixedConfig = self.config
         bank, bank_images = None, 0
-        if len(normal) >= MIN_BANK_NORMALS and len(defects):
+        if len(normal) >= MIN_BANK_NORMALS and len(defects) >= c.min_defects:
             order = np.random.default_rng([c.seed, 11]).permutation(len(normal))
             cut = max(1, round(c.bank_fraction * len(normal)))
             bank = coreset(normal.patches[order[:cut]].reshape(-1, normal.patches.shape[-1]), seed=c.seed)
@@ -289,7 +295,7 @@ class MixedDetector(Detector):
                                 patch_map_defect=defects.patch_map, targets_defect=defects.targets,
                                 components=c.components, penalties=c.penalties, folds=c.folds,
                                 min_defects=c.min_defects, seed=c.seed)
-        self.head = result.head
+        self.head, self._scorer = result.head, None
         self.info["head"] = {"chosen": result.chosen, "cv_auroc": result.cv_auroc,
                              "normal_images": len(normal), "defect_images": len(defects),
                              "normal_bank_images": bank_images,
@@ -325,9 +331,13 @@ class MixedDetector(Detector):
                            1024 if chunked else None)
 
     def _predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer()(x)
+        if self._scorer is None:  # built once: it copies the banks to the device
+            self._scorer = self.scorer()
+        return self._scorer(x)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.stats is None:
+            raise ConfigError("mixed: not trained (no normal statistics); nothing to save")
         head = {**identity_head(), **(self.head or {})}
         return {"base": self.base.state_dict(), "base_info": dict(self.base.info), "stats": self.stats.cpu(),
                 "head": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.items()}}
@@ -336,7 +346,7 @@ class MixedDetector(Detector):
         self.base.load_state_dict(state["base"])
         self.base.info = dict(state.get("base_info") or {})
         self.stats = state["stats"].float()
-        self.head = dict(state["head"])
+        self.head, self._scorer = dict(state["head"]), None
         self.fitted = True
 
     def describe(self) -> dict[str, Any]:
@@ -347,6 +357,10 @@ class MixedDetector(Detector):
 
 def _rows_of(e: Embedded) -> int:
     return int((e[0] if isinstance(e, tuple) else e).shape[0])
+
+
+def _cpu(e: Embedded) -> Embedded:
+    return tuple(t.cpu() for t in e) if isinstance(e, tuple) else e.cpu()
 
 
 def _take(e: Embedded, keep: torch.Tensor) -> Embedded:

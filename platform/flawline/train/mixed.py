@@ -40,22 +40,23 @@ from flawline.train.data import BatchSource, RunData
 from flawline.train.settings import TrainingSetting, register_setting
 from flawline.train.spec import TrainSpec
 
+MIN_NORMALS = 3  # labelled normal images without a pool: at least one to fit on, two to check on
 MIN_HOLDOUT_NORMALS = 10  # with fewer normal images none are held back (stated in the threshold's record)
 QUANTILE = 0.99
 
 
-def head_threshold(result: dict[str, Any], normal_z: np.ndarray, defects: int, held_out: bool = True) -> th.Threshold:
+def head_threshold(result: dict[str, Any], normal_z: np.ndarray, defects: int) -> th.Threshold:
     """The threshold for a fitted head (``MixedDetector.fit_head``'s result): the best balanced
     accuracy (Youden's J) of its out-of-fold scores, which does not depend on how many of the
     labelled images are defects; with no labelled defects the 0.99-quantile of the normal images'
     z-scores ``normal_z`` (the head is then z itself)."""
     n_cal = len(normal_z)
-    where = (f"{n_cal} images the base detector was not fitted on" if held_out else
-             f"the {n_cal} normal images it was fitted on (too few to hold any back)")
+    where = f"{n_cal} images the base detector was not fitted on"
     if defects and not result["oof_labels"].all():
+        how = "in-sample" if "not cross-validated" in result["chosen"] else "out-of-fold"
         return th.youden(result["oof_labels"], result["oof_scores"],
                          {"images": len(result["oof_labels"]), "defects": defects, "normal_images": n_cal,
-                          "note": f"out-of-fold scores of {defects} labelled defects and {where}"})
+                          "note": f"{how} scores of {defects} labelled defects and {where}"})
     return th.quantile(normal_z, QUANTILE, {"normal_images": n_cal,
                                             "note": f"no labelled defects: calibrated on {where} alone"})
 
@@ -88,6 +89,10 @@ class MixedSupervision(TrainingSetting):
         """The base fits on the unlabelled pool when it outnumbers the labelled normal images."""
         return len(data.unlabelled) > data.count("labelled", defect=False)
 
+    def model_name(self, spec: TrainSpec) -> str:
+        """``<datasets>-mixed-<base>``: models on different bases are different models."""
+        return spec.model_name or f"{'+'.join(spec.datasets)}-mixed-{spec.options.get('base_method', 'padim')}"
+
     def build(self, spec: TrainSpec, data: RunData, device: str = "auto") -> Detector:
         """The mixed detector; fitting on an unlabelled pool, it leaves the pool's ``pool_trim``
         most anomalous images out of the normal model (``MixedDetector._trimmed``), unless the
@@ -97,8 +102,9 @@ class MixedSupervision(TrainingSetting):
         return super().build(spec, data, device)
 
     def missing_labels(self, data: RunData, spec: TrainSpec) -> list[str]:
-        if not data.labelled and not data.unlabelled:
-            return ["no images in the train split"]
+        if not self.fits_on_pool(data) and data.count("labelled", defect=False) < MIN_NORMALS:
+            return [f"fewer than {MIN_NORMALS} labelled normal images and no larger unlabelled pool (the normal "
+                    "model needs images to fit on and others to be checked on)"]
         return []
 
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
@@ -115,13 +121,10 @@ class MixedSupervision(TrainingSetting):
                 calibration += [r for i, r in enumerate(pool) if i in cut]
                 pool = [r for i, r in enumerate(pool) if i not in cut]
             return {"normal": pool, "calibration": calibration, "defects": defects}
-        held: set[int] = set()
-        if len(normal) >= MIN_HOLDOUT_NORMALS:
-            n = max(MIN_HOLDOUT_NORMALS // 2, round(self.calibration_fraction * len(normal)))
-            held = set(rng.permutation(len(normal))[:n].tolist())
-        fit = [r for i, r in enumerate(normal) if i not in held]
-        calibration = [r for i, r in enumerate(normal) if i in held] if held else fit
-        return {"normal": fit, "calibration": calibration, "defects": defects}
+        n = min(len(normal) - 1, max(2, round(self.calibration_fraction * len(normal))))
+        held = set(rng.permutation(len(normal))[:n].tolist())
+        return {"normal": [r for i, r in enumerate(normal) if i not in held],
+                "calibration": [r for i, r in enumerate(normal) if i in held], "defects": defects}
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:
@@ -134,7 +137,6 @@ class MixedSupervision(TrainingSetting):
         """Normal statistics, head and threshold from the ``calibration`` and ``defects`` streams."""
         if not isinstance(detector, MixedDetector):
             raise ConfigError(f"setting 'mixed' trains the mixed detector, not {detector.name!r}")
-        held_out = source.size("calibration") != source.size("normal") or source.size("normal") == 0
         parts, labelled = [], []
         for b in source.epoch("calibration", 0):
             parts.append(detector.head_inputs(b["image"]))
@@ -145,8 +147,7 @@ class MixedSupervision(TrainingSetting):
         defects = HeadInputs.concat([detector.head_inputs(b["image"], *_regions(b))
                                      for b in source.epoch("defects", 0)])
         result = detector.fit_head(normal, defects)
-        threshold = head_threshold(result, detector.z((normal if len(normal) else calibration).scores), len(defects),
-                                   held_out)
+        threshold = head_threshold(result, detector.z((normal if len(normal) else calibration).scores), len(defects))
         detector.set_threshold(threshold)
         detector.info["calibration"] = threshold.data.get("note")
         return {"head": result["chosen"], "cv_auroc": result["cv_auroc"], "calibration": threshold.data.get("note")}

@@ -54,6 +54,9 @@ class RunPlan:
                 "val": len(self.data.val), "test": len(self.data.test)}
 
 
+CALIBRATION_FRACTION = 0.15  # of labelled train images, held back to calibrate label-trained detectors
+
+
 def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     """Gather the rows and check them against the setting; raises a one-line InvalidInput naming
     what is missing."""
@@ -66,6 +69,20 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     missing = setting.missing_labels(data, spec)
     if missing:
         raise InvalidInput(f"{where} cannot train {spec.setting!r}: " + "; ".join(missing))
+    if setting.gradient and not _both_verdicts(data.val):
+        # Label-trained detectors output p(defect) that is not a calibrated probability: hold back a
+        # seeded share of each verdict's labelled train images to choose the threshold on.
+        held = hold_back(data.labelled, CALIBRATION_FRACTION, spec.seed)
+        if not _both_verdicts(held):
+            raise InvalidInput(f"{where}: cannot calibrate {spec.setting!r}: it needs a validation split with both "
+                               "verdicts, or at least 2 labelled train images of each verdict to hold one back")
+        ids = {r["image_id"] for r in held}
+        data.val = data.val + held
+        data.labelled = [r for r in data.labelled if r["image_id"] not in ids]
+        missing = setting.missing_labels(data, spec)
+        if missing:
+            raise InvalidInput(f"{where} cannot train {spec.setting!r} once images are held back for its "
+                               "threshold: " + "; ".join(missing))
     if not data.test:
         raise InvalidInput(f"{where}: no labelled images in the test split to evaluate on; run `flawline data split`")
     streams = setting.select(data, spec)
@@ -79,19 +96,7 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
         cut = set(rng.permutation(len(normal))[:max(1, len(normal) // 10)].tolist()) if len(normal) > 1 else set()
         data.val = data.val + [r for i, r in enumerate(normal) if i in cut]
         streams["normal"] = [r for i, r in enumerate(normal) if i not in cut]
-    if setting.gradient and not _both_verdicts(data.val):
-        # Label-trained detectors output p(defect) that is not a calibrated probability: hold back a
-        # seeded, stratified share of the labelled train images to choose the threshold on.
-        held = hold_back(data.labelled, CALIBRATION_FRACTION, spec.seed)
-        if held:
-            ids = {r["image_id"] for r in held}
-            data.val = data.val + held
-            data.labelled = [r for r in data.labelled if r["image_id"] not in ids]
-            streams = {name: [r for r in rows if r["image_id"] not in ids] for name, rows in streams.items()}
     return RunPlan(spec, setting, method, data, streams)
-
-
-CALIBRATION_FRACTION = 0.15  # of labelled train images, held back to calibrate label-trained detectors
 
 
 def _both_verdicts(rows: list[dict[str, Any]]) -> bool:
@@ -159,7 +164,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     if history:
         metrics["epochs"] = history
-    name = spec.name(plan.method)
+    name = plan.setting.model_name(spec)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     key = f"models/{name}/{f'run-{run_id}' if run_id else stamp}/model.pt"
     store.put_bytes(key, detector_to_bytes(detector))

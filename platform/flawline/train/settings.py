@@ -45,6 +45,10 @@ class TrainingSetting(ABC):
             raise ConfigError(f"setting {self.name!r} trains {', '.join(self.methods)}; not {method!r}")
         return method
 
+    def model_name(self, spec: TrainSpec) -> str:
+        """The registered model's name (``spec.model_name``, else ``<datasets>-<setting>-<method>``)."""
+        return spec.name(self.method(spec))
+
     def build(self, spec: TrainSpec, data: RunData, device: str = "auto") -> Detector:
         """A fresh, untrained detector for this run (same on every worker), on ``device``."""
         settings: dict[str, Any] = {"backbone": spec.backbone, "image_size": spec.image_size,
