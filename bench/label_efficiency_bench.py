@@ -182,10 +182,10 @@ def run_dataset(name: str, args, log) -> dict:  # noqa: ANN001
                 point = {"labels": n, "label_count": 0 if c is None else c, "seed": seed, **m,
                          "majority_accuracy": majority, "head": fitted["chosen"],
                          "head_seconds": round(time.perf_counter() - tf, 1)}
-                names = [setting] + (["fewshot"] if setting == "weakly_image" and n <= 10 else [])
-                names += ["fewshot"] if setting == "label_free" else []
-                for name in names:
-                    seed_facts.setdefault("points", []).append({"setting": name, **point})
+                reported = [setting] + (["fewshot"] if setting == "weakly_image" and n <= 10 else [])
+                reported += ["fewshot"] if setting == "label_free" else []
+                for as_setting in reported:
+                    seed_facts.setdefault("points", []).append({"setting": as_setting, **point})
                 log(f"  seed {seed} {setting:13s} L={n:4d} AUROC {m['image_auroc']:.4f} acc {m['accuracy']:.4f} "
                     f"F1 {m['f1']:.4f} head {fitted['chosen']} ({point['head_seconds']} s)")
         per_seed.append(seed_facts)
