@@ -117,7 +117,8 @@ class MixedSupervision(TrainingSetting):
             # pool; every labelled normal image stays out of that fit, for the head and the statistics.
             calibration = list(normal)
             if len(normal) < MIN_HOLDOUT_NORMALS:  # too few for the statistics: a tenth of the pool too
-                cut = set(rng.permutation(len(pool))[:max(MIN_HOLDOUT_NORMALS, len(pool) // 10)].tolist())
+                k = min(max(MIN_HOLDOUT_NORMALS, len(pool) // 10), len(pool) // 2)  # the fit keeps half at least
+                cut = set(rng.permutation(len(pool))[:k].tolist())
                 calibration += [r for i, r in enumerate(pool) if i in cut]
                 pool = [r for i, r in enumerate(pool) if i not in cut]
             return {"normal": pool, "calibration": calibration, "defects": defects}
