@@ -150,8 +150,10 @@ def test_missing_labels(catalog, store):
     make_blob_dataset(catalog, store, "nonormal", defects=6, normals=0)
     with pytest.raises(InvalidInput, match="no labelled normal images in the train split"):
         plan_run(catalog, _spec("nonormal", "classifier"))
-    plan = plan_run(catalog, _spec("nonormal", "segmenter"))  # outside the boxes is background
-    assert len(plan.streams["labelled"]) == plan.data.count("labelled")
+    # Outside the boxes is background, but with no normal image there is nothing to choose the
+    # verdict threshold on without a validation split: refused before training, not shipped at p >= 0.5.
+    with pytest.raises(InvalidInput, match="cannot calibrate 'weakly'.*validation split with both verdicts"):
+        plan_run(catalog, _spec("nonormal", "segmenter"))
 
 
 def test_select_drops_defects_without_boxes():
