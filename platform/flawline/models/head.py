@@ -151,10 +151,16 @@ def fit_image_head(z_normal: np.ndarray, pooled_normal: np.ndarray, z_defect: np
     splits = (list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(z, labels))
               if n_folds >= 2 else [])
 
+    banks: dict[bytes, PatchContrast] = {}  # per training set: the final fit reuses the one extra() built
+
     def contrast(train_idx: np.ndarray) -> PatchContrast:
-        dd = train_idx[train_idx >= n_n] - n_n
-        bank = coreset(defect_patches(patches_defect[dd], [targets[i] for i in dd], patch_map_defect[dd]), seed=seed)
-        return PatchContrast(normal_bank, bank)
+        key = train_idx.tobytes()
+        if key not in banks:
+            dd = train_idx[train_idx >= n_n] - n_n
+            bank = coreset(defect_patches(patches_defect[dd], [targets[i] for i in dd], patch_map_defect[dd]),
+                           seed=seed)
+            banks[key] = PatchContrast(normal_bank, bank)
+        return banks[key]
 
     dn_normal = dn_defect = None
     if any(name.startswith("z+patches") for name, _ in candidates):  # the normal bank is fixed: once
