@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import func, select
 
+from conftest import SIZE, crack_tiles
+from flawline.catalog import Annotation, AnnotationSource, Dataset, Image, Label
+from flawline.catalog.queries import image_labels
 from flawline.data.ingest import import_dataset
 from flawline.data.split import SplitSpec, assign_splits
 from flawline.errors import ConfigError
@@ -19,10 +23,8 @@ from flawline.models import create_detector
 from flawline.models.artifacts import detector_from_bytes, detector_to_bytes
 from flawline.models.mixed import HeadInputs
 from flawline.train import TrainSpec
-from flawline.train.mixed import head_threshold
+from flawline.train.mixed import MixedSupervision, head_threshold
 from flawline.train.runner import finish_run, plan_run, train_local
-
-from conftest import SIZE, crack_tiles
 
 FAST = {"image_size": SIZE, "batch_size": 16}
 
@@ -195,7 +197,8 @@ def test_label_trained_settings_never_ship_p_at_one_half(catalog, store, tmp_pat
     assert metrics["threshold"]["method"] == "best-f1" and metrics["threshold"]["value"] != 0.5
 
 
-def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_out(catalog, store, tmp_path):
+def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_out(catalog, store, tmp_path,
+                                                                                 monkeypatch):
     """The loop's regime: a few labels and a large pool. The base fits on the pool; the labelled
     normal images are the head's negatives and were never fitted on."""
     root = crack_tiles(tmp_path / "t", normal=16, defect=14, unlabelled=8)  # 4 of the 8 cracked
@@ -212,6 +215,27 @@ def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_ou
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert detector.info["head"]["normal_images"] + detector.info["head"]["normal_bank_images"] == len(labelled_normals)
     assert metrics["threshold"]["method"] == "youden" and metrics["image_auroc"] >= 0.9
+    # The pool's confident outliers became pseudo defect annotations: cracked images only (u1, u3,
+    # ...), none of them human labels. With ~11 held-out normals no conformal confidence reaches
+    # 0.99, so none were stored at the default tau.
+    assert metrics["pseudo_defects"] == 0
+    with catalog.session() as s:
+        before = image_labels(s, s.scalar(select(Dataset.id).where(Dataset.name == name)))
+    monkeypatch.setattr(MixedSupervision, "tau", 0.9)
+    stored = plan.setting.after_training(catalog, store, plan, detector, "pool-mixed-padim")["pseudo_defects"]
+    with catalog.session() as s:
+        rows = s.execute(select(Image.origin, Annotation.label, Annotation.confidence, Annotation.annotator)
+                         .join(Annotation, Annotation.image_id == Image.id)
+                         .where(Annotation.source == AnnotationSource.pseudo)).all()
+    assert stored == len(rows) >= 2
+    assert all(label == Label.defect and c >= 0.9 and who == "flawline:pool-mixed-padim" for _, label, c, who in rows)
+    assert all(Path(o).stem.startswith("u") and int(Path(o).stem[1:]) % 2 == 1 for o, *_ in rows), rows  # cracked
+    again = plan.setting.after_training(catalog, store, plan, detector, "pool-mixed-padim")["pseudo_defects"]
+    with catalog.session() as s:  # replaced, not added to
+        assert again == stored == s.scalar(select(func.count()).select_from(Annotation)
+                                           .where(Annotation.source == AnnotationSource.pseudo))
+        dataset_id = s.scalar(select(Dataset.id).where(Dataset.name == name))
+        assert image_labels(s, dataset_id) == before  # pseudo-annotations decide no image's label
 
 
 @pytest.mark.parametrize("base", ["padim", "patchcore", "flow"])
@@ -230,3 +254,12 @@ def test_cross_fitting_leaves_a_pools_outliers_out_of_the_normal_model(base):
     before = roc_auc(y, plain.base.predict(test_x).scores)
     after = roc_auc(y, trimmed.base.predict(test_x).scores)
     assert after >= before, (before, after)
+
+
+def test_conformal_confidence_of_a_pseudo_annotation():
+    """1 - (1 + #{normal scores >= s}) / (n + 1): never above n / (n + 1), ties count as normal."""
+    from flawline.train.pseudo import conformal_confidence
+
+    normals = np.arange(1.0, 10.0)  # n = 9
+    got = conformal_confidence(normals, np.array([10.0, 9.0, 5.0, 0.0]))
+    assert got == pytest.approx([0.9, 0.8, 0.4, 0.0])

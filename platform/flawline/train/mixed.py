@@ -19,6 +19,10 @@ whatever labels the train split has (``flawline.models.mixed``).
    towards defects (active learning, few-shot), so a prior-free criterion. With no labelled defect
    the threshold is the 0.99-quantile of the held-back normals' scores, and its record says so.
 
+5. After the model is registered, the unlabelled pool's confident outliers are stored as ``pseudo``
+   defect annotations (``after_training``): at or above the threshold, and with a conformal
+   confidence of at least ``tau`` against the held-out normal images' scores.
+
 A validation split with both verdicts, where there is one, overrides that threshold (the runner
 calibrates on it, as for every setting).
 """
@@ -26,19 +30,25 @@ calibrates on it, as for every setting).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from flawline.catalog import Catalog, Label
 from flawline.errors import ConfigError
 from flawline.evaluate import thresholds as th
 from flawline.models import Detector
 from flawline.models.mixed import HeadInputs, MixedDetector
+from flawline.storage import ObjectStore
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData
+from flawline.train.pseudo import PseudoVerdict, conformal_confidence, predict_and_store
 from flawline.train.settings import TrainingSetting, register_setting
 from flawline.train.spec import TrainSpec
+
+if TYPE_CHECKING:
+    from flawline.train.runner import RunPlan
 
 MIN_NORMALS = 3  # labelled normal images without a pool: at least one to fit on, two to check on
 MIN_HOLDOUT_NORMALS = 10  # with fewer normal images none are held back (stated in the threshold's record)
@@ -82,6 +92,7 @@ class MixedSupervision(TrainingSetting):
     optional_streams = ("defects",)  # no labelled defect yet: the base detector alone, calibrated on normals
     calibration_fraction = 0.2
 
+    tau = 0.99  # conformal confidence a pseudo-annotation needs (after_training)
     pool_trim = 0.2  # share of an unlabelled pool left out of the normal model as outliers (cross-fitting)
 
     @staticmethod
@@ -148,7 +159,34 @@ class MixedSupervision(TrainingSetting):
         defects = HeadInputs.concat([detector.head_inputs(b["image"], *_regions(b))
                                      for b in source.epoch("defects", 0)])
         result = detector.fit_head(normal, defects)
-        threshold = head_threshold(result, detector.z((normal if len(normal) else calibration).scores), len(defects))
+        normal_z = detector.z((normal if len(normal) else calibration).scores)
+        threshold = head_threshold(result, normal_z, len(defects))
         detector.set_threshold(threshold)
+        # the held-out normal images' final scores: what a pseudo-annotation's confidence is measured against
+        oof_normal = result["oof_scores"][result["oof_labels"] == 0] if len(defects) else normal_z
+        detector.calibration_scores = np.sort(np.asarray(oof_normal, dtype=np.float64))
         detector.info["calibration"] = threshold.data.get("note")
         return {"head": result["chosen"], "cv_auroc": result["cv_auroc"], "calibration": threshold.data.get("note")}
+
+    @torch.no_grad()
+    def after_training(self, catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,
+                       model_name: str) -> dict[str, Any]:
+        """Confident outliers of the unlabelled pool become ``pseudo`` defect annotations
+        (``flawline.train.pseudo``; annotator ``flawline:<model name>``): images at or above the
+        model's threshold whose conformal confidence against the held-out normal images' scores
+        (``flawline.train.pseudo.conformal_confidence``) reaches ``tau``. With fewer than
+        ``tau / (1 - tau)`` held-out normals (99 at 0.99) no score can reach it: none are stored."""
+        normals = getattr(detector, "calibration_scores", None)
+        if not plan.data.unlabelled or normals is None or not isinstance(detector, MixedDetector):
+            return {}
+        threshold = detector.threshold.value
+
+        def verdicts(ids: list[int], images: torch.Tensor) -> list[PseudoVerdict]:
+            scores = np.asarray(detector.predict(images).scores, dtype=np.float64)
+            confidence = conformal_confidence(normals, scores)
+            return [PseudoVerdict(i, Label.defect, round(float(c), 4))
+                    for i, s, c in zip(ids, scores, confidence) if s >= threshold and c >= self.tau]
+
+        stored = predict_and_store(catalog, store, plan.data.unlabelled, plan.spec.image_size,
+                                   f"flawline:{model_name}", verdicts)
+        return {"pseudo_defects": stored, "pseudo_tau": self.tau}

@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from sqlalchemy import delete
 from torch import nn
 
-from flawline.catalog import Annotation, AnnotationSource, Catalog, Label
+from flawline.catalog import Catalog, Label
 from flawline.data import augment
 from flawline.errors import ConfigError, InvalidInput
 from flawline.models import Detector
 from flawline.models.base import iter_batches
 from flawline.storage import ObjectStore
 from flawline.train.context import TrainContext
-from flawline.train.data import BatchSource, RunData, decode_all
+from flawline.train.data import BatchSource, RunData
 from flawline.train.loop import autocast, train_network
+from flawline.train.pseudo import PseudoVerdict, predict_and_store
 from flawline.train.settings import TrainingSetting, missing_verdicts, register_setting
 from flawline.train.spec import TrainSpec
 from flawline.train.supervised import class_weights, classifier_steps
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from flawline.train.runner import RunPlan
 
 PASS_STRIDE = 1000  # virtual epoch numbers for repeated passes over a stream within one epoch
-PREDICT_CHUNK = 256  # unlabelled images decoded at once when storing pseudo-labels
 
 
 def cycle(source: BatchSource, stream: str, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -148,34 +147,26 @@ def store_pseudo_labels(catalog: Catalog, detector: Detector, store: ObjectStore
                         image_size: int, tau: float, *, model_name: str | None = None) -> int:
     """Predict ``rows`` (RunData rows) with a trained classifier and store every verdict whose class
     probability reaches ``tau`` as an annotation with ``source = pseudo``, ``confidence`` = that
-    probability and ``annotator = "flawline:<model name>"``. This annotator's earlier pseudo-labels
-    on these images are replaced (an image it is no longer confident about loses its old one).
-    Returns the number stored."""
+    probability and ``annotator = "flawline:<model name>"`` (``flawline.train.pseudo``). This
+    annotator's earlier pseudo-labels on these images are replaced (an image it is no longer
+    confident about loses its old one). Returns the number stored.
+
+    Raises ``ConfigError`` when ``detector`` is not a classifier (no class probabilities)."""
     net = getattr(detector, "net", None)
     classes = getattr(detector.config, "classes", None)
     if net is None or not classes:
         raise ConfigError(f"{detector.name}: pseudo-labels need a classifier (class probabilities)")
-    annotator = f"flawline:{model_name or detector.name}"
-    ids = [r["image_id"] for r in rows]
     net.eval()
-    probs = []
-    for start in range(0, len(rows), PREDICT_CHUNK):  # decoded a chunk at a time: pools can be large
-        images = decode_all(store, rows[start:start + PREDICT_CHUNK], image_size)["image"]
+
+    def verdicts(ids: list[int], images: torch.Tensor) -> list[PseudoVerdict]:
+        probs = []
         for batch in iter_batches(images, detector.config.batch_size):
             with detector.autocast():
-                logits, _ = net(detector.prepare(batch.float() / 255.0))
+                logits, _ = net(detector.prepare(batch))
             probs.append(logits.float().softmax(1).cpu())
-    found: list[tuple[int, int, float]] = []  # image id, class index, probability
-    if probs:
         conf, cls = torch.cat(probs).max(1)
-        found = [(i, int(k), float(p)) for i, k, p in zip(ids, cls, conf) if float(p) >= tau]
-    with catalog.session() as s:
-        for start in range(0, len(ids), 500):
-            s.execute(delete(Annotation).where(Annotation.image_id.in_(ids[start:start + 500]),
-                                               Annotation.source == AnnotationSource.pseudo,
-                                               Annotation.annotator == annotator))
-        s.add_all([Annotation(image_id=i, label=Label.defect if k else Label.normal,
-                              defect_class=classes[k] if k and classes[k] != "defect" else None,
-                              confidence=p, source=AnnotationSource.pseudo, annotator=annotator)
-                   for i, k, p in found])
-    return len(found)
+        return [PseudoVerdict(i, Label.defect if k else Label.normal, float(p),
+                              classes[k] if k and classes[k] != "defect" else None)
+                for i, k, p in zip(ids, cls.tolist(), conf) if float(p) >= tau]
+
+    return predict_and_store(catalog, store, rows, image_size, f"flawline:{model_name or detector.name}", verdicts)
