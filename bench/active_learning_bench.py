@@ -353,8 +353,8 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
     cfg = result["config"]
     secs = result["seconds"]
     lines = ["# Active learning: learning curves per query strategy against random", "",
-             (f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores (no GPU), "
-              f"{secs['total'] / 60:.1f} min in all; seeds {', '.join(map(str, cfg['seeds']))}; "
+             (f"Last run {result['measured_at']} on {result['machine']['cpus']} CPU cores (no GPU), "
+              f"{secs['total'] / 60:.1f} min (each dataset below says when it was measured); seeds {', '.join(map(str, cfg['seeds']))}; "
               f"strategies: {', '.join(cfg['strategies'])}."
               + (" **Quick smoke run: the figures mean nothing.**" if result["quick"] else "")), "",
              "Aim (the issue): the best strategy reaches random's final mean test metric with at most half "
@@ -370,6 +370,7 @@ def write_markdown(out: Path, result: dict[str, Any], datasets: list[str]) -> No
         verdict = "**met**" if summ["aim_met"] else "**not met**"
         best, best_n = summ["best_strategy"], summ["labels_to_reach_random_final"][summ["best_strategy"]]
         lines += [f"## {DATASETS[key]['title']}", "",
+                  f"Measured {result.get('measured_per_dataset', {}).get(key, result['measured_at'])}.", "",
                   (f"Train pool {counts['train']} images ({counts['train_defects']} defective), test "
                    f"{counts['test']} ({counts['test_defects']} defective); half of the train split is the "
                    f"pool. No labels at the start, {d['budget']} a round, "
@@ -550,6 +551,21 @@ def main() -> None:
     seconds["total"] = round(time.perf_counter() - started, 1)
 
     result["summary"] = {key: summarise(result[key]) for key in args.datasets}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    measured = {key: now for key in args.datasets}
+    shown = list(args.datasets)
+    previous = out / "active_learning.json"
+    if previous.exists() and not args.quick:  # datasets not run now keep their last measurement, dated
+        old = json.loads(previous.read_text())
+        for key in [k for k in DATASETS if k not in args.datasets and k in old]:
+            result[key], result["summary"][key] = old[key], old["summary"][key]
+            cfg["datasets"][key] = old["config"]["datasets"][key]
+            seconds[key] = old.get("seconds", {}).get(key)
+            measured[key] = old.get("measured_per_dataset", {}).get(key, old.get("measured_at"))
+            shown.append(key)
+            print(f"{key}: kept from the run of {measured[key]} (not run now)", flush=True)
+    shown = [k for k in DATASETS if k in shown]
+    result["measured_per_dataset"] = measured
     result["config"] = cfg
     result["protocol"] = [line.strip() for line in _protocol_lines()]
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
@@ -559,11 +575,11 @@ def main() -> None:
     result["seconds"] = seconds
     result["quick"] = args.quick
     result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    result["notes"] = notes_for(result, args.datasets)
+    result["notes"] = notes_for(result, shown)
     out.mkdir(parents=True, exist_ok=True)
     (out / "active_learning.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out / "active_learning.md", result, args.datasets)
-    write_plot(out / "active_learning.png", result, args.datasets)
+    write_markdown(out / "active_learning.md", result, shown)
+    write_plot(out / "active_learning.png", result, shown)
     for key in args.datasets:
         s = result["summary"][key]
         print(f"{key}: random {s['random_final_metric']:.4f} @ {s['random_final_labels']} labels; best "

@@ -13,6 +13,12 @@ Per dataset and seed (the test split fixed per seed):
   images are known in every setting (a normal-only detector needs them). Settings:
   ``label_free`` (L = 0), ``fewshot`` (k <= 10 defects, image verdicts), ``weakly_image`` (image
   verdicts), ``weakly_boxes`` (boxes around each mask component; Magnetic Tile only),
+  ``semi`` (the L labelled defects with their masks where the dataset has them, the rest of the
+  defect pool unlabelled: the fitted model's confident outliers among them, at or above its
+  threshold with conformal confidence >= 0.99 against the held-out normals
+  (``flawline.train.pseudo.conformal_confidence``, the rule the ``mixed`` setting stores
+  ``pseudo`` annotations by), join as image-level defects and the head is refitted; the pool holds
+  no unlabelled normal image here, so every pseudo-defect is right by construction),
   ``supervised`` (pixel masks where the dataset has them, else verdicts).
 - The threshold is the setting's own (``flawline.train.mixed.head_threshold``: out-of-fold
   balanced accuracy, or the normals' 0.99-quantile at L = 0); accuracy and F1 at it on the test split, and the
@@ -43,11 +49,12 @@ from flawline.data.loading import decode_image, decode_mask, stack_rgb
 from flawline.models import create_detector
 from flawline.models.mixed import HeadInputs, MixedDetector
 from flawline.train.mixed import head_threshold
+from flawline.train.pseudo import conformal_confidence
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = [0, 5, 10, 25, 50, 100, 200, 400, "all"]
-SETTINGS = ["label_free", "fewshot", "weakly_image", "weakly_boxes", "supervised"]
-FITTED = ["weakly_image", "weakly_boxes", "supervised"]  # fewshot = weakly_image's points at k <= 10 (same model)
+SETTINGS = ["label_free", "fewshot", "weakly_image", "weakly_boxes", "semi", "supervised"]
+FITTED = ["weakly_image", "weakly_boxes", "semi", "supervised"]  # fewshot = weakly_image's points at k <= 10 (same model)
 
 
 def load(name: str, size: int):
@@ -168,25 +175,42 @@ def run_dataset(name: str, args, log) -> dict:  # noqa: ANN001
             if setting == "supervised" and masks is None:
                 continue  # no masks: supervised = image verdicts, i.e. weakly_image (stated in the notes)
             for c in [c for c in COUNTS if c == "all" or 0 < c < len(pool)]:
+                if setting == "semi" and c == "all":
+                    continue  # nothing left unlabelled
                 rows.setdefault(setting, []).append(c)
+        if "semi" in rows:
+            rows["semi"].insert(0, 0)  # confident outliers alone, no label
         for setting, counts in rows.items():
             for c in counts:
                 n = 0 if c is None else (len(pool) if c == "all" else int(c))
                 idx = np.arange(n)
                 src = h_pool_box if setting == "weakly_boxes" else h_pool_mask
-                d = src.take(idx, None if setting in ("weakly_boxes", "supervised") else [None] * n)
+                d = src.take(idx, None if setting in ("weakly_boxes", "supervised", "semi") else [None] * n)
                 tf = time.perf_counter()
                 fitted = det.fit_head(h_cal, d)
                 det.set_threshold(head_threshold(fitted, det.z(h_cal.scores), n))
+                pseudo = 0
+                if setting == "semi":  # the unlabelled rest of the pool: confident outliers join as verdicts
+                    rest = np.arange(n, len(pool))
+                    s_rest, _ = det.scores_from_inputs(h_pool_mask.take(rest))
+                    normal_s = fitted["oof_scores"][fitted["oof_labels"] == 0] if n else det.z(h_cal.scores)
+                    conf = conformal_confidence(np.sort(normal_s), s_rest)
+                    picked = rest[(s_rest >= det.threshold.value) & (conf >= 0.99)]
+                    pseudo = len(picked)
+                    if pseudo:
+                        d = HeadInputs.concat([d, h_pool_mask.take(picked, [None] * pseudo)])
+                        fitted = det.fit_head(h_cal, d)
+                        det.set_threshold(head_threshold(fitted, det.z(h_cal.scores), n + pseudo))
                 m = metrics(det, h_test, y, test_masks)
                 point = {"labels": n, "label_count": 0 if c is None else c, "seed": seed, **m,
+                         **({"pseudo_defects": pseudo} if setting == "semi" else {}),
                          "majority_accuracy": majority, "head": fitted["chosen"],
                          "head_seconds": round(time.perf_counter() - tf, 1)}
                 reported = [setting] + (["fewshot"] if setting == "weakly_image" and n <= 10 else [])
                 reported += ["fewshot"] if setting == "label_free" else []
                 for as_setting in reported:
                     seed_facts.setdefault("points", []).append({"setting": as_setting, **point})
-                log(f"  seed {seed} {setting:13s} L={n:4d} AUROC {m['image_auroc']:.4f} acc {m['accuracy']:.4f} "
+                log(f"  seed {seed} {setting:13s} L={n:4d}{f' +{pseudo} pseudo' if pseudo else ''} AUROC {m['image_auroc']:.4f} acc {m['accuracy']:.4f} "
                     f"F1 {m['f1']:.4f} head {fitted['chosen']} ({point['head_seconds']} s)")
         per_seed.append(seed_facts)
         log(f"{name} seed {seed}: {time.perf_counter() - ts:.0f} s")
@@ -197,14 +221,16 @@ def run_dataset(name: str, args, log) -> dict:  # noqa: ANN001
             group = [r for r in rows if r["label_count"] == c]
             out = result[setting]
             out["labels"].append(c if c != "all" else f"all ({statistics.median(r['labels'] for r in group):.0f})")
-            for k in ("image_auroc", "accuracy", "f1", "majority_accuracy", "pixel_auroc"):
+            for k in ("image_auroc", "accuracy", "f1", "majority_accuracy", "pixel_auroc", "pseudo_defects"):
                 vals = [r[k] for r in group if k in r]
                 if vals:
                     out.setdefault(k, []).append(round(statistics.mean(vals), 4))
                     out.setdefault(k + "_std", []).append(round(statistics.pstdev(vals), 4))
             out["head"].append(sorted({r["head"] for r in group}))
     result = {k: v for k, v in result.items() if v["labels"]}
-    return {"settings": result, "seeds": per_seed, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"settings": result, "seeds": per_seed, "seconds": round(time.perf_counter() - t0, 1),
+            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), "base": base_of(args.base, name),
+            "size": args.size, "seed_list": args.seeds}
 
 
 def write_report(out: Path, data: dict) -> None:
@@ -214,13 +240,16 @@ def write_report(out: Path, data: dict) -> None:
     import matplotlib.pyplot as plt
 
     lines = ["# Label efficiency: mixed supervision on top of the label-free detector", "",
-             f"Measured {data['measured']} on {data['machine']}; base detectors {data['base']}, "
-             f"{data['size']} px, seeds {data['seeds']}; {data['minutes']:.1f} min in all. "
+             f"Last run {data['measured']} on {data['machine']} ({data['minutes']:.1f} min); each dataset "
+             f"below says when it was measured. Base detectors {data['base']}. "
              "Protocol and settings: the docstring of `bench/label_efficiency_bench.py`. "
              "Figures are means over seeds (± population std).", ""]
     fig, axes = plt.subplots(1, len(data["datasets"]), figsize=(6 * len(data["datasets"]), 4.2), squeeze=False)
     for ax, (name, d) in zip(axes[0], data["datasets"].items()):
         lines += [f"## {name}", ""]
+        if "measured" in d:
+            lines += [f"Measured {d['measured']}; base {d['base']}, {d['size']} px, seeds {d['seed_list']}, "
+                      f"{d['seconds'] / 60:.1f} min.", ""]
         base = d["settings"]["label_free"]
         lines.append(f"Label-free ({data['base'][name]}): image AUROC {base['image_auroc'][0]:.4f} ± "
                      f"{base['image_auroc_std'][0]:.4f}, accuracy {base['accuracy'][0]:.4f}, F1 {base['f1'][0]:.4f} "
@@ -230,6 +259,8 @@ def write_report(out: Path, data: dict) -> None:
         for setting, v in d["settings"].items():
             for i, c in enumerate(v["labels"]):
                 pix = f"{v['pixel_auroc'][i]:.4f}" if "pixel_auroc" in v else "-"
+                if "pseudo_defects" in v:
+                    c = f"{c} (+{v['pseudo_defects'][i]:.0f} pseudo)"
                 lines.append(f"| {setting} | {c} | {v['image_auroc'][i]:.4f} ± {v['image_auroc_std'][i]:.4f} | "
                              f"{v['accuracy'][i]:.4f} | {v['f1'][i]:.4f} | {pix} | {', '.join(v['head'][i])} |")
             xs = [int(str(c).split("(")[-1].rstrip(")")) if isinstance(c, str) else c for c in v["labels"]]
@@ -263,6 +294,18 @@ def main() -> None:
             "base": {name: base_of(args.base, name) for name in args.datasets}, "size": args.size, "seeds": args.seeds, "datasets": {}}
     for name in args.datasets:
         data["datasets"][name] = run_dataset(name, args, log)
+    previous = args.out / "label_efficiency.json"
+    if previous.exists():  # datasets not run this time keep their last measurement (each says when)
+        kept = json.loads(previous.read_text()).get("_run", {})
+        for name, d in kept.get("datasets", {}).items():
+            if name not in data["datasets"]:
+                d.setdefault("measured", kept.get("measured"))
+                d.setdefault("base", kept.get("base", {}).get(name))
+                d.setdefault("size", kept.get("size"))
+                d.setdefault("seed_list", kept.get("seeds"))
+                data["datasets"][name] = d
+                data["base"][name] = d["base"]
+                log(f"{name}: kept from the run of {d['measured']} (not run now)")
     data["minutes"] = round((time.perf_counter() - started) / 60, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     shape = {name: {s: {k: v for k, v in d.items() if k != "head"} for s, d in ds["settings"].items()}
