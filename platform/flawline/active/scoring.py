@@ -68,7 +68,7 @@ def score_local(detector: Detector, store: ObjectStore, rows: list[dict[str, Any
     scores, embs = [], []
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = torch.from_numpy(decode_rows(store, part, image_size)["image"]).float() / 255.0
+        x = torch.from_numpy(decode_rows(store, part, image_size, detector.config.white)["image"]).float() / 255.0
         s, e = score_batch(detector, x)
         scores.append(s)
         embs.append(e)
@@ -111,7 +111,8 @@ class ScoreRows:
         from flawline.train.data import decode_rows
 
         rows = [json.loads(r) for r in batch["row"]]
-        x = torch.from_numpy(decode_rows(self.store, rows, self.image_size)["image"]).float() / 255.0
+        x = torch.from_numpy(decode_rows(self.store, rows, self.image_size,
+                                         self.detector.config.white)["image"]).float() / 255.0
         ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
         from flawline.monitoring.metrics import metric
 
@@ -217,7 +218,8 @@ def pre_annotations(detector: Detector, store: ObjectStore, rows: list[dict[str,
     out: dict[int, Prediction] = {}
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = torch.from_numpy(decode_rows(store, part, detector.config.image_size)["image"]).float() / 255.0
+        x = torch.from_numpy(decode_rows(store, part, detector.config.image_size,
+                                         detector.config.white)["image"]).float() / 255.0
         pred = detector.predict(x)
         verdicts, masks = verdicts_and_masks(detector, pred)
         out.update(predictions_from_masks(part, pred.scores, verdicts, masks, ref))

@@ -83,3 +83,12 @@ def summarize_dataset(session: Session, ds: Dataset) -> DatasetSummary:
 
 def list_summaries(session: Session) -> list[DatasetSummary]:
     return [summarize_dataset(session, ds) for ds in session.scalars(select(Dataset).order_by(Dataset.name))]
+
+
+def dataset_white(session: Session, dataset_id: int) -> int | None:
+    """The dataset's white level for images of more than 8 bits (``flawline.data.images.white_level``
+    over the ``high`` each such image got at import); None when it has none."""
+    from flawline.data.images import white_level
+
+    attrs = session.scalars(select(Image.attrs).where(Image.dataset_id == dataset_id, Image.channels == 1)).all()
+    return white_level([a.get("high") for a in attrs if a and a.get("high") is not None])

@@ -94,6 +94,10 @@ def _print_report(r: ImportReport) -> None:
         err_console.print(f"[yellow]skipped {len(r.skipped)} invalid files:[/]")
         for line in r.skipped:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if r.unused:
+        err_console.print(f"[yellow]{len(r.unused)} files of the source were not used:[/]")
+        for line in r.unused:
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
 @app.command("list")

@@ -10,7 +10,7 @@ import torch
 from sqlalchemy import select
 
 from flawline.catalog import Annotation, Catalog, Image, Label, Split
-from flawline.catalog.queries import get_dataset, image_labels
+from flawline.catalog.queries import dataset_white, get_dataset, image_labels
 from flawline.data.loading import decode_image, decode_mask, stack_rgb
 from flawline.storage import ObjectStore
 
@@ -41,6 +41,7 @@ class ImageRef:
     defect_class: str | None
     mask_key: str | None
     origin: str
+    white: int | None = None  # white level for images of more than 8 bits (data.images.white_level)
 
 
 def split_refs(catalog: Catalog, dataset: str, split: Split | None, *, labelled_only: bool = True,
@@ -53,6 +54,7 @@ def split_refs(catalog: Catalog, dataset: str, split: Split | None, *, labelled_
         if split is not None:
             query = query.where(Image.split == split)
         rows = s.execute(query.order_by(Image.id)).all()
+        white = dataset_white(s, ds.id)
         masks = dict(s.execute(select(Annotation.image_id, Annotation.mask_key).join(Image)
                                .where(Image.dataset_id == ds.id, Annotation.mask_key.is_not(None))).all())
     refs = []
@@ -62,7 +64,7 @@ def split_refs(catalog: Catalog, dataset: str, split: Split | None, *, labelled_
             continue
         if normal_only and label is not Label.normal:
             continue
-        refs.append(ImageRef(image_id, key, label, cls, masks.get(image_id), origin or key))
+        refs.append(ImageRef(image_id, key, label, cls, masks.get(image_id), origin or key, white))
     return refs
 
 
@@ -70,7 +72,7 @@ def fetch(store: ObjectStore, refs: list[ImageRef], size: int, workers: int = 16
     """Download and decode ``refs`` (images and masks) in parallel."""
 
     def one(ref: ImageRef) -> tuple[torch.Tensor, np.ndarray]:
-        img = decode_image(store.get_bytes(ref.key), size, ref.origin)
+        img = decode_image(store.get_bytes(ref.key), size, ref.origin, ref.white)
         mask = decode_mask(store.get_bytes(ref.mask_key) if ref.mask_key else None, size, ref.origin)
         return img, mask
 

@@ -1,11 +1,15 @@
 """Import pipeline shared by every layout: check → de-duplicate → upload → catalogue.
 
 Guarantees:
-- Every file is checked (header, size, whole-stream integrity, mask size) before it is uploaded; a
+- Every file is checked (header, size, whole-stream integrity, mask size in the shown frame, and
+  the pixels of files the decoding policy converts only when they allow it: alpha channels,
+  16-bit images; ``flawline.data.images``) before it is uploaded; a
   bad file stops the import with a one-line error naming it (or, with ``skip_invalid``, is left out
   and listed). The same bytes under two different labels stop it too.
 - Objects are content-addressed (``images/sha256/..``): re-runs recognise what the dataset has by
   hash and upload nothing for it; an object never changes once written.
+- Every file of the source that no image or mask uses is listed with why (``ImportReport.unused``):
+  a mask that matches no image, a file outside the layout's folders, a file that is no image.
 - Catalog rows are written only after every object of the import is stored, so an import that dies
   midway never leaves a row pointing at a missing object, and running it again completes it.
 """
@@ -28,6 +32,7 @@ from flawline.catalog.models import utcnow
 from flawline.data.images import (
     ImageInfo,
     canonical_mask,
+    check_pixels,
     identify_image,
     mask_has_defect,
     verify_image,
@@ -56,6 +61,7 @@ class _Prepared:
     info: ImageInfo
     mask: _Mask | None
     data: bytes = b""  # the image's bytes, held only while this file is being imported
+    high: int | None = None  # images of more than 8 bits: data.images.robust_high
 
     @property
     def key(self) -> str:
@@ -82,6 +88,7 @@ class ImportReport:
     objects_uploaded: int = 0
     bytes_uploaded: int = 0
     skipped: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # "path: why" for each source file no image or mask used
     seconds: float = 0.0
     by_label: dict[str, int] = field(default_factory=dict)
 
@@ -124,6 +131,8 @@ def import_dataset(
     report = ImportReport(dataset=name, layout=importer.name, source=str(source or f"package:{importer.name}"))
 
     items = list(importer.scan(source, **(options or {})))
+    if source is not None and limit is None:
+        report.unused = _unused_files(importer, source, items)
     if limit is not None:
         items = items[:limit]
     if not items:
@@ -190,6 +199,17 @@ def import_dataset(
     return report
 
 
+def _unused_files(importer: Any, source: Path, items: list[ImportItem]) -> list[str]:
+    """Every non-hidden file below ``source`` that no item reads (as image or mask), with why."""
+    used = {b.path.resolve() for it in items for b in (it.image, it.mask) if b is not None and b.path is not None}
+    out = []
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts) and path.resolve() not in used:
+            out.append(f"{path}: {importer.unused_reason(source, path)}")
+    return out
+
+
 # -- stages -------------------------------------------------------------------------------------
 def _identify(item: ImportItem) -> _Prepared:
     """Read, hash and parse headers; a mask must match its image's size."""
@@ -200,6 +220,10 @@ def _identify(item: ImportItem) -> _Prepared:
         raw = item.mask.read()
         canonical, minfo = canonical_mask(raw, item.mask.name)
         if (minfo.width, minfo.height) != (info.width, info.height):
+            if info.orientation != 1 and (minfo.width, minfo.height) == info.stored_size:
+                raise InvalidInput(f"{item.mask.name}: mask is {minfo.width}x{minfo.height}, the stored frame of "
+                                   f"{item.image.name}, which is shown turned (EXIF orientation {info.orientation}) "
+                                   f"as {info.width}x{info.height}; masks must be in the shown frame")
             raise InvalidInput(f"{item.mask.name}: mask is {minfo.width}x{minfo.height} but its image "
                                f"{item.image.name} is {info.width}x{info.height}")
         mask = _Mask(minfo.sha256, content_key("masks", minfo.sha256, ".png"), canonical)
@@ -210,6 +234,7 @@ def _verify(p: _Prepared, full_decode: bool) -> list[tuple[str, bytes, str]]:
     """Check whole streams (after the cheap header checks passed); returns what to put."""
     data = p.data
     verify_image(data, p.item.image.name, p.info.format, full_decode=full_decode)
+    p.high = check_pixels(data, p.item.image.name, p.info)  # alpha and 16-bit files: refused now, not at training
     out = [(p.key, data, p.info.content_type)]
     if p.mask is not None and p.item.mask is not None:
         mdata = p.mask.data
@@ -336,7 +361,8 @@ def _insert_rows(session: Session, dataset_id: int, chunk: list[_Prepared]) -> N
         [{"dataset_id": dataset_id, "object_key": p.key, "content_hash": p.info.sha256,
           "byte_size": p.info.byte_size, "width": p.info.width, "height": p.info.height,
           "channels": p.info.channels, "format": p.info.format, "split": p.item.split,
-          "origin": p.item.image.name, "attrs": p.item.image_attrs or None, "created_at": now}
+          "origin": p.item.image.name, "created_at": now,
+          "attrs": {**(p.item.image_attrs or {}), **({"high": p.high} if p.high is not None else {})} or None}
          for p in chunk],
     ).all()
     annotations = [{"image_id": image_id, **_annotation_fields(p), "created_at": now, "updated_at": now}

@@ -10,29 +10,24 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from flawline.data.images import MAX_PIXELS
+from flawline.data.images import MAX_PIXELS, mask_image, to_canonical
 from flawline.errors import InvalidInput
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-def decode_image(data: bytes, size: int | None = None, name: str = "image") -> torch.Tensor:
-    """[C, H, W] float32 in [0, 1], C = 1 (gray) or 3 (RGB); resized to ``size`` x ``size``."""
+def decode_image(data: bytes, size: int | None = None, name: str = "image", white: int | None = None
+                 ) -> torch.Tensor:
+    """[C, H, W] float32 in [0, 1], C = 1 (gray) or 3 (RGB), in the shown frame; resized to
+    ``size`` x ``size``. Modes, orientation and bit depth follow the one decoding policy
+    (``flawline.data.images.to_canonical``); ``white``: the dataset's or model's white level for
+    images of more than 8 bits. Raises ``InvalidInput`` naming ``name``."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB" if img.mode not in ("L", "I;16") else img.mode,
-                      (size, size) if size else img.size)  # JPEG: decode at reduced scale when possible
+            if img.mode in ("L", "RGB", "CMYK", "YCbCr"):  # JPEG: decode at reduced scale when possible
+                img.draft(img.mode, (size, size) if size else img.size)
             img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                arr = arr / max(float(arr.max()), 1.0)
-                img = Image.fromarray((arr * 255).astype(np.uint8), "L")
-            elif mode == "P":
-                img = img.convert("RGB")
-            elif mode not in ("L", "RGB"):
-                raise InvalidInput(f"{name}: image mode {mode} has {len(img.getbands())} channels; "
-                                   "expected 1 (gray) or 3 (RGB)")
+            img = to_canonical(img, name, white)
             if size:
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -46,14 +41,12 @@ def decode_image(data: bytes, size: int | None = None, name: str = "image") -> t
 
 
 def decode_mask(data: bytes | None, size: int, name: str = "mask") -> np.ndarray:
-    """Boolean [size, size] mask (nearest-neighbour resize); None gives an all-normal mask."""
+    """Boolean [size, size] mask in the shown frame (nearest-neighbour resize): a pixel is a defect
+    when it is non-zero (``flawline.data.images.mask_image``); None gives an all-normal mask.
+    Raises ``InvalidInput`` naming ``name``."""
     if data is None:
         return np.zeros((size, size), dtype=bool)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("L").resize((size, size), Image.NEAREST)) > 127
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidInput(f"{name}: cannot decode mask ({type(err).__name__})") from None
+    return np.asarray(mask_image(data, name).resize((size, size), Image.NEAREST)) > 0
 
 
 def stack_rgb(images: Sequence[torch.Tensor]) -> torch.Tensor:

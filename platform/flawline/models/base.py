@@ -43,6 +43,9 @@ class DetectorConfig:
     # "bf16": run backbone and scoring under bfloat16 autocast — about 2x faster on GPUs and on CPUs
     # with AMX/AVX512-BF16, slower elsewhere; scores then differ from fp32 by about 1e-2 relative.
     precision: str = "fp32"
+    # Images of more than 8 bits: the stored value that decodes to full brightness (the training
+    # data's range, ``flawline.data.images.white_level``); None: the container's full scale.
+    white: int | None = None
 
 
 @dataclass

@@ -19,14 +19,13 @@ from email.message import Message
 
 from PIL import Image, UnidentifiedImageError
 
-from flawline.data.images import MAX_PIXELS, MIN_SIDE, verify_image
+from flawline.data.images import MAX_PIXELS, MIN_SIDE, SUPPORTED_MODES, verify_image
 from flawline.serving.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 
 MAX_REQUEST_BYTES = 32 * 2**20
 ACCEPTED = "image/* or application/octet-stream (raw bytes), multipart/form-data (field 'image'), " \
            "application/json {\"uri\": \"s3://...\"}"
 # Modes decode_image turns into 1 or 3 channels; anything else (RGBA, CMYK, ...) is refused up front.
-_MODES = {"L", "P", "RGB", "I;16", "I;16B", "I"}
 
 
 @dataclass(frozen=True)
@@ -136,8 +135,9 @@ def check_image(data: bytes, name: str = "image", *, limits: Limits = Limits()) 
         raise PayloadTooLarge(f"{name}: {width}x{height} pixels exceeds the limit of {limits.max_image_pixels}")
     if min(width, height) < MIN_SIDE:
         raise RequestError(f"{name}: image is {width}x{height}, smaller than {MIN_SIDE} px a side")
-    if mode not in _MODES:
-        raise RequestError(f"{name}: image mode {mode} is not supported; send gray or RGB images")
+    if mode not in SUPPORTED_MODES:  # the one decoding policy (flawline.data.images); pixels are checked at decode
+        raise RequestError(f"{name}: image mode {mode} is not supported; send gray, RGB, palette, CMYK, 1-bit or "
+                           "16-bit gray images (an alpha channel must be fully opaque)")
     verify_image(data, name, fmt)  # truncation: JPEG end marker, PNG chunk CRCs through IEND
     return CheckedImage(data, name, fmt, width, height)
 

@@ -72,7 +72,7 @@ def predict_items(model: LoadedModel, items: list[Item]) -> list[Outcome]:
     tensors, index = [], []
     for i, item in enumerate(items):
         try:
-            tensors.append(decode_image(item.data, model.image_size, item.name))
+            tensors.append(decode_image(item.data, model.image_size, item.name, model.detector.config.white))
             index.append(i)
         except Exception as err:  # noqa: BLE001 — this image only
             outcomes[i] = Outcome(error=one_line(err), status=http_status(err))

@@ -17,7 +17,7 @@ import torch
 from sqlalchemy import select
 
 from flawline.catalog import Annotation, Catalog, Image, Label, Split
-from flawline.catalog.queries import LABEL_SOURCES, get_dataset, image_labels
+from flawline.catalog.queries import LABEL_SOURCES, dataset_white, get_dataset, image_labels
 from flawline.data.loading import decode_image, decode_mask
 from flawline.storage import ObjectStore
 
@@ -48,10 +48,12 @@ class RunData:
 
 
 def dataset_rows(catalog: Catalog, dataset: str) -> list[dict[str, Any]]:
-    """One plain row per image of ``dataset``: key, split, size, deciding label, mask and boxes."""
+    """One plain row per image of ``dataset``: key, split, size, deciding label, mask and boxes, and
+    the dataset's white level (images of more than 8 bits; None otherwise)."""
     with catalog.session() as s:
         ds = get_dataset(s, dataset)
         labels = image_labels(s, ds.id)
+        white = dataset_white(s, ds.id)
         images = s.execute(select(Image.id, Image.object_key, Image.split, Image.width, Image.height, Image.attrs,
                                   Image.origin).where(Image.dataset_id == ds.id).order_by(Image.id)).all()
         extras: dict[int, dict[str, Any]] = {}
@@ -68,7 +70,8 @@ def dataset_rows(catalog: Catalog, dataset: str) -> list[dict[str, Any]]:
         rows.append({"image_id": image_id, "key": key, "dataset": dataset, "split": split.value if split else None,
                      "width": width, "height": height, "stratum": (attrs or {}).get("cell_type", ""),
                      "defect": None if label is None else label is Label.defect, "defect_class": cls,
-                     "mask_key": e.get("mask_key"), "boxes": e.get("boxes"), "origin": origin or key})
+                     "mask_key": e.get("mask_key"), "boxes": e.get("boxes"), "origin": origin or key,
+                     "white": white})
     return rows
 
 
@@ -117,6 +120,9 @@ def gather(catalog: Catalog, datasets: list[str], label_fraction: float = 1.0, s
     data = RunData(labelled=labelled, unlabelled=unlabelled, classes=classes,
                    val=[r for r in rows if r["split"] == Split.val.value and r["defect"] is not None],
                    test=[r for r in rows if r["split"] == Split.test.value and r["defect"] is not None])
+    white = run_white(data)  # one white level for every image of the run, as its model will keep
+    for r in [*data.labelled, *data.unlabelled, *data.val, *data.test]:
+        r["white"] = white
     for r in data.labelled:
         r["target"] = class_index(data.classes, r)
     for r in data.unlabelled:
@@ -148,12 +154,15 @@ def boxes_to_region(boxes: list[dict[str, Any]], width: int, height: int, size: 
     return region
 
 
-def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
+def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int,
+                white: int | None = None) -> dict[str, np.ndarray]:
     """A batch of rows → uint8 images [B, 3, S, S], targets [B], masks [B, S, S] (uint8, with
-    ``has_mask``) and coarse regions from boxes [B, S, S] (with ``has_region``)."""
+    ``has_mask``) and coarse regions from boxes [B, S, S] (with ``has_region``). ``white``: a
+    model's white level for images of more than 8 bits (``DetectorConfig.white``); None: each
+    row's dataset's."""
     images, masks, regions = [], [], []
     for r in rows:
-        img = decode_image(store.get_bytes(r["key"]), size, r["origin"])
+        img = decode_image(store.get_bytes(r["key"]), size, r["origin"], white if white is not None else r.get("white"))
         img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
         images.append((img * 255).round().to(torch.uint8).numpy())
         masks.append(decode_mask(store.get_bytes(r["mask_key"]) if r["mask_key"] else None, size, r["origin"]))
@@ -169,13 +178,13 @@ def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int) -> di
 
 
 def decode_all(store: ObjectStore, rows: list[dict[str, Any]], size: int, workers: int = 16,
-               chunk: int = 32) -> dict[str, torch.Tensor]:
+               chunk: int = 32, white: int | None = None) -> dict[str, torch.Tensor]:
     """``decode_rows`` over many rows with a thread pool (local runs, tests, benchmarks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(pool.map(lambda p: decode_rows(store, p, size), parts))
+        decoded = list(pool.map(lambda p: decode_rows(store, p, size, white), parts))
     if not decoded:
         return {}
     return {k: torch.from_numpy(np.concatenate([d[k] for d in decoded])) for k in decoded[0]}
@@ -225,3 +234,11 @@ class TensorBatches:
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
             yield to_model({k: v[idx] for k, v in data.items()}, self.device)
+
+
+def run_white(data: RunData) -> int | None:
+    """The white level a run's model keeps (``DetectorConfig.white``): the highest of its rows'
+    datasets' (None when every image has 8 bits)."""
+    whites = [r.get("white") for rows in (data.labelled, data.unlabelled, data.val, data.test) for r in rows]
+    known = [w for w in whites if w is not None]
+    return max(known) if known else None

@@ -28,7 +28,7 @@ from flawline.models import Detector
 from flawline.models.artifacts import detector_to_bytes
 from flawline.storage import ObjectStore
 from flawline.train.context import LocalContext
-from flawline.train.data import RunData, TensorBatches, decode_all, gather
+from flawline.train.data import RunData, TensorBatches, decode_all, gather, run_white
 from flawline.train.settings import TrainingSetting, get_setting
 from flawline.train.spec import TrainSpec
 
@@ -130,7 +130,8 @@ def train_local(store: ObjectStore, plan: RunPlan, device: str = "auto",
 
 def rows_to_refs(rows: list[dict[str, Any]]) -> list[ImageRef]:
     return [ImageRef(r["image_id"], r["key"], None if r["defect"] is None else
-                     (Label.defect if r["defect"] else Label.normal), r["defect_class"], r["mask_key"], r["origin"])
+                     (Label.defect if r["defect"] else Label.normal), r["defect_class"], r["mask_key"], r["origin"],
+                     r.get("white"))
             for r in rows]
 
 
@@ -158,6 +159,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     spec = plan.spec
     started = time.perf_counter()
     val = fetch(store, rows_to_refs(plan.data.val), spec.image_size) if plan.data.val else None
+    detector.config.white = run_white(plan.data)  # prediction decodes as the run's images were decoded
     detector.set_threshold(calibrate(detector, plan, val))
     test = fetch(store, rows_to_refs(plan.data.test), spec.image_size)
     metrics, _ = evaluate(detector, test)

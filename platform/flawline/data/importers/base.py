@@ -8,6 +8,7 @@ Adding a layout = writing one module with a ``@register_importer`` class and imp
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ class Importer:
     def scan(self, root: Path | None, **options: Any) -> Iterator[ImportItem]:
         raise NotImplementedError
 
+    def unused_reason(self, root: Path, path: Path) -> str:
+        """Why ``path``, a file below ``root`` that no item uses, was left out."""
+        return unused_reason(root, path, self.name)
+
     def default_dataset_name(self, root: Path | None) -> str:
         return root.resolve().name if root is not None else self.name
 
@@ -98,14 +103,46 @@ def iter_files(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def find_mask(candidates: list[Path]) -> Path | None:
-    for path in candidates:
-        if path.is_file():
-            return path
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _listing(folder: Path) -> dict[tuple[str, str], Path]:
+    """(NFC stem, lower-case suffix) → file, for the image files directly in ``folder``."""
+    try:
+        mtime = folder.stat().st_mtime_ns
+    except OSError:
+        return {}
+    cached = _LISTINGS.get(folder)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    index = {(_nfc(p.stem), p.suffix.lower()): p for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    _LISTINGS[folder] = (mtime, index)
+    return index
+
+
+_LISTINGS: dict[Path, tuple[int, dict[tuple[str, str], Path]]] = {}
+
+
+def find_mask(folder: Path, stem: str) -> Path | None:
+    """The mask of the image named ``stem``: ``stem.png`` or ``stem_mask.png`` (any image suffix,
+    any case) in ``folder``. Names compare in Unicode NFC, so a mask saved by a system that writes
+    another normal form (macOS: NFD) still matches its image."""
+    index = _listing(folder)
+    for base in (_nfc(stem), _nfc(f"{stem}_mask")):
+        for suffix in sorted(IMAGE_SUFFIXES):
+            if (base, suffix) in index:
+                return index[(base, suffix)]
     return None
 
 
-def mask_candidates(folder: Path, stem: str) -> list[Path]:
-    """``stem.png``/``stem_mask.png`` (any image suffix) in ``folder``."""
-    return [folder / f"{base}{suffix}" for base in (stem, f"{stem}_mask") for suffix in sorted(IMAGE_SUFFIXES)]
+def unused_reason(root: Path, path: Path, layout: str) -> str:
+    """Why an import left a file of its source out (``import_dataset`` lists every such file)."""
+    parts = {p.lower() for p in path.relative_to(root).parts[:-1]}
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not an image file type"
+    if parts & {"masks", "ground_truth"} or path.stem.lower().endswith("_mask"):
+        return "a mask that matches no image"
+    return f"not where the {layout!r} layout looks for images"
 

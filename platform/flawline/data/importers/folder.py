@@ -13,7 +13,6 @@ from flawline.data.importers.base import (
     ImportItem,
     find_mask,
     iter_files,
-    mask_candidates,
     register_importer,
 )
 from flawline.errors import InvalidInput
@@ -44,7 +43,7 @@ class FolderImporter(Importer):
                     if len(parts) < 2:
                         raise InvalidInput(f"{path}: defect images go in defect/<class>/, not defect/ itself")
                     defect_class = parts[0]
-                mask_path = find_mask(mask_candidates(masks_root / rel.parent, path.stem))
+                mask_path = find_mask(masks_root / rel.parent, path.stem)
                 yield ImportItem(
                     image=Blob(str(path), path=path),
                     label=label,

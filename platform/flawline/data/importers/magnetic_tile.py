@@ -22,6 +22,11 @@ class MagneticTileImporter(Importer):
     def default_dataset_name(self, root: Path | None) -> str:
         return "magnetic-tile"
 
+    def unused_reason(self, root: Path, path: Path) -> str:
+        if path.parent.name == "Imgs" and path.suffix.lower() == ".png":
+            return "a mask that matches no image (no .jpg of the same name beside it)"
+        return super().unused_reason(root, path)
+
     def scan(self, root: Path | None, **options: Any) -> Iterator[ImportItem]:
         assert root is not None
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("MT_"))

@@ -13,7 +13,6 @@ from flawline.data.importers.base import (
     ImportItem,
     find_mask,
     iter_files,
-    mask_candidates,
     register_importer,
 )
 from flawline.errors import InvalidInput
@@ -53,7 +52,7 @@ class MVTecImporter(Importer):
                 for path in iter_files(type_dir):
                     mask_path = None
                     if label is Label.defect:
-                        mask_path = find_mask(mask_candidates(cat / "ground_truth" / type_dir.name, path.stem))
+                        mask_path = find_mask(cat / "ground_truth" / type_dir.name, path.stem)
                     yield ImportItem(
                         image=Blob(str(path), path=path),
                         label=label,
