@@ -206,3 +206,14 @@ def test_every_source_file_the_import_did_not_use_is_listed_with_why(catalog, st
     unused = {Path(line.split(": ", 1)[0]).name: line.split(": ", 1)[1] for line in report.unused}
     assert unused == {"typo.png": "a mask that matches no image", "notes.txt": "not an image file type",
                       "x.png": "not where the 'folder' layout looks for images"}
+
+
+@pytest.mark.parametrize("side", [9000, 13000])  # beyond our limit; beyond twice it (Pillow's own error)
+def test_an_oversized_image_gets_one_line_and_no_pillow_warning(side, recwarn):
+    buf = io.BytesIO()
+    PILImage.new("L", (side, side)).save(buf, "PNG")  # zeros: a small file claiming many pixels
+    for check in (lambda d: identify_image(d, "huge.png"), lambda d: decode_image(d, 64, "huge.png")):
+        with pytest.raises(InvalidInput) as err:
+            check(buf.getvalue())
+        assert "huge.png" in str(err.value) and "exceeds the limit" in str(err.value) and "\n" not in str(err.value)
+    assert not [w for w in recwarn if issubclass(w.category, PILImage.DecompressionBombWarning)]

@@ -23,10 +23,13 @@ One decoding policy (``to_canonical``), the same at import, training, scoring, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +84,24 @@ class ImageInfo:
         return _SUFFIX.get(self.format, ".bin")
 
 
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow refuses beyond twice this; we refuse beyond it, in one line
+
+
+@contextlib.contextmanager
+def open_image(data: bytes) -> Iterator[Image.Image]:
+    """``Image.open`` on bytes, without Pillow's two-line decompression-bomb warning (every caller
+    bounds the pixel count itself and says so in one line); a file beyond Pillow's own hard limit
+    raises ``ValueError`` with the size, which callers turn into their one-line error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                yield img
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"{str(err).split(' pixels')[0].replace('Image size (', '')} pixels exceeds the "
+                             f"limit of {MAX_PIXELS}") from None
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -95,7 +116,7 @@ def identify_image(data: bytes, name: str, what: str = "image") -> ImageInfo:
     if not data:
         raise InvalidInput(f"{name}: {what} file is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             width, height = img.size
             fmt, mode = img.format or "UNKNOWN", img.mode
             channels = len(img.getbands())
@@ -184,7 +205,7 @@ def check_pixels(data: bytes, name: str, info: ImageInfo) -> int | None:
     if info.mode in PLAIN_MODES or (info.mode in CONVERTED_MODES and info.mode != "P"):
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img.load()
             to_canonical(img, name)
             return robust_high(img)
@@ -201,7 +222,7 @@ def verify_image(data: bytes, name: str, fmt: str, *, full_decode: bool = False,
             raise InvalidInput(f"{name}: {what} file is truncated (JPEG end marker missing)")
         return
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             if full_decode or fmt not in ("JPEG", "PNG"):
                 img.load()
             else:
@@ -216,7 +237,7 @@ def mask_image(data: bytes, name: str) -> Image.Image:
     if not data:
         raise InvalidInput(f"{name}: mask file is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img.load()
             if _orientation(img) != 1:
                 img = ImageOps.exif_transpose(img)
@@ -252,7 +273,7 @@ def mask_has_defect(data: bytes, name: str) -> bool:
 
 def _png_gray8_values(data: bytes) -> set[int]:
     """The distinct values of an 8-bit gray PNG (decoded)."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         return {int(v) for v in np.unique(np.asarray(img))}
 
 

@@ -3,17 +3,14 @@ serving, so scores never depend on who decoded the image)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from flawline.data.images import MAX_PIXELS, mask_image, to_canonical
+from flawline.data.images import MAX_PIXELS, mask_image, open_image, to_canonical
 from flawline.errors import InvalidInput
-
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def decode_image(data: bytes, size: int | None = None, name: str = "image", white: int | None = None
@@ -23,7 +20,9 @@ def decode_image(data: bytes, size: int | None = None, name: str = "image", whit
     (``flawline.data.images.to_canonical``); ``white``: the dataset's or model's white level for
     images of more than 8 bits. Raises ``InvalidInput`` naming ``name``."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
+            if img.width * img.height > MAX_PIXELS:  # the import's bound, before any pixel is decoded
+                raise InvalidInput(f"{name}: {img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS}")
             if img.mode in ("L", "RGB", "CMYK", "YCbCr"):  # JPEG: decode at reduced scale when possible
                 img.draft(img.mode, (size, size) if size else img.size)
             img.load()
