@@ -108,7 +108,44 @@ def test_malformed_and_contradictory_annotations_are_refused():
         read_annotation([{"type": "choices", "value": {"choices": ["normal"]}},
                          {"type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5, "height": 5,
                                                                 "rectanglelabels": ["crack"]}}], 10, 10)
-    assert read_annotation([], 10, 10).label == "normal"  # submitted with nothing marked
+    with pytest.raises(InvalidInput, match="empty answer"):  # submitted with nothing chosen: no answer
+        read_annotation([], 10, 10)
+    with pytest.raises(InvalidInput, match="empty answer"):
+        read_annotation([{"type": "choices", "value": {"choices": []}}], 10, 10)
+    assert read_annotation([{"type": "choices", "value": {"choices": ["normal"]}}], 10, 10).label == "normal"
+    assert 'required="true"' in label_config("segmentation", ["crack"])  # the verdict must be chosen
+
+
+def _rle(mask: np.ndarray) -> list[int]:
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return mask2rle(mask.astype(np.uint8) * 255)
+
+
+def test_a_rotated_rectangle_is_the_polygon_it_covers():
+    """A 90-degree box drawn over a vertical scratch: Label Studio keeps x, y, width, height of the
+    unturned box and turns it clockwise about its top-left corner."""
+    box = {"type": "rectanglelabels", "value": {"x": 50, "y": 10, "width": 60, "height": 10, "rotation": 90,
+                                                 "rectanglelabels": ["crack"]}}  # percent of a 100 x 100 image
+    human = read_annotation([box], 100, 100)
+    assert human.label == "defect" and human.boxes == []  # exact in the mask, not an axis-aligned box
+    ys, xs = np.nonzero(human.mask)
+    assert (xs.min(), xs.max()) == pytest.approx((40, 50), abs=1)  # turned: 10 wide, left of x = 50
+    assert (ys.min(), ys.max()) == pytest.approx((10, 70), abs=1)  # and 60 high, downwards
+    upright = read_annotation([{**box, "value": {**box["value"], "rotation": 0}}], 100, 100)
+    assert upright.mask is None and upright.boxes[0]["w"] == 60
+
+
+def test_a_brush_mask_of_another_size_is_refused_unless_the_orientation_explains_it():
+    stored = np.zeros((10, 20), bool)  # 20 wide, 10 high: the image's stored frame
+    stored[:, :3] = True
+    brush = {"type": "brushlabels", "original_width": 20, "original_height": 10,
+             "value": {"format": "rle", "rle": _rle(stored), "brushlabels": ["crack"]}}
+    with pytest.raises(InvalidInput, match="brush mask: it is 20x10 but the image is 30x10"):
+        read_annotation([brush], 30, 10)
+    # an image shown turned (EXIF orientation 6: 90 degrees clockwise) is 10 wide, 20 high
+    human = read_annotation([brush], 10, 20, orientation=6)
+    assert human.mask.shape == (20, 10) and human.mask[:3].all() and not human.mask[3:].any()
 
 
 # -- push, annotate, pull --------------------------------------------------------------------------
@@ -286,3 +323,49 @@ def test_label_studio_down_mid_pull_leaves_the_watermark_and_loses_nothing(catal
         assert s.get(LabelProject, project.id).watermark is None  # nothing claimed as pulled
     report = pull_annotations(catalog, store, ls_client, project)
     assert report.labelled == 3 and len(_human(catalog)) == 3
+
+
+def test_empty_answers_are_listed_and_change_nothing(catalog, store, ls_client, tiles):
+    project = ensure_project(catalog, ls_client, "tiles", "classification")
+    ids = push_tasks(catalog, store, ls_client, project, tiles[:1]).task_ids
+    with catalog.session() as s:
+        before = s.execute(select(Annotation.label, Annotation.source).where(Annotation.image_id == tiles[0])).all()
+    ls_client.sdk.annotations.create(id=ids[tiles[0]], result=[], was_cancelled=False)
+    report = pull_annotations(catalog, store, ls_client, project)
+    assert report.labelled == 0 and len(report.errors) == 1 and "empty answer" in report.errors[0]
+    with catalog.session() as s:
+        assert s.execute(select(Annotation.label, Annotation.source)
+                         .where(Annotation.image_id == tiles[0])).all() == before  # the imported label stands
+
+
+def test_tasks_deleted_in_label_studio_leave_the_ledger(catalog, store, ls_client, tiles):
+    """Pull and push both reconcile: a never-labelled image goes back to the pool and can be pushed
+    again; a label whose task is gone stays in the catalog, marked; the webhook hears deletions."""
+    from fastapi.testclient import TestClient
+
+    from flawline.labelstudio.webhook import ACTIONS
+
+    project = ensure_project(catalog, ls_client, "tiles", "classification")
+    ids = push_tasks(catalog, store, ls_client, project, tiles[:3]).task_ids
+    ls_client.sdk.annotations.create(id=ids[tiles[0]], result=[
+        {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["crack"]}}])
+    assert pull_annotations(catalog, store, ls_client, project).labelled == 1
+    ls_client.sdk.tasks.delete(id=ids[tiles[0]])
+    ls_client.sdk.tasks.delete(id=ids[tiles[1]])
+    report = pull_annotations(catalog, store, ls_client, project)
+    assert report.tasks_gone == 2
+    with catalog.session() as s:
+        assert set(s.scalars(select(LabelTask.image_id))) == {tiles[2]}
+    (kept,) = _human(catalog, tiles[0])
+    assert (kept.label, kept.defect_class, kept.attrs["ls_task_deleted"]) == (Label.defect, "crack", True)
+    again = push_tasks(catalog, store, ls_client, project, tiles[1:3])
+    assert (again.created, again.already_there) == (1, 1)  # the never-labelled image is pushed again
+
+    assert "TASKS_DELETED" in ACTIONS
+    ls_client.sdk.tasks.delete(id=ids[tiles[2]])
+    http = TestClient(make_app(catalog, store, ls_client))
+    answer = http.post("/labelstudio/webhook", json={"action": "TASKS_DELETED", "project": {"id": project.ls_project_id},
+                                                     "tasks": [{"id": ids[tiles[2]]}]})
+    assert answer.status_code == 200 and answer.json()["tasks_gone"] == 1
+    with catalog.session() as s:
+        assert set(s.scalars(select(LabelTask.image_id))) == {tiles[1]}

@@ -219,13 +219,14 @@ def push(
     with _progress("push", new, not as_json) as progress:
         report = push_tasks(catalog, store, client, project, image_ids, predictions, progress=progress)
     info = {"dataset": dataset, "task": task, "project": project.ls_project_id, "created": report.created,
-            "already_there": report.already_there, "reconciled": report.reconciled,
+            "already_there": report.already_there, "reconciled": report.reconciled, "tasks_gone": report.tasks_gone,
             "url": f"{client.url}/projects/{project.ls_project_id}"}
     if as_json:
         print_json(info)
         return
     console.print(f"{report.created} task(s) created, {report.already_there} already there, "
-                  f"{report.reconciled} reconciled; {info['url']}", highlight=False, soft_wrap=True)
+                  f"{report.reconciled} reconciled, {report.tasks_gone} deleted in Label Studio (dropped from the "
+                  f"ledger); {info['url']}", highlight=False, soft_wrap=True)
     if not image_ids:
         hint = "" if split == "all" else f" (has the dataset a {split} split? `flawline data split` makes one)"
         err_console.print(f"no {split} images of {dataset!r} to push{hint}", highlight=False, soft_wrap=True)
@@ -288,6 +289,7 @@ def pull(
     else:
         console.print(f"{report.seen} task(s) read: {report.labelled} labelled, {report.removed} removed, "
                       f"{report.skipped} skipped, {report.unchanged} unchanged, {report.orphaned} orphaned, "
+                      f"{report.tasks_gone} deleted in Label Studio, "
                       f"{len(report.errors)} error(s); watermark "
                       f"{report.watermark.isoformat() if report.watermark else '-'}", highlight=False, soft_wrap=True)
         for line in report.errors:

@@ -145,6 +145,18 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def to_shown_frame(img: Image.Image, orientation: int) -> Image.Image:
+    """Pixels in the stored frame → the shown frame, for EXIF ``orientation`` (1..8; 1 = as is),
+    as ``ImageOps.exif_transpose`` turns an image carrying that tag."""
+    method = _TRANSPOSE.get(int(orientation))
+    return img.transpose(method) if method is not None else img
+
+
 def to_canonical(img: Image.Image, name: str, white: int | None = None) -> Image.Image:
     """The one decoding policy (module docstring): a loaded image → 8-bit ``L`` or ``RGB`` in the
     shown frame. ``white``: the value that becomes full brightness for images of more than 8 bits

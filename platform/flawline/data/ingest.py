@@ -362,7 +362,8 @@ def _insert_rows(session: Session, dataset_id: int, chunk: list[_Prepared]) -> N
           "byte_size": p.info.byte_size, "width": p.info.width, "height": p.info.height,
           "channels": p.info.channels, "format": p.info.format, "split": p.item.split,
           "origin": p.item.image.name, "created_at": now,
-          "attrs": {**(p.item.image_attrs or {}), **({"high": p.high} if p.high is not None else {})} or None}
+          "attrs": {**(p.item.image_attrs or {}), **({"high": p.high} if p.high is not None else {}),
+                    **({"orientation": p.info.orientation} if p.info.orientation != 1 else {})} or None}
          for p in chunk],
     ).all()
     annotations = [{"image_id": image_id, **_annotation_fields(p), "created_at": now, "updated_at": now}

@@ -4,7 +4,6 @@ so everything downstream (pull, webhook, retraining) sees what it would see from
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ from sqlalchemy import select
 
 from flawline.catalog import Annotation, AnnotationSource, Catalog, Image, Label, LabelProject
 from flawline.catalog.queries import get_dataset
+from flawline.data.images import mask_image
 from flawline.labelstudio.client import LabelStudioClient
 from flawline.labelstudio.convert import Prediction, prediction_result
 from flawline.storage import ObjectStore
@@ -48,8 +48,7 @@ class SimulatedAnnotator:
     def _mask(self, key: str | None) -> np.ndarray | None:
         if not key:
             return None
-        with PILImage.open(io.BytesIO(self.store.get_bytes(key))) as img:
-            return np.asarray(img.convert("L")) > 0
+        return np.asarray(mask_image(self.store.get_bytes(key), key)) > 0  # the one mask rule
 
     def result(self, task: str, truth: Truth, width: int, height: int) -> list[dict[str, Any]]:
         mask = self._mask(truth.mask_key) if truth.is_defect else None

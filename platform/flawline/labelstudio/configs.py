@@ -31,7 +31,7 @@ def label_config(task: str, classes: list[str]) -> str:
     choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in [NORMAL, *classes])
     parts = [f'<Image name="{IMAGE}" value="$image" zoom="true"/>',
              f'<Header value="Verdict"/><Choices name="{VERDICT}" toName="{IMAGE}" choice="single-radio" '
-             f'showInline="true">{choices}</Choices>']
+             f'showInline="true" required="true">{choices}</Choices>']
     if task in REGION:
         tag, name = REGION[task]
         labels = "".join(f"<Label value={quoteattr(c)}/>" for c in classes)

@@ -13,6 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from flawline.data.images import to_shown_frame
 from flawline.errors import InvalidInput
 from flawline.labelstudio.configs import DEFECT, IMAGE, NORMAL, REGION, VERDICT
 
@@ -76,17 +77,32 @@ def prediction_result(task: str, pred: Prediction, width: int, height: int) -> l
     return result
 
 
+def rotated_box(x: float, y: float, w: float, h: float, degrees: float) -> list[tuple[float, float]]:
+    """The corners (pixels) of a ``w`` x ``h`` box at top-left (``x``, ``y``) turned ``degrees``
+    clockwise about that corner (image y axis pointing down), as Label Studio rotates rectangles."""
+    t = np.deg2rad(degrees)
+    c, s = float(np.cos(t)), float(np.sin(t))
+    return [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+
+
 def _need(value: dict[str, Any], key: str, kind: str) -> Any:
     if key not in value:
         raise InvalidInput(f"malformed {kind} result: no {key!r} in its value")
     return value[key]
 
 
-def read_annotation(results: list[dict[str, Any]], width: int, height: int) -> HumanLabel:
-    """A finished annotation's ``result`` → verdict, class, mask and boxes at the image's size.
+def read_annotation(results: list[dict[str, Any]], width: int, height: int, orientation: int = 1) -> HumanLabel:
+    """A finished annotation's ``result`` → verdict, class, mask and boxes at the image's size
+    (``width`` x ``height``, the shown frame; ``orientation``: the image's EXIF tag).
 
-    An explicit verdict wins; with none, any drawn region means a defect and nothing drawn means
-    the annotator found none. A 'normal' verdict with regions drawn is contradictory and refused."""
+    An explicit verdict wins; with none, any drawn region means a defect. Refused with
+    ``InvalidInput`` (the pull lists it and the catalog keeps what it had):
+    - an empty answer: no verdict chosen and nothing drawn (no answer is not "normal");
+    - a 'normal' verdict with regions drawn (contradictory);
+    - a brush mask whose size is neither the image's nor, for an image shown turned by its EXIF
+      orientation, its stored frame's (that one is turned into the shown frame).
+    A rotated rectangle is the polygon it covers: it goes into the mask, exactly, not into the
+    axis-aligned boxes."""
     if not isinstance(results, list):
         raise InvalidInput(f"malformed annotation: result is {type(results).__name__}, not a list")
     verdict: str | None = None
@@ -116,7 +132,12 @@ def read_annotation(results: list[dict[str, Any]], width: int, height: int) -> H
             except Exception as err:  # noqa: BLE001 - any RLE that does not decode to this image's size
                 raise InvalidInput(f"malformed brush RLE ({type(err).__name__}: {err})") from None
             if alpha.shape != mask.shape:
-                alpha = np.asarray(PILImage.fromarray(alpha).resize((width, height), PILImage.NEAREST))
+                if orientation in (5, 6, 7, 8) and alpha.shape == (width, height) or \
+                        orientation in (2, 3, 4) and alpha.shape == (height, width):
+                    alpha = np.asarray(to_shown_frame(PILImage.fromarray(alpha), orientation))
+                if alpha.shape != mask.shape:
+                    raise InvalidInput(f"malformed brush mask: it is {alpha.shape[1]}x{alpha.shape[0]} but the image "
+                                       f"is {width}x{height}")
             mask |= alpha > 0
         elif kind == "polygonlabels":
             pts = [(float(x) * width / 100, float(y) * height / 100) for x, y in _need(value, "points", kind)]
@@ -127,10 +148,19 @@ def read_annotation(results: list[dict[str, Any]], width: int, height: int) -> H
         else:
             x, y = float(_need(value, "x", kind)) * width / 100, float(_need(value, "y", kind)) * height / 100
             w, h = float(_need(value, "width", kind)) * width / 100, float(_need(value, "height", kind)) * height / 100
+            angle = float(value.get("rotation") or 0.0) % 360.0
+            if angle:  # Label Studio turns the box clockwise about its top-left corner
+                canvas = PILImage.new("L", (width, height), 0)
+                ImageDraw.Draw(canvas).polygon(rotated_box(x, y, w, h, angle), fill=255)
+                mask |= np.asarray(canvas) > 0
+                continue
             boxes.append({"x": round(x, 1), "y": round(y, 1), "w": round(w, 1), "h": round(h, 1),
                           "label": labels[0] if labels else DEFECT})
     if verdict == NORMAL and drawn:
         raise InvalidInput("contradictory annotation: verdict 'normal' but defect regions are drawn")
+    if verdict is None and not drawn:
+        raise InvalidInput("empty answer: no verdict chosen and nothing drawn (not taken as 'normal'; "
+                           "the catalog keeps what it had)")
     label = NORMAL if verdict == NORMAL or (verdict is None and not drawn) else DEFECT
     cls = None
     if label == DEFECT:

@@ -5,7 +5,9 @@ names the tasks that changed and calls ``apply_tasks`` for them. Both write thro
 the task's current state replaces whatever the catalog had from it, so pulling twice changes
 nothing, an updated annotation replaces the old one, a deleted one is removed, and a skipped or
 cancelled task puts its image back in the unlabelled pool. A task that cannot be read (malformed
-result, contradictory verdict) is reported and leaves the catalog as it was."""
+result, contradictory verdict, an empty answer) is reported and leaves the catalog as it was. A
+task deleted in Label Studio leaves the ledger (``forget_deleted_tasks``): its image, if nobody
+labelled it, returns to the pool; a label it gave stays."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class PullReport:
     skipped: int = 0  # skipped or cancelled: back to the pool
     unchanged: int = 0
     orphaned: int = 0  # annotated after the image was deleted from the catalog
+    tasks_gone: int = 0  # ledger rows whose task was deleted in Label Studio (forget_deleted_tasks)
     errors: list[str] = field(default_factory=list)
     watermark: datetime | None = None
 
@@ -102,6 +105,7 @@ def apply_task(catalog: Catalog, store: ObjectStore, project: LabelProject, task
                 return "orphaned"
             return "unchanged"
         width, height, image_id = image.width, image.height, image.id
+        orientation = int((image.attrs or {}).get("orientation", 1))
         finished = [a for a in annotations if not a.get("was_cancelled")]
         current = max(finished, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0)) if finished else None
         had = s.scalars(select(Annotation).where(Annotation.image_id == image_id, Annotation.ls_task_id == task_id,
@@ -118,7 +122,7 @@ def apply_task(catalog: Catalog, store: ObjectStore, project: LabelProject, task
                 and had[0].attrs.get("ls_updated_at") == str(current.get("updated_at")):
             return "unchanged"
     # Read and store the mask outside the transaction (S3 first: a row never names a missing object).
-    human = read_annotation(current.get("result") or [], width, height)
+    human = read_annotation(current.get("result") or [], width, height, orientation)
     mask_key = _store_mask(store, human.mask) if human.mask is not None else None
     with catalog.session() as s:
         s.execute(delete(Annotation).where(Annotation.image_id == image_id, Annotation.ls_task_id == task_id,
@@ -158,8 +162,9 @@ def pull_annotations(catalog: Catalog, store: ObjectStore, client: LabelStudioCl
     with catalog.session() as s:
         since = None if full else _aware(s.get(LabelProject, project.id).watermark)
     newest = since
-    changed = []
+    changed, existing = [], set()
     for task in client.iter_tasks(project.ls_project_id, "list tasks to pull"):
+        existing.add(int(_field(task, "id")))
         updated = _aware(_field(task, "updated_at"))
         if since is not None and updated is not None and updated < since - OVERLAP:
             continue
@@ -167,6 +172,7 @@ def pull_annotations(catalog: Catalog, store: ObjectStore, client: LabelStudioCl
         if updated is not None and (newest is None or updated > newest):
             newest = updated
     report = apply_tasks(catalog, store, project, changed, progress=progress)
+    report.tasks_gone = forget_deleted_tasks(catalog, project, existing)
     with catalog.session() as s:
         row = s.get(LabelProject, project.id)
         if newest is not None and (row.watermark is None or newest > _aware(row.watermark)):
@@ -180,3 +186,23 @@ def fetch_and_apply(catalog: Catalog, store: ObjectStore, client: LabelStudioCli
     """Re-read named tasks from Label Studio and apply them (what a webhook call triggers)."""
     tasks = [client.call(f"read task {t}", lambda t=t: client.sdk.tasks.get(id=t)) for t in dict.fromkeys(task_ids)]
     return apply_tasks(catalog, store, project, tasks)
+
+
+def forget_deleted_tasks(catalog: Catalog, project: LabelProject, existing: set[int]) -> int:
+    """Make the ledger agree with the tasks Label Studio has (``existing``: every task id of the
+    project, as just listed): a ledger row whose task is gone is removed, so the image is neither
+    counted as sent nor refused by the next push. What that means per image:
+    - never labelled (pushed, skipped): back in the unlabelled pool, and can be pushed again;
+    - labelled: the person's answer stays in the catalog (a task tidied away in Label Studio does
+      not take a label with it); the annotation is marked ``ls_task_deleted`` in its attrs.
+    Returns how many ledger rows were removed."""
+    with catalog.session() as s:
+        gone = [t for t in s.scalars(select(LabelTask).where(LabelTask.project_id == project.id))
+                if t.ls_task_id not in existing]
+        for task in gone:
+            for ann in s.scalars(select(Annotation).where(Annotation.ls_task_id == task.ls_task_id,
+                                                          Annotation.source == AnnotationSource.human,
+                                                          Annotation.image_id == task.image_id)):
+                ann.attrs = {**(ann.attrs or {}), "ls_task_deleted": True}
+            s.delete(task)
+        return len(gone)

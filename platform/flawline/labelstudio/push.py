@@ -17,6 +17,7 @@ from flawline.catalog import Catalog, Dataset, Image, LabelProject, LabelTask, L
 from flawline.errors import InvalidInput
 from flawline.labelstudio.client import LabelStudioClient
 from flawline.labelstudio.convert import Prediction, prediction_result
+from flawline.labelstudio.pull import forget_deleted_tasks
 from flawline.storage import ObjectStore
 
 URL_EXPIRY = timedelta(days=7)  # the longest an S3 presigned URL may live
@@ -27,16 +28,21 @@ class PushReport:
     created: int = 0
     already_there: int = 0  # images the project had already (ledger, or reconciled from Label Studio)
     reconciled: int = 0  # tasks found in Label Studio that the ledger had lost
+    tasks_gone: int = 0  # ledger rows whose task was deleted in Label Studio (pull.forget_deleted_tasks)
     task_ids: dict[int, int] = field(default_factory=dict)  # image id → Label Studio task id
 
 
-def reconcile(catalog: Catalog, client: LabelStudioClient, project: LabelProject) -> int:
-    """Record in the ledger the project's tasks that Label Studio has and the catalog does not."""
+def reconcile(catalog: Catalog, client: LabelStudioClient, project: LabelProject) -> tuple[int, int]:
+    """Make the ledger agree with Label Studio: record the project's tasks that Label Studio has and
+    the catalog does not, and forget the ones Label Studio no longer has
+    (``pull.forget_deleted_tasks``). Returns (recorded, forgotten)."""
+    existing: set[int] = set()
     with catalog.session() as s:
         known = set(s.scalars(select(LabelTask.ls_task_id).where(LabelTask.project_id == project.id)))
         known_images = set(s.scalars(select(LabelTask.image_id).where(LabelTask.project_id == project.id)))
         added = 0
         for task in client.iter_tasks(project.ls_project_id, "list tasks to reconcile", fields="task_only"):
+            existing.add(int(task.id))
             image_id = (task.data or {}).get("flawline_image_id")
             if task.id in known or image_id is None or image_id in known_images:
                 continue
@@ -45,7 +51,7 @@ def reconcile(catalog: Catalog, client: LabelStudioClient, project: LabelProject
             s.add(LabelTask(project_id=project.id, image_id=image_id, ls_task_id=task.id))
             known_images.add(image_id)
             added += 1
-        return added
+    return added, forget_deleted_tasks(catalog, project, existing)
 
 
 def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, project: LabelProject,
@@ -53,7 +59,8 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
                progress: Callable[[int], None] | None = None) -> PushReport:
     """Create one task per image not yet in the project; returns what was created and found."""
     predictions = predictions or {}
-    report = PushReport(reconciled=reconcile(catalog, client, project))
+    reconciled, gone = reconcile(catalog, client, project)
+    report = PushReport(reconciled=reconciled, tasks_gone=gone)
     with catalog.session() as s:
         ledger = dict(s.execute(select(LabelTask.image_id, LabelTask.ls_task_id)
                                 .where(LabelTask.project_id == project.id)).all())

@@ -2,7 +2,8 @@
 
 A call only names what changed: the endpoint re-reads those tasks from Label Studio and applies
 them like a pull does (so a forged or stale payload cannot write labels, and repeats are harmless).
-A deletion whose payload names no task falls back to a pull since the watermark."""
+A deletion whose payload names no task, and a deletion of tasks, fall back to a pull since the
+watermark (which also drops deleted tasks from the ledger: ``pull.forget_deleted_tasks``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from flawline.labelstudio.client import LabelStudioClient
 from flawline.labelstudio.pull import PullReport, fetch_and_apply, pull_annotations
 from flawline.storage import ObjectStore
 
-ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED"]
+ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED", "TASKS_DELETED"]
 SECRET_HEADER = "X-Flawline-Webhook-Secret"
 
 
@@ -50,7 +51,8 @@ def handle_event(catalog: Catalog, store: ObjectStore, client: LabelStudioClient
     if not projects:
         report.errors.append(f"no flawline project for Label Studio project {project_id}")
         return report
-    ids = task_ids_of(payload)
+    # A task deletion names tasks that can no longer be read: a pull lists what exists and forgets the rest.
+    ids = [] if payload.get("action") == "TASKS_DELETED" else task_ids_of(payload)
     for project in projects:
         part = fetch_and_apply(catalog, store, client, project, ids) if ids else \
             pull_annotations(catalog, store, client, project)
