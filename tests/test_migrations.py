@@ -12,7 +12,7 @@ from flawline.catalog.db import alembic_config, make_engine
 from flawline.errors import SchemaOutOfDate
 
 TABLES = {"datasets", "images", "annotations", "training_runs", "model_versions", "al_rounds",
-          "al_queue_items", "ls_projects", "ls_tasks"}
+          "al_queue_items", "ls_projects", "ls_tasks", "data_changes"}
 
 
 def _round_trip(url: str) -> None:

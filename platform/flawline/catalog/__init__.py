@@ -6,6 +6,7 @@ from flawline.catalog.models import (
     Annotation,
     AnnotationSource,
     Base,
+    DataChange,
     Dataset,
     Image,
     Label,
@@ -22,7 +23,7 @@ from flawline.catalog.models import (
 )
 
 __all__ = [
-    "ActiveLearningRound", "Annotation", "AnnotationSource", "Base", "Catalog", "Dataset", "Image",
+    "ActiveLearningRound", "Annotation", "AnnotationSource", "Base", "Catalog", "DataChange", "Dataset", "Image",
     "Label", "LabelProject", "LabelTask", "LabelTaskStatus", "ModelStage", "ModelVersion", "QueueItem", "QueueStatus", "RunStatus", "Split",
     "TrainingRun", "check_schema", "current_revision", "downgrade", "head_revision", "upgrade",
 ]

@@ -272,3 +272,20 @@ class LabelTask(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     project: Mapped[LabelProject] = relationship(back_populates="tasks")
+
+
+class DataChange(Base):
+    """One repair of a dataset (``flawline data remove`` / ``relabel``): what, who, when and why.
+    The image row may be gone (removed); its content hash and origin stay here."""
+
+    __tablename__ = "data_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    action: Mapped[str] = mapped_column(String(32))  # remove | relabel
+    content_hash: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # labels before/after, objects deleted, forced
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -25,16 +25,20 @@ def get_dataset(session: Session, name: str) -> Dataset:
 
 
 def image_labels(session: Session, dataset_id: int) -> dict[int, tuple[Label | None, str | None]]:
-    """image id → (label, defect class) from the deciding annotation; unlabelled images map to None."""
+    """image id → (label, defect class) from the deciding annotation; unlabelled images map to None.
+    Annotations a relabel superseded (``attrs.superseded``, ``flawline.data.repair``) do not count."""
     rank = {AnnotationSource.human: 0, AnnotationSource.imported: 1}
     rows = session.execute(
-        select(Image.id, Annotation.label, Annotation.defect_class, Annotation.source, Annotation.updated_at)
+        select(Image.id, Annotation.label, Annotation.defect_class, Annotation.source, Annotation.updated_at,
+               Annotation.attrs)
         .outerjoin(Annotation, (Annotation.image_id == Image.id) & Annotation.source.in_(LABEL_SOURCES)
                    & Annotation.label.is_not(None))
         .where(Image.dataset_id == dataset_id)
     ).all()
     best: dict[int, tuple[tuple[int, float], Label | None, str | None]] = {}
-    for image_id, label, defect_class, source, updated in rows:
+    for image_id, label, defect_class, source, updated, attrs in rows:
+        if attrs and attrs.get("superseded"):
+            label, defect_class, source, updated = None, None, None, None
         key = (rank.get(source, 9), -(updated.timestamp() if updated else 0.0))
         if image_id not in best or (label is not None and key < best[image_id][0]):
             best[image_id] = (key, label, defect_class)

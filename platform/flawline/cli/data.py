@@ -1,4 +1,4 @@
-"""``flawline data``: import, list, inspect and split datasets."""
+"""``flawline data``: import, list, inspect, split and repair (remove, relabel) datasets."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flawline.data.importers import importer_names
 from flawline.data.ingest import ImportReport, ProgressFn, import_dataset
 from flawline.data.split import SplitSpec, assign_splits
 
-app = FlawlineTyper(help="Datasets: import images into S3 + catalog, list them, split them.")
+app = FlawlineTyper(help="Datasets: import images into S3 + catalog, list them, split them, repair them.")
 
 _LAYOUTS = ", ".join(["auto", *importer_names()])
 
@@ -159,3 +159,82 @@ def split(
     """Assign a seeded train/val/test split, stratified by label and defect class, in the catalog."""
     counts = assign_splits(open_catalog(), name, SplitSpec(train, val, test, seed, normal_only_train, stratify_by))
     console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (seed {seed})")
+
+
+_NAMES = typer.Argument(None, help="Images: file names (as imported), content hashes (8+ hex digits) or origins.",
+                        show_default=False)
+_LIST = typer.Option(None, "--from-file", exists=False, help="A file with one image name or hash per line.")
+_REASON = typer.Option(..., "--reason", help="Why: recorded with the change (flawline data changes).")
+_BY = typer.Option(None, "--by", help="Who makes the change (default: $FLAWLINE_USER, else the login name).")
+
+
+@app.command()
+def remove(
+    name: str = typer.Argument(..., help="Dataset name."),
+    images: Optional[list[str]] = _NAMES,
+    from_file: Optional[Path] = _LIST,
+    reason: str = _REASON,
+    by: Optional[str] = _BY,
+    force: bool = typer.Option(False, help="Also remove images a registered model version was trained or "
+                                           "tested on (recorded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Take images out of a dataset: their rows, annotations and (when nothing else uses them) their
+    objects. Refuses images a registered model version used unless --force; every removal is
+    recorded with who, when and why. A name that matches no image, or several, changes nothing."""
+    from flawline.data.repair import read_selectors, remove_images
+
+    settings = get_settings()
+    report = remove_images(open_catalog(settings), open_store(settings), name, read_selectors(images or [], from_file),
+                           reason=reason, actor=by, force=force)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    console.print(f"removed {len(report.images)} image(s) from {name}: {report.objects_deleted} object(s) deleted, "
+                  f"{report.objects_kept} kept (used elsewhere)", highlight=False, soft_wrap=True)
+    if report.forced:
+        err_console.print(f"[yellow]forced: used by {', '.join(sorted(set(report.forced)))}[/]", highlight=False)
+    for line in report.objects_failed:
+        err_console.print(f"[yellow]object not deleted (no row names it; delete it by hand):[/] {line}",
+                          highlight=False, soft_wrap=True)
+
+
+@app.command()
+def relabel(
+    name: str = typer.Argument(..., help="Dataset name."),
+    images: Optional[list[str]] = _NAMES,
+    label: str = typer.Option(..., "--label", help="normal or defect."),
+    defect_class: Optional[str] = typer.Option(None, "--class", help="The defect class (with --label defect)."),
+    from_file: Optional[Path] = _LIST,
+    reason: str = _REASON,
+    by: Optional[str] = _BY,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Correct images' labels: a human annotation that decides from now on; the annotations it
+    overrides stay in the catalog, marked superseded. Recorded with who, when and why."""
+    from flawline.data.repair import read_selectors, relabel_images
+
+    report = relabel_images(open_catalog(get_settings()), name, read_selectors(images or [], from_file), label,
+                            reason=reason, defect_class=defect_class, actor=by)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    target = label + (f"/{defect_class}" if defect_class else "")
+    console.print(f"relabelled {len(report.images)} image(s) of {name} as {target}", highlight=False)
+
+
+@app.command()
+def changes(name: str = typer.Argument(..., help="Dataset name."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The repairs made to a dataset (data remove, data relabel): what, who, when, why."""
+    from flawline.data.repair import data_changes
+
+    rows = data_changes(open_catalog(get_settings()), name)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("when", "action", "image", "by", "why", "detail")
+    for r in rows:
+        detail = f"{r.get('from')} -> {r.get('to')}" if r["action"] == "relabel" else (r.get("label") or "")
+        table.add_row(r["at"][:19], r["action"], r["image"], r["actor"], r["reason"], str(detail))
+    console.print(table if rows else f"no changes recorded for {name}")

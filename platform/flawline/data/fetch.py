@@ -55,8 +55,10 @@ def split_refs(catalog: Catalog, dataset: str, split: Split | None, *, labelled_
             query = query.where(Image.split == split)
         rows = s.execute(query.order_by(Image.id)).all()
         white = dataset_white(s, ds.id)
-        masks = dict(s.execute(select(Annotation.image_id, Annotation.mask_key).join(Image)
-                               .where(Image.dataset_id == ds.id, Annotation.mask_key.is_not(None))).all())
+        masks = {i: k for i, k, attrs in s.execute(
+            select(Annotation.image_id, Annotation.mask_key, Annotation.attrs).join(Image)
+            .where(Image.dataset_id == ds.id, Annotation.mask_key.is_not(None))).all()
+            if not (attrs and attrs.get("superseded"))}  # a relabel's overridden regions no longer hold
     refs = []
     for image_id, key, origin in rows:
         label, cls = labels.get(image_id, (None, None))

@@ -57,9 +57,11 @@ def dataset_rows(catalog: Catalog, dataset: str) -> list[dict[str, Any]]:
         images = s.execute(select(Image.id, Image.object_key, Image.split, Image.width, Image.height, Image.attrs,
                                   Image.origin).where(Image.dataset_id == ds.id).order_by(Image.id)).all()
         extras: dict[int, dict[str, Any]] = {}
-        for image_id, mask_key, boxes in s.execute(
-                select(Annotation.image_id, Annotation.mask_key, Annotation.boxes).join(Image)
+        for image_id, mask_key, boxes, attrs in s.execute(
+                select(Annotation.image_id, Annotation.mask_key, Annotation.boxes, Annotation.attrs).join(Image)
                 .where(Image.dataset_id == ds.id, Annotation.source.in_(LABEL_SOURCES))):
+            if attrs and attrs.get("superseded"):  # overridden by a relabel: its regions no longer hold
+                continue
             e = extras.setdefault(image_id, {"mask_key": None, "boxes": None})
             e["mask_key"] = e["mask_key"] or mask_key
             e["boxes"] = e["boxes"] or boxes
