@@ -31,14 +31,13 @@ from flawline.catalog import (
     QueueItem,
     QueueStatus,
 )
-from flawline.catalog.model_versions import production_version, promote
+from flawline.catalog.model_versions import load_version, production_version, promote
 from flawline.catalog.queries import get_dataset
 from flawline.errors import ConfigError, InvalidInput
 from flawline.labelstudio.client import LabelStudioClient
 from flawline.labelstudio.projects import ensure_project
 from flawline.labelstudio.pull import pull_annotations
 from flawline.labelstudio.push import push_tasks
-from flawline.models.artifacts import load_detector
 from flawline.storage import ObjectStore
 from flawline.train.data import dataset_rows
 from flawline.train.spec import TrainSpec
@@ -154,7 +153,7 @@ class ActiveLoop:
         return row
 
     def score(self, model: ModelVersion, rows: list[dict]) -> tuple[Any, PoolScores]:
-        detector = load_detector(self.store, self.store.key_from_uri(model.artifact_uri))
+        detector = load_version(self.catalog, self.store, model)  # with the catalog's threshold
         return detector, self.scorer(model, detector, rows)
 
     def wait_and_pull(self, project: Any, task_ids: list[int]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from flawline.active.scoring import (
 )
 from flawline.active.strategies import PoolScores
 from flawline.catalog import ModelVersion
+from flawline.catalog.model_versions import version_threshold
 from flawline.config import Settings, get_settings
 from flawline.errors import FlawlineError, ServiceError
 from flawline.labelstudio.convert import Prediction
@@ -33,7 +35,8 @@ from flawline.storage import ObjectStore
 
 
 def run_scoring(rows_key: str, out_key: str, artifact_uri: str, image_size: int, threshold: float | None,
-                workers: int, cpus_per_worker: float, gpus_per_worker: float, masks: bool = False) -> str:
+                workers: int, cpus_per_worker: float, gpus_per_worker: float, masks: bool = False,
+                threshold_info: dict[str, Any] | None = None) -> str:
     import ray
 
     from flawline.context import open_store
@@ -47,13 +50,14 @@ def run_scoring(rows_key: str, out_key: str, artifact_uri: str, image_size: int,
     started = time.perf_counter()
     if masks:  # pre-annotations: verdicts and region masks instead of embeddings
         out = annotate_on_ray(artifact_uri, rows, image_size, workers=workers, cpus_per_worker=cpus_per_worker,
-                              gpus_per_worker=gpus_per_worker)
+                              gpus_per_worker=gpus_per_worker, threshold_info=threshold_info)
         buf = io.BytesIO()
         np.savez_compressed(buf, **out)
         store.put_bytes(out_key, buf.getvalue(), "application/octet-stream")
     else:
         pool = score_on_ray(artifact_uri, rows, image_size, threshold, workers=workers,
-                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                            threshold_info=threshold_info)
         save_scores(store, pool, "", "", key=out_key)
     print(f"scored {len(rows)} images on {workers} actor(s) in {time.perf_counter() - started:.1f} s -> "
           f"{store.uri(out_key)}", flush=True)
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-uri", required=True)
     parser.add_argument("--image-size", type=int, required=True)
     parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--threshold-json", type=json.loads, default=None, help="the catalog's threshold record")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         run_scoring(a.rows_key, a.out_key, a.artifact_uri, a.image_size, a.threshold, a.workers, a.cpus_per_worker,
-                    a.gpus_per_worker, masks=a.masks)
+                    a.gpus_per_worker, masks=a.masks, threshold_info=a.threshold_json)
     except FlawlineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -96,7 +101,8 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
     args = (f"--rows-key {rows_key} --out-key {out_key} --artifact-uri {model.artifact_uri} "
             f"--image-size {image_size} --workers {workers} --cpus-per-worker {cpus_per_worker} "
             f"--gpus-per-worker {gpus_per_worker}" + (f" --threshold {threshold}" if threshold is not None else "")
-            + (" --masks" if masks else ""))
+            + (" --masks" if masks else "")
+            + (f" --threshold-json {shlex.quote(json.dumps(info))}" if (info := version_threshold(model)) else ""))
     try:
         client.submit_job(entrypoint=f"python score.py {args}", submission_id=job_id,
                           runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},

@@ -95,13 +95,17 @@ class ScoreRows:
     """Ray Data actor: one model per actor, loaded from S3 once; decodes and scores row batches
     (``with_masks``: also the verdicts and region masks pre-annotations are made from)."""
 
-    def __init__(self, artifact_uri: str, image_size: int, threads: float, with_masks: bool = False) -> None:
+    def __init__(self, artifact_uri: str, image_size: int, threads: float, with_masks: bool = False,
+                 threshold: dict[str, Any] | None = None) -> None:
         from flawline.context import open_store
+        from flawline.evaluate.thresholds import Threshold
         from flawline.models.artifacts import load_detector
 
         torch.set_num_threads(max(1, int(threads)))
         self.store = open_store()
         self.detector = load_detector(self.store, self.store.key_from_uri(artifact_uri))
+        if threshold:  # the catalog's (catalog.model_versions.version_threshold): it may postdate the artifact
+            self.detector.set_threshold(Threshold.from_dict(threshold))
         parts = artifact_uri.split("/")  # .../models/<model name>/<run>/model.pt: the metric's model tag
         self.model = parts[parts.index("models") + 1] if "models" in parts[:-1] else "unknown"
         self.image_size = image_size
@@ -127,7 +131,7 @@ class ScoreRows:
 
 def score_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: int, threshold: float | None,
                  workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                 batch_size: int = 16) -> PoolScores:
+                 batch_size: int = 16, threshold_info: dict[str, Any] | None = None) -> PoolScores:
     """Score ``rows`` on ``workers`` Ray Data actors (the driver must be connected to Ray)."""
     import ray.data
 
@@ -136,7 +140,7 @@ def score_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: int,
     scored = ds.map_batches(ScoreRows, fn_constructor_kwargs={"artifact_uri": artifact_uri,
                                                               "image_size": image_size,
                                                               "threads": cpus_per_worker,
-                                                              "with_masks": False},
+                                                              "with_masks": False, "threshold": threshold_info},
                             batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker,
                             num_gpus=gpus_per_worker or None)
     ids, scores, embs = [], [], []
@@ -157,14 +161,15 @@ def scores_key(model: str, dataset: str) -> str:
 
 def annotate_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: int, workers: int = 2,
                     cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                    batch_size: int = 16) -> dict[str, np.ndarray]:
+                    batch_size: int = 16, threshold_info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Scores, verdicts and region masks for ``rows`` on ``workers`` Ray Data actors, in id order."""
     import ray.data
 
     ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
                              override_num_blocks=max(1, min(len(rows) // batch_size, 8 * workers)))
     done = ds.map_batches(ScoreRows, fn_constructor_kwargs={"artifact_uri": artifact_uri, "image_size": image_size,
-                                                            "threads": cpus_per_worker, "with_masks": True},
+                                                            "threads": cpus_per_worker, "with_masks": True,
+                                                            "threshold": threshold_info},
                           batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker,
                           num_gpus=gpus_per_worker or None)
     parts: dict[str, list[np.ndarray]] = {"image_id": [], "score": [], "verdict": [], "mask": []}

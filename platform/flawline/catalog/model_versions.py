@@ -92,3 +92,31 @@ def rollback(session: Session, name: str) -> ModelVersion:
         raise InvalidInput(f"cannot roll back {name}:{current.version}: no earlier version of {name!r} "
                            "was in production (none archived below it)")
     return promote(session, f"{name}:{previous.version}")
+
+
+def version_threshold(row: ModelVersion) -> dict[str, Any] | None:
+    """The threshold the catalog holds for a version (set at training or by hand), without its
+    history; None when it has none."""
+    if not row.threshold_info:
+        return None
+    return {k: v for k, v in row.threshold_info.items() if k != "history"}
+
+
+def load_version(catalog: Any, store: Any, ref: str | ModelVersion, device: str | None = None) -> Any:
+    """A registered model version as the catalog describes it: its artifact, with the catalog's
+    threshold (which ``flawline models threshold`` may have changed after the artifact was saved).
+    The one loader for serving, evaluation, scoring and pre-annotations. ``ref``: ``name``,
+    ``name:version`` or the row. Raises ``NotFound`` for an unknown reference."""
+    from flawline.evaluate.thresholds import Threshold
+    from flawline.models.artifacts import detector_from_bytes
+
+    if isinstance(ref, ModelVersion):
+        uri, info = ref.artifact_uri, version_threshold(ref)
+    else:
+        with catalog.session() as s:
+            row = get_version(s, ref)
+            uri, info = row.artifact_uri, version_threshold(row)
+    detector = detector_from_bytes(store.get_bytes(store.key_from_uri(uri)), uri, device)
+    if info:
+        detector.set_threshold(Threshold.from_dict(info))
+    return detector

@@ -237,12 +237,12 @@ def _pre_annotations(catalog, store, settings, dataset: str, image_ids: list[int
     """The model's predictions for the images to push (push sends them with the new tasks): in
     this process, or with ``workers`` > 0 as a Ray job on the cluster."""
     from flawline.active.scoring import pre_annotations
-    from flawline.models.artifacts import load_detector
+    from flawline.catalog.model_versions import load_version
     from flawline.serving.models import resolve
     from flawline.train.data import dataset_rows
 
     ref = resolve(catalog, model)
-    detector = load_detector(store, store.key_from_uri(ref.artifact_uri))
+    detector = load_version(catalog, store, f"{ref.name}:{ref.version}")  # with the catalog's threshold
     wanted = set(image_ids)
     rows = [r for r in dataset_rows(catalog, dataset) if r["image_id"] in wanted]
     name = f"{ref.name}:{ref.version}"

@@ -118,14 +118,9 @@ def _load(ref: str):
     path = Path(ref)
     if path.is_file():
         return detector_from_bytes(path.read_bytes(), str(path)), None
-    catalog, store = open_catalog(), open_store()
-    with catalog.session() as s:
-        row = get_version(s, ref)
-        uri, info = row.artifact_uri, row.threshold_info
-    det = detector_from_bytes(store.get_bytes(store.key_from_uri(uri)), uri)
-    if info:  # the catalog's threshold is authoritative (it may have been set after saving)
-        det.set_threshold(th.Threshold.from_dict({k: v for k, v in info.items() if k != "history"}))
-    return det, ref
+    from flawline.catalog.model_versions import load_version
+
+    return load_version(open_catalog(), open_store(), ref), ref  # the catalog's threshold is authoritative
 
 
 @app.command("list")

@@ -139,7 +139,7 @@ def load_model(catalog: Catalog, store, model_id: str, device: str = "auto",  # 
     model is ``NotFound`` (404)."""
     import torch
 
-    from flawline.models.artifacts import detector_from_bytes
+    from flawline.catalog.model_versions import load_version
 
     name, version = parse_model_ref(model_id)
     if version is None:
@@ -148,10 +148,7 @@ def load_model(catalog: Catalog, store, model_id: str, device: str = "auto",  # 
     with catalog.session() as s:
         ref = _ref(get_version(s, model_id))
     try:
-        data = store.get_bytes(store.key_from_uri(ref.artifact_uri))
-        detector = detector_from_bytes(data, ref.artifact_uri, device=device)
-        if ref.threshold:
-            detector.set_threshold(ref.threshold_obj())
+        detector = load_version(catalog, store, model_id, device=device)  # with the catalog's threshold
         if warm_up:
             size = int(detector.config.image_size)
             detector.predict(torch.zeros(1, 3, size, size))
