@@ -369,3 +369,43 @@ def test_tasks_deleted_in_label_studio_leave_the_ledger(catalog, store, ls_clien
     assert answer.status_code == 200 and answer.json()["tasks_gone"] == 1
     with catalog.session() as s:
         assert set(s.scalars(select(LabelTask.image_id))) == {tiles[1]}
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "polygons", "boxes"])
+@pytest.mark.parametrize("classes", [[], ["blowhole", "crack"]])
+def test_every_prediction_value_exists_in_the_labelling_config(task, classes):
+    """One source of names: a model with no classes, with the project's classes, with a class the
+    project lacks, and a normal verdict all predict values the config offers."""
+    import xml.etree.ElementTree as ET
+
+    from flawline.labelstudio.configs import label_config
+
+    root = ET.fromstring(label_config(task, classes))
+    offered = {c.get("value") for c in root.iter("Choice")} | {c.get("value") for c in root.iter("Label")}
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[10:20, 5:25] = True
+    for cls, is_defect in ((None, True), ("crack", True), ("scratch", True), (None, False)):
+        result = prediction_result(task, Prediction("m:1", 0.9, is_defect, cls, mask), 60, 40, classes)
+        used = {v for r in result for key in ("choices", "brushlabels", "polygonlabels", "rectanglelabels")
+                for v in r["value"].get(key, [])}
+        assert used and used <= offered, (cls, used, offered)
+    choices = next(root.iter("Choices"))
+    assert choices.get("required") == "true"
+
+
+def test_push_keeps_the_projects_model_version_with_its_predictions(catalog, store, ls_client, tiles):
+    """Label Studio's queue shows only the project's model version: each push with predictions sets
+    it, and a newer model's push gives the open tasks its pre-annotation without new tasks."""
+    project = ensure_project(catalog, ls_client, "tiles", "classification")
+    first = push_tasks(catalog, store, ls_client, project, tiles[:3],
+                       {i: Prediction("tiles-mixed-padim:1", 0.9, True) for i in tiles[:3]})
+    assert first.model_version == "tiles-mixed-padim:1"
+    assert ls_client.sdk.projects.get(id=project.ls_project_id).model_version == "tiles-mixed-padim:1"
+    again = push_tasks(catalog, store, ls_client, project, tiles[:3],
+                       {i: Prediction("tiles-mixed-padim:2", 0.2, False) for i in tiles[:3]})
+    assert (again.created, again.already_there, again.predictions_updated) == (0, 3, 3)
+    assert ls_client.sdk.projects.get(id=project.ls_project_id).model_version == "tiles-mixed-padim:2"
+    tasks = list(ls_client.iter_tasks(project.ls_project_id))
+    assert len(tasks) == 3 and {t.total_predictions for t in tasks} == {2}
+    with catalog.session() as s:
+        assert set(s.scalars(select(LabelTask.model_version))) == {"tiles-mixed-padim:2"}

@@ -220,6 +220,7 @@ def push(
         report = push_tasks(catalog, store, client, project, image_ids, predictions, progress=progress)
     info = {"dataset": dataset, "task": task, "project": project.ls_project_id, "created": report.created,
             "already_there": report.already_there, "reconciled": report.reconciled, "tasks_gone": report.tasks_gone,
+            "predictions_updated": report.predictions_updated, "model_version": report.model_version,
             "url": f"{client.url}/projects/{project.ls_project_id}"}
     if as_json:
         print_json(info)
@@ -227,6 +228,10 @@ def push(
     console.print(f"{report.created} task(s) created, {report.already_there} already there, "
                   f"{report.reconciled} reconciled, {report.tasks_gone} deleted in Label Studio (dropped from the "
                   f"ledger); {info['url']}", highlight=False, soft_wrap=True)
+    if report.model_version:
+        console.print(f"the labelling queue shows {report.model_version}'s pre-annotations (project model version); "
+                      f"{report.predictions_updated} open task(s) got them in place of an older model's",
+                      highlight=False, soft_wrap=True)
     if not image_ids:
         hint = "" if split == "all" else f" (has the dataset a {split} split? `flawline data split` makes one)"
         err_console.print(f"no {split} images of {dataset!r} to push{hint}", highlight=False, soft_wrap=True)

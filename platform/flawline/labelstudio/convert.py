@@ -15,7 +15,7 @@ from PIL import ImageDraw
 
 from flawline.data.images import to_shown_frame
 from flawline.errors import InvalidInput
-from flawline.labelstudio.configs import DEFECT, IMAGE, NORMAL, REGION, VERDICT
+from flawline.labelstudio.configs import DEFECT, IMAGE, NORMAL, REGION, VERDICT, defect_name
 
 
 @dataclass
@@ -48,9 +48,12 @@ def _regions(mask: np.ndarray) -> list[dict[str, Any]]:
     return regions(mask.astype(np.float32), mask, (w, h))
 
 
-def prediction_result(task: str, pred: Prediction, width: int, height: int) -> list[dict[str, Any]]:
-    """Label Studio's ``result`` list for a prediction: the verdict, and regions where the task has them."""
-    cls = pred.defect_class or DEFECT
+def prediction_result(task: str, pred: Prediction, width: int, height: int,
+                      classes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Label Studio's ``result`` list for a prediction: the verdict, and regions where the task has
+    them. Every value is one the project's config (made with ``classes``) offers: a class it does
+    not list, or none, becomes the generic ``defect`` (``configs.defect_name``)."""
+    cls = defect_name(pred.defect_class, classes if classes is not None else [pred.defect_class or DEFECT])
     result: list[dict[str, Any]] = [{"from_name": VERDICT, "to_name": IMAGE, "type": "choices",
                                      "value": {"choices": [cls if pred.is_defect else NORMAL]}}]
     if task not in REGION or pred.mask is None or not pred.mask.any():

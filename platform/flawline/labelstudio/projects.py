@@ -8,7 +8,7 @@ from flawline.catalog import Catalog, LabelProject
 from flawline.catalog.queries import get_dataset, summarize_dataset
 from flawline.errors import NotFound
 from flawline.labelstudio.client import LabelStudioClient
-from flawline.labelstudio.configs import check_task, label_config
+from flawline.labelstudio.configs import HINTS, check_task, label_config
 
 
 def project_title(dataset: str, task: str) -> str:
@@ -55,8 +55,7 @@ def ensure_project(catalog: Catalog, client: LabelStudioClient, dataset: str, ta
         title = project_title(dataset, task)
         created = client.call("create a project", lambda: client.sdk.projects.create(
             title=title, label_config=label_config(task, classes),
-            description=f"Images of flawline dataset {dataset}: {task}. Choose the verdict; draw regions "
-                        "on defects where the task has them."))
+            description=f"Images of flawline dataset {dataset}. {HINTS[task]}"))
         ls_id = created.id
         row = LabelProject(dataset_id=ds.id, task=task, ls_url=client.url, ls_project_id=ls_id, title=title,
                            classes=list(classes))

@@ -1,5 +1,9 @@
 """Send images to Label Studio as tasks, with the model's predictions as pre-annotations.
 
+A push with predictions sets the project's ``model_version`` to their model, so Label Studio's
+labelling queue shows them, and adds them to the open tasks the project already has from an older
+model (``_update_open_tasks``).
+
 The catalog's task ledger (``ls_tasks``) makes a push idempotent: an image already sent to the
 project is not sent again. Each chunk is one import request, which Label Studio applies whole; a
 push that lost its answer (Label Studio went down mid-request) is reconciled on the next push from
@@ -29,6 +33,8 @@ class PushReport:
     already_there: int = 0  # images the project had already (ledger, or reconciled from Label Studio)
     reconciled: int = 0  # tasks found in Label Studio that the ledger had lost
     tasks_gone: int = 0  # ledger rows whose task was deleted in Label Studio (pull.forget_deleted_tasks)
+    predictions_updated: int = 0  # tasks already there that got the newer model's pre-annotation
+    model_version: str | None = None  # what the project now shows in its labelling queue
     task_ids: dict[int, int] = field(default_factory=dict)  # image id → Label Studio task id
 
 
@@ -76,6 +82,8 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
             report.task_ids[image_id] = ledger[image_id]
         else:
             todo.append(image_id)
+    if predictions:
+        _update_open_tasks(catalog, client, project, rows, ledger, predictions, report)
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         tasks = []
@@ -85,7 +93,8 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
                              "flawline_dataset": dataset, "width": width, "height": height}}
             if (pred := predictions.get(image_id)) is not None:
                 task["predictions"] = [{"model_version": pred.model_version, "score": float(pred.score),
-                                        "result": prediction_result(project.task, pred, width, height)}]
+                                        "result": prediction_result(project.task, pred, width, height,
+                                                                    project.classes)}]
             tasks.append(task)
         answer = client.call("import tasks", lambda: client.sdk.projects.import_tasks(
             id=project.ls_project_id, request=tasks, return_task_ids=True))
@@ -103,4 +112,30 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
         report.created += len(part)
         if progress:
             progress(len(part))
+    if predictions and (report.created or report.predictions_updated):
+        # Label Studio accepts a model version only once predictions of it exist: after the tasks.
+        report.model_version = max((p.model_version for p in predictions.values()), key=str)
+        client.call("set the project's model version", lambda: client.sdk.projects.update(
+            id=project.ls_project_id, model_version=report.model_version))
     return report
+
+
+def _update_open_tasks(catalog: Catalog, client: LabelStudioClient, project: LabelProject, rows: dict[int, tuple],
+                       ledger: dict[int, int], predictions: dict[int, Prediction], report: PushReport) -> None:
+    """Give the open tasks already there this push's pre-annotation when theirs came from another
+    model: a newer model's help reaches them without duplicating tasks. (``push_tasks`` then sets
+    the project's ``model_version`` to it, so Label Studio's labelling queue, which shows only the
+    project's model version, shows them.)"""
+    with catalog.session() as s:
+        entries = {t.image_id: t for t in s.scalars(select(LabelTask).where(LabelTask.project_id == project.id))}
+        for image_id, task_id in ledger.items():
+            pred, entry = predictions.get(image_id), entries.get(image_id)
+            if pred is None or entry is None or entry.model_version == pred.model_version \
+                    or entry.status is not LabelTaskStatus.pushed:
+                continue
+            _, width, height, _ = rows[image_id]
+            result = prediction_result(project.task, pred, width, height, project.classes)
+            client.call("add a pre-annotation", lambda t=task_id, p=pred, r=result: client.sdk.predictions.create(
+                task=t, result=r, score=float(p.score), model_version=p.model_version))
+            entry.model_version, entry.score = pred.model_version, float(pred.score)
+            report.predictions_updated += 1
