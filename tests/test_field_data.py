@@ -217,3 +217,32 @@ def test_an_oversized_image_gets_one_line_and_no_pillow_warning(side, recwarn):
             check(buf.getvalue())
         assert "huge.png" in str(err.value) and "exceeds the limit" in str(err.value) and "\n" not in str(err.value)
     assert not [w for w in recwarn if issubclass(w.category, PILImage.DecompressionBombWarning)]
+
+
+def test_a_model_made_by_evaluate_keeps_the_16_bit_range_for_predict(settings_env, catalog, store, tmp_path):
+    """`flawline evaluate` registers its model with the dataset's white level, so `flawline predict`
+    decodes a 16-bit image as the model's training images were decoded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flawline.catalog.model_versions import load_version
+    from flawline.cli.main import app
+
+    for i in range(12):
+        write(tmp_path / "src" / "normal" / f"n{i}.png", sixteen_bit(twelve_bit_tile(10 + i)))
+    for i in range(3):
+        tile = twelve_bit_tile(40 + i)
+        tile[20:36, 20:26] = 200
+        write(tmp_path / "src" / "defect" / "scratch" / f"d{i}.png", sixteen_bit(tile))
+    import_dataset(catalog, store, tmp_path / "src", dataset="deep", workers=4)
+    run = CliRunner()
+    assert run.invoke(app, ["data", "split", "deep", "--train", "0.6", "--val", "0.2", "--test", "0.2",
+                            "--normal-only-train"]).exit_code == 0
+    result = run.invoke(app, ["evaluate", "deep", "--method", "padim", "--image-size", str(SIZE)])
+    assert result.exit_code == 0, result.output
+    assert load_version(catalog, store, "deep-padim").config.white == 4095
+    shown = run.invoke(app, ["predict", str(tmp_path / "src" / "normal" / "n0.png"), "--model", "deep-padim:1",
+                             "--local", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)[0]["is_defect"] is False  # a normal tile (decoded at 65535 it was a defect)

@@ -71,7 +71,8 @@ def test_unknown_or_ambiguous_names_change_nothing(settings_env, folder_tree):
         result = _run("data", "remove", "parts", *args, "--reason", "x")
         assert result.exit_code != 0 and words in result.output and "nothing changed" in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
-    assert _run("data", "remove", "parts", "n0.png").exit_code == 2  # --reason is required
+    missing = _run("data", "remove", "parts", "n0.png")  # --reason is required: one line too
+    assert missing.exit_code == 1 and "--reason" in missing.output and len(missing.output.strip().splitlines()) == 1
     assert _keys("parts") == before
     with open_catalog(get_settings()).session() as s:
         assert s.scalars(select(DataChange)).all() == []
@@ -115,3 +116,24 @@ def test_relabel_decides_from_now_on_and_keeps_what_it_overrides(settings_env, f
     assert changes[1]["from"] == "defect/scratch" and changes[1]["to"] == "normal"
     bad = _run("data", "relabel", "parts", "n0.png", "--label", "broken", "--reason", "x")
     assert bad.exit_code != 0 and "choose normal or defect" in bad.output
+
+
+def test_a_removed_image_stays_out_of_later_imports_until_readded(settings_env, folder_tree):
+    _import(folder_tree, "parts")
+    assert _run("data", "remove", "parts", "u0.png", "--reason", "blank frame", "--by", "ana").exit_code == 0
+    again = _run("data", "remove", "parts", "u0.png", "--reason", "again")
+    assert again.exit_code == 1 and "was removed from this dataset already" in again.output and "blank frame" in again.output
+    report = json.loads(_run("data", "import", str(folder_tree), "--dataset", "parts", "--json").stdout)
+    assert report["new_images"] == 0 and len(report["removed"]) == 1 and "blank frame" in report["removed"][0]
+    assert "u0.png" not in _keys("parts")
+    back = json.loads(_run("data", "import", str(folder_tree), "--dataset", "parts", "--readd-removed", "--json").stdout)
+    assert back["new_images"] == 1 and "u0.png" in _keys("parts")
+    actions = [c["action"] for c in json.loads(_run("data", "changes", "parts", "--json").stdout)]
+    assert actions == ["remove", "readd"]
+
+
+def test_relabelling_to_the_label_it_has_changes_nothing(settings_env, folder_tree):
+    _import(folder_tree, "parts")
+    result = _run("data", "relabel", "parts", "n0.png", "--label", "normal", "--reason", "check", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["unchanged"] and not json.loads(result.stdout)["images"]
+    assert json.loads(_run("data", "changes", "parts", "--json").stdout) == []

@@ -56,6 +56,7 @@ def import_(
     limit: Optional[int] = typer.Option(None, min=1, help="Import only the first N images found."),
     skip_invalid: bool = typer.Option(False, help="Skip unreadable files instead of stopping; lists them."),
     full_decode: bool = typer.Option(False, help="Decode every pixel of every file (slower; default checks stream integrity)."),
+    readd_removed: bool = typer.Option(False, help="Import again images `flawline data remove` took out (recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Import images (and masks and labels) into object storage and the catalog.
@@ -69,7 +70,8 @@ def import_(
     with _progress(not as_json) as progress:
         report = import_dataset(
             open_catalog(settings), open_store(settings), path, layout=layout, dataset=dataset,
-            workers=workers or settings.upload_workers, skip_invalid=skip_invalid, full_decode=full_decode, limit=limit,
+            workers=workers or settings.upload_workers, skip_invalid=skip_invalid, full_decode=full_decode,
+            readd_removed=readd_removed, limit=limit,
             options=options, progress=progress,
         )
     if as_json:
@@ -93,6 +95,11 @@ def _print_report(r: ImportReport) -> None:
     if r.skipped:
         err_console.print(f"[yellow]skipped {len(r.skipped)} invalid files:[/]")
         for line in r.skipped:
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if r.removed:
+        err_console.print(f"[yellow]{len(r.removed)} image(s) left out: removed from the dataset earlier "
+                          "(--readd-removed imports them again):[/]")
+        for line in r.removed:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True)
     if r.unused:
         err_console.print(f"[yellow]{len(r.unused)} files of the source were not used:[/]")
@@ -163,8 +170,8 @@ def split(
 
 _NAMES = typer.Argument(None, help="Images: file names (as imported), content hashes (8+ hex digits) or origins.",
                         show_default=False)
-_LIST = typer.Option(None, "--from-file", exists=False, help="A file with one image name or hash per line.")
-_REASON = typer.Option(..., "--reason", help="Why: recorded with the change (flawline data changes).")
+_LIST = typer.Option(None, "--from-file", exists=False, help="A file with one image (file name, content hash or origin) per line.")
+_REASON = typer.Option(None, "--reason", help="Why (required): recorded with the change (flawline data changes).")
 _BY = typer.Option(None, "--by", help="Who makes the change (default: $FLAWLINE_USER, else the login name).")
 
 
@@ -173,15 +180,18 @@ def remove(
     name: str = typer.Argument(..., help="Dataset name."),
     images: Optional[list[str]] = _NAMES,
     from_file: Optional[Path] = _LIST,
-    reason: str = _REASON,
+    reason: Optional[str] = _REASON,
     by: Optional[str] = _BY,
     force: bool = typer.Option(False, help="Also remove images a registered model version was trained or "
                                            "tested on (recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Take images out of a dataset: their rows, annotations and (when nothing else uses them) their
-    objects. Refuses images a registered model version used unless --force; every removal is
-    recorded with who, when and why. A name that matches no image, or several, changes nothing."""
+    """Take images out of a dataset, recorded with who, when and why.
+
+    Their rows and annotations go, and their objects when nothing else uses them. Images a
+    registered model version was trained or tested on are refused unless --force. A name that
+    matches no image, or several, changes nothing. A later `data import` of the same source leaves
+    removed images out (pass --readd-removed there to bring them back)."""
     from flawline.data.repair import read_selectors, remove_images
 
     settings = get_settings()
@@ -206,12 +216,15 @@ def relabel(
     label: str = typer.Option(..., "--label", help="normal or defect."),
     defect_class: Optional[str] = typer.Option(None, "--class", help="The defect class (with --label defect)."),
     from_file: Optional[Path] = _LIST,
-    reason: str = _REASON,
+    reason: Optional[str] = _REASON,
     by: Optional[str] = _BY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Correct images' labels: a human annotation that decides from now on; the annotations it
-    overrides stay in the catalog, marked superseded. Recorded with who, when and why."""
+    """Correct images' labels, recorded with who, when and why.
+
+    The new label is a human annotation that decides from now on; the annotations it overrides
+    stay in the catalog, marked superseded. --label defect without --class: a defect of no class.
+    An image that has that label already is left as it is (and said so)."""
     from flawline.data.repair import read_selectors, relabel_images
 
     report = relabel_images(open_catalog(get_settings()), name, read_selectors(images or [], from_file), label,
@@ -220,21 +233,25 @@ def relabel(
         print_json(report.as_dict())
         return
     target = label + (f"/{defect_class}" if defect_class else "")
-    console.print(f"relabelled {len(report.images)} image(s) of {name} as {target}", highlight=False)
+    console.print(f"relabelled {len(report.images)} image(s) of {name} as {target}"
+                  + (f"; {len(report.unchanged)} had that label already" if report.unchanged else ""), highlight=False)
 
 
 @app.command()
 def changes(name: str = typer.Argument(..., help="Dataset name."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """The repairs made to a dataset (data remove, data relabel): what, who, when, why."""
+    """The repairs made to a dataset (data remove, data relabel): what, who, when, why.
+
+    The table shows file names; --json has the whole origin path and the content hash."""
     from flawline.data.repair import data_changes
 
     rows = data_changes(open_catalog(get_settings()), name)
     if as_json:
         print_json(rows)
         return
-    table = Table("when", "action", "image", "by", "why", "detail")
+    table = Table("when (UTC)", "action", "image", "by", "why", "detail")
     for r in rows:
         detail = f"{r.get('from')} -> {r.get('to')}" if r["action"] == "relabel" else (r.get("label") or "")
-        table.add_row(r["at"][:19], r["action"], r["image"], r["actor"], r["reason"], str(detail))
+        table.add_row(r["at"][:16].replace("T", " "), r["action"], r["image"].replace("\\", "/").rsplit("/", 1)[-1],
+                      r["actor"], r["reason"], str(detail))
     console.print(table if rows else f"no changes recorded for {name}")

@@ -95,7 +95,7 @@ def quickstart(
 
     services.up(timeout=60.0, ray=True, label_studio=loop)
     import_(path=source, layout="magnetic-tile", dataset=dataset, category=None, workers=None, limit=None,
-            skip_invalid=False, full_decode=False, as_json=False)
+            skip_invalid=False, full_decode=False, readd_removed=False, as_json=False)
     split(name=dataset, train=0.75, val=0.0, test=0.25, seed=seed, normal_only_train=False, stratify_by=None)
     show(name=dataset, as_json=False)
     services.status(as_json=False)

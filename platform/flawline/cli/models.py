@@ -72,12 +72,13 @@ def evaluate(
     train = fetch(store, train_refs, image_size, settings.upload_workers)
     val = fetch(store, val_refs, image_size, settings.upload_workers)
     test = fetch(store, test_refs, image_size, settings.upload_workers)
-    det = create_detector(method, backbone=backbone, image_size=image_size)
+    # images of more than 8 bits decode at the dataset's white level, here and wherever the model predicts
+    det = create_detector(method, backbone=backbone, image_size=image_size, white=train_refs[0].white)
     with err_console.status(f"fitting {method} on {len(train)} normal images"):
         fit_started = time.perf_counter()
         det.fit(train.images)
         fit_s = time.perf_counter() - fit_started
-    data_note = {"dataset": dataset, "split": calib_note, "images": len(val)}
+    data_note = {"dataset": dataset, "held_out": calib_note, "images": len(val)}
     if threshold_value is not None:
         det.set_threshold(th.manual(threshold_value, "given on the command line"))
     else:

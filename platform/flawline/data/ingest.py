@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from flawline.catalog import Annotation, AnnotationSource, Catalog, Dataset, Image, Label
+from flawline.catalog import Annotation, AnnotationSource, Catalog, DataChange, Dataset, Image, Label
 from flawline.catalog.models import utcnow
 from flawline.data.images import (
     ImageInfo,
@@ -38,6 +38,7 @@ from flawline.data.images import (
     verify_image,
 )
 from flawline.data.importers import ImportItem, detect_layout, get_importer
+from flawline.data.repair import default_actor, removed_images
 from flawline.errors import FlawlineError, ImportConflict, InvalidInput
 from flawline.storage import ObjectStore, content_key
 
@@ -88,6 +89,7 @@ class ImportReport:
     objects_uploaded: int = 0
     bytes_uploaded: int = 0
     skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # images `data remove` took out: left out again
     unused: list[str] = field(default_factory=list)  # "path: why" for each source file no image or mask used
     seconds: float = 0.0
     by_label: dict[str, int] = field(default_factory=dict)
@@ -106,6 +108,7 @@ def import_dataset(
     workers: int = 16,
     skip_invalid: bool = False,
     full_decode: bool = False,
+    readd_removed: bool = False,
     limit: int | None = None,
     options: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
@@ -113,7 +116,9 @@ def import_dataset(
     """Import every image of ``source`` (laid out as ``layout``) into ``dataset``.
 
     ``full_decode`` decodes every pixel of every file instead of checking stream integrity
-    (JPEG end marker, PNG chunk CRCs); slower, for sources you do not trust.
+    (JPEG end marker, PNG chunk CRCs); slower, for sources you do not trust. Images ``flawline
+    data remove`` took out of the dataset are left out and listed (``report.removed``), unless
+    ``readd_removed`` (then recorded as a ``readd`` change).
     """
     started = time.perf_counter()
     source = source.expanduser().resolve() if source is not None else None
@@ -143,11 +148,12 @@ def import_dataset(
     with catalog.session() as session:
         ds = session.scalar(select(Dataset).where(Dataset.name == name))
         existing = _existing_labels(session, ds.id) if ds is not None else {}
+        removed = {h: (o, why) for h, o, why in removed_images(session, ds.id)} if ds is not None else {}
 
     # One pass per file on a thread pool, so checking overlaps uploading: read, hash, check headers,
     # register by hash (duplicates and label conflicts surface here), then verify and upload what
     # is new. Rows are written only after the pass, once every object is stored.
-    registry = _Registry(existing, report)
+    registry = _Registry(existing, report, {} if readd_removed else removed)
 
     def import_one(item: ImportItem) -> tuple[int, int]:
         p = _identify(item)
@@ -184,6 +190,13 @@ def import_dataset(
             ds_id = _get_or_create_dataset(session, name, importer.name, report.source)
             _insert_rows(session, ds_id, to_add[start:start + ROWS_PER_COMMIT])
     report.new_images = len(to_add)
+    readded = [p for p in to_add if p.info.sha256 in removed] if readd_removed else []
+    if readded:
+        with catalog.session() as session:
+            ds_id = _get_or_create_dataset(session, name, importer.name, report.source)
+            session.add_all([DataChange(dataset_id=ds_id, action="readd", content_hash=p.info.sha256,
+                                        origin=p.item.image.name, actor=default_actor(),
+                                        reason="imported again with --readd-removed") for p in readded])
     if labels_to_add:
         now = utcnow()
         with catalog.session() as session:
@@ -281,8 +294,10 @@ def _parallel(fn: Callable[[T], R], items: Sequence[T], workers: int, stage: str
 class _Registry:
     """The import's distinct images by content hash, shared by the worker threads."""
 
-    def __init__(self, existing: dict[str, tuple[int, str | None, str]], report: ImportReport) -> None:
+    def __init__(self, existing: dict[str, tuple[int, str | None, str]], report: ImportReport,
+                 removed: dict[str, tuple[str | None, str]] | None = None) -> None:
         self.existing = existing
+        self.removed = removed or {}
         self.report = report
         self.by_hash: dict[str, _Prepared] = {}
         self.labels_to_add: list[tuple[int, _Prepared]] = []
@@ -292,6 +307,9 @@ class _Registry:
         """Register ``p``; True if its bytes are new to the dataset and must be uploaded."""
         digest = p.info.sha256
         with self.lock:
+            if digest in self.removed:
+                self.report.removed.append(f"{p.item.image.name}: removed {self.removed[digest][1]}")
+                return False
             seen = self.by_hash.get(digest)
             if seen is not None:
                 self.report.duplicates += 1

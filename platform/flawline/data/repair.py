@@ -46,6 +46,7 @@ class RepairReport:
     objects_kept: int = 0  # still named by another row
     objects_failed: list[str] = field(default_factory=list)
     forced: list[str] = field(default_factory=list)  # used by these model versions, removed with force
+    unchanged: list[str] = field(default_factory=list)  # relabel: images that had that label already
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -73,8 +74,10 @@ def read_selectors(names: Iterable[str], list_file: Path | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _match(rows: list[tuple[int, str, str | None]], selectors: list[str]) -> list[int]:
-    """Image ids for ``selectors`` (see module docstring); refuses unknown and ambiguous ones."""
+def _match(rows: list[tuple[int, str, str | None]], selectors: list[str],
+           removed: list[tuple[str, str | None, str]] = ()) -> list[int]:
+    """Image ids for ``selectors`` (see module docstring); refuses unknown and ambiguous ones.
+    ``removed``: (hash, origin, when/who/why) of the dataset's removed images, to say so."""
     by_id: dict[int, None] = {}
     for sel in selectors:
         low = sel.lower()
@@ -83,6 +86,10 @@ def _match(rows: list[tuple[int, str, str | None]], selectors: list[str]) -> lis
                 if (is_hash and digest.startswith(low))
                 or (origin is not None and (origin == sel or origin.replace("\\", "/").rsplit("/", 1)[-1] == sel))]
         if not hits:
+            gone = [w for digest, origin, w in removed if (is_hash and digest.startswith(low)) or (
+                origin is not None and (origin == sel or origin.replace("\\", "/").rsplit("/", 1)[-1] == sel))]
+            if gone:
+                raise InvalidInput(f"{sel!r} was removed from this dataset already ({gone[-1]}); nothing changed")
             raise InvalidInput(f"{sel!r}: no image of this dataset has that file name or content hash; nothing changed")
         if len(hits) > 1:
             raise InvalidInput(f"{sel!r} names {len(hits)} images; use the content hash or the whole origin path; "
@@ -94,6 +101,18 @@ def _match(rows: list[tuple[int, str, str | None]], selectors: list[str]) -> lis
 def _dataset_rows(session: Any, dataset_id: int) -> list[tuple[int, str, str | None]]:
     return [tuple(r) for r in session.execute(select(Image.id, Image.content_hash, Image.origin)
                                               .where(Image.dataset_id == dataset_id))]
+
+
+def removed_images(session: Any, dataset_id: int) -> list[tuple[str, str | None, str]]:
+    """(content hash, origin, "on <date> by <who>: <why>") of each image ``data remove`` took out of
+    the dataset, oldest first (``ingest`` leaves them out of later imports)."""
+    rows = session.scalars(select(DataChange).where(DataChange.dataset_id == dataset_id,
+                                                    DataChange.action.in_(("remove", "readd"))).order_by(DataChange.id))
+    latest: dict[str, DataChange] = {}
+    for r in rows:  # an image imported again (--readd-removed) is no longer removed
+        latest[r.content_hash] = r
+    return [(r.content_hash, r.origin, f"on {r.created_at:%Y-%m-%d %H:%M} by {r.actor}: {r.reason}")
+            for r in latest.values() if r.action == "remove"]
 
 
 def models_using(session: Any, image: Image, dataset_name: str) -> list[str]:
@@ -112,18 +131,18 @@ def models_using(session: Any, image: Image, dataset_name: str) -> list[str]:
     return used
 
 
-def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors: list[str], *, reason: str,
+def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors: list[str], *, reason: str | None,
                   actor: str | None = None, force: bool = False) -> RepairReport:
     """Take the named images out of ``dataset`` (module docstring). Raises ``InvalidInput`` for an
     unknown or ambiguous name and an empty ``reason``, ``ConfigError`` for an image a model version
     used (without ``force``); nothing changes then."""
-    if not reason.strip():
-        raise InvalidInput("say why (--reason): the change is recorded with it")
+    if not (reason or "").strip():
+        raise InvalidInput("say why with --reason: every change is recorded with it; nothing changed")
     actor = actor or default_actor()
     report = RepairReport(dataset, "remove")
     with catalog.session() as s:
         ds = get_dataset(s, dataset)
-        ids = _match(_dataset_rows(s, ds.id), selectors)
+        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))
         images = list(s.scalars(select(Image).where(Image.id.in_(ids))))
         users = {im.id: models_using(s, im, ds.name) for im in images}
         blocked = {im.origin or im.content_hash: u for im in images if (u := users[im.id])}
@@ -161,12 +180,12 @@ def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors:
     return report
 
 
-def relabel_images(catalog: Catalog, dataset: str, selectors: list[str], label: str, *, reason: str,
+def relabel_images(catalog: Catalog, dataset: str, selectors: list[str], label: str, *, reason: str | None,
                    defect_class: str | None = None, actor: str | None = None) -> RepairReport:
     """Correct the named images' label to ``label`` (normal | defect, with ``defect_class``).
     Raises ``InvalidInput`` for an unknown label, name or an empty ``reason``; nothing changes then."""
-    if not reason.strip():
-        raise InvalidInput("say why (--reason): the change is recorded with it")
+    if not (reason or "").strip():
+        raise InvalidInput("say why with --reason: every change is recorded with it; nothing changed")
     try:
         new = Label(label)
     except ValueError:
@@ -177,10 +196,13 @@ def relabel_images(catalog: Catalog, dataset: str, selectors: list[str], label: 
     report = RepairReport(dataset, "relabel")
     with catalog.session() as s:
         ds = get_dataset(s, dataset)
-        ids = _match(_dataset_rows(s, ds.id), selectors)
+        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))
         before = image_labels(s, ds.id)
         for im in s.scalars(select(Image).where(Image.id.in_(ids))):
             old = before.get(im.id)
+            if old == (new, defect_class):
+                report.unchanged.append(im.origin or im.content_hash)
+                continue
             for ann in s.scalars(select(Annotation).where(Annotation.image_id == im.id,
                                                           Annotation.source.in_(LABEL_SOURCES))):
                 ann.attrs = {**(ann.attrs or {}), "superseded": True}
