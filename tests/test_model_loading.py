@@ -24,9 +24,9 @@ from conftest import SIZE, crack_tiles
 def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, store, tmp_path):
     import json
 
-    import_dataset(catalog, store, crack_tiles(tmp_path / "t", normal=24, defect=8, unlabelled=0), dataset="t",
+    import_dataset(catalog, store, crack_tiles(tmp_path / "t", normal=60, defect=8, unlabelled=0), dataset="t",
                    workers=4)
-    assign_splits(catalog, "t", SplitSpec(train=0.5, val=0.0, test=0.5, seed=0, normal_only_train=True))
+    assign_splits(catalog, "t", SplitSpec(train=0.4, val=0.3, test=0.3, seed=0, normal_only_train=True))
     plan = plan_run(catalog, TrainSpec(datasets=["t"], setting="unsupervised", method="padim", image_size=SIZE,
                                        batch_size=8))
     detector, history = train_local(store, plan)
@@ -34,6 +34,12 @@ def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, sto
     rows = [r for r in dataset_rows(catalog, "t") if r["split"] == "test"]
     trained = pre_annotations(load_version(catalog, store, ref), store, rows, ref)
     assert any(p.is_defect for p in trained.values())  # the cracked test tiles
+    # what annotators read: the share of held-out normals each image scores above
+    shown = {r["image_id"]: trained[r["image_id"]].readable for r in rows}
+    assert all(0.0 <= v <= 1.0 for v in shown.values())
+    defects = [shown[r["image_id"]] for r in rows if r["defect"]]
+    normals = [shown[r["image_id"]] for r in rows if not r["defect"]]
+    assert min(defects) > 0.9 and np.median(normals) < 0.9
 
     with catalog.session() as s:  # a threshold set by hand, above every score
         set_threshold(s, s.scalar(select(ModelVersion)), th.manual(1e9, "by hand").as_dict())

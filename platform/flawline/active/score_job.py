@@ -138,7 +138,7 @@ def submit_pre_annotation(settings: Settings, store: ObjectStore, model: ModelVe
         found = {int(i): k for k, i in enumerate(z["image_id"])}
         idx = [found[int(r["image_id"])] for r in rows]
         return predictions_from_masks(rows, z["score"][idx], z["verdict"][idx], z["mask"][idx],
-                                      f"{model.name}:{model.version}")
+                                      f"{model.name}:{model.version}", z["readable"][idx])
 
 
 def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[dict[str, Any]],

@@ -82,12 +82,11 @@ def score_local(detector: Detector, store: ObjectStore, rows: list[dict[str, Any
 def verdicts_and_masks(detector: Detector, pred: Any) -> tuple[np.ndarray, np.ndarray]:
     """Each image's verdict (its threshold, else p >= 0.5) and its anomaly regions above the
     threshold at the model's map size (uint8 0/1; empty for images judged normal)."""
-    from flawline.serving.response import defect_mask
+    from flawline.evaluate.regions import defect_mask
 
     threshold = detector.threshold.as_dict() if detector.threshold is not None else None
     verdicts = np.asarray(pred.is_defect if threshold is not None else pred.scores >= 0.5, dtype=bool)
-    masks = np.stack([defect_mask(m, threshold) if v else np.zeros(m.shape, bool)
-                      for m, v in zip(pred.maps, verdicts)]).astype(np.uint8)
+    masks = np.stack([defect_mask(m, threshold, bool(v)) for m, v in zip(pred.maps, verdicts)]).astype(np.uint8)
     return verdicts, masks
 
 
@@ -124,7 +123,8 @@ class ScoreRows:
         if self.with_masks:
             pred = self.detector.predict(x)
             verdicts, masks = verdicts_and_masks(self.detector, pred)
-            return {"image_id": ids, "score": pred.scores.astype(np.float64), "verdict": verdicts, "mask": masks}
+            return {"image_id": ids, "score": pred.scores.astype(np.float64), "verdict": verdicts, "mask": masks,
+                    "readable": readable_scores(self.detector, pred.scores)}
         scores, embs = score_batch(self.detector, x)
         return {"image_id": ids, "score": scores, "embedding": embs}
 
@@ -172,7 +172,7 @@ def annotate_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: i
                                                             "threshold": threshold_info},
                           batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker,
                           num_gpus=gpus_per_worker or None)
-    parts: dict[str, list[np.ndarray]] = {"image_id": [], "score": [], "verdict": [], "mask": []}
+    parts: dict[str, list[np.ndarray]] = {"image_id": [], "score": [], "verdict": [], "mask": [], "readable": []}
     for batch in done.iter_batches(batch_size=256, batch_format="numpy"):
         for k in parts:
             parts[k].append(np.stack(list(batch[k])) if k == "mask" else batch[k])
@@ -201,16 +201,28 @@ def load_scores(store: ObjectStore, key: str) -> PoolScores:
 
 
 def predictions_from_masks(rows: list[dict[str, Any]], scores: np.ndarray, verdicts: np.ndarray,
-                           masks: np.ndarray, ref: str) -> dict[int, Prediction]:
-    """Pre-annotations from per-row scores, verdicts and map-size masks (resized to each image)."""
+                           masks: np.ndarray, ref: str, readable: np.ndarray | None = None) -> dict[int, Prediction]:
+    """Pre-annotations from per-row scores, verdicts, map-size masks (resized to each image) and
+    readable scores (``readable_scores``; NaN or None: none)."""
     from PIL import Image as PILImage
 
     out: dict[int, Prediction] = {}
-    for r, score, verdict, small in zip(rows, scores, verdicts, masks):
+    shown = np.full(len(rows), np.nan) if readable is None else np.asarray(readable, dtype=np.float64)
+    for r, score, verdict, small, easy in zip(rows, scores, verdicts, masks, shown):
         mask = np.asarray(PILImage.fromarray(small.astype(np.uint8) * 255).resize(
             (r["width"], r["height"]), PILImage.NEAREST)) > 0
-        out[r["image_id"]] = Prediction(ref, float(score), bool(verdict), None, mask if mask.any() else None)
+        out[r["image_id"]] = Prediction(ref, float(score), bool(verdict), None, mask if mask.any() else None,
+                                        None if np.isnan(easy) else float(easy))
     return out
+
+
+def readable_scores(detector: Detector, scores: np.ndarray) -> np.ndarray:
+    """Scores people can read (``thresholds.normal_percentile`` against the held-out normal images
+    kept with the model); NaN where the model kept none."""
+    from flawline.evaluate.thresholds import normal_percentile
+
+    shown = normal_percentile(detector.info.get("normal_score_quantiles"), scores)
+    return np.full(len(scores), np.nan) if shown is None else shown
 
 
 def pre_annotations(detector: Detector, store: ObjectStore, rows: list[dict[str, Any]], ref: str,
@@ -227,5 +239,6 @@ def pre_annotations(detector: Detector, store: ObjectStore, rows: list[dict[str,
                                          detector.config.white)["image"]).float() / 255.0
         pred = detector.predict(x)
         verdicts, masks = verdicts_and_masks(detector, pred)
-        out.update(predictions_from_masks(part, pred.scores, verdicts, masks, ref))
+        out.update(predictions_from_masks(part, pred.scores, verdicts, masks, ref,
+                                          readable_scores(detector, pred.scores)))
     return out

@@ -85,6 +85,8 @@ def evaluate(
         vp = det.predict(val.images)
         det.set_threshold(th.compute(threshold, scores=vp.scores, maps=vp.maps, labels=val.labels,
                                      data=data_note, p=p, k=k, max_area=max_area))
+        if (~val.labels.astype(bool)).sum() >= th.MIN_READABLE_NORMALS:  # readable scores (th.normal_percentile)
+            det.info["normal_score_quantiles"] = th.normal_quantiles(vp.scores[~val.labels.astype(bool)])
     with err_console.status(f"evaluating on {len(test)} test images"):
         metrics, pred = evaluate_detector(det, test)
     metrics["fit_seconds"] = fit_s

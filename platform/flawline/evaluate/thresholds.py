@@ -173,3 +173,25 @@ def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray |
     if method == "youden":
         return youden(labels, scores, data)
     raise InvalidInput(f"unknown threshold method {method!r}; choose one of: {', '.join(METHODS[:-1])}")
+
+
+QUANTILE_STEPS = 101  # held-out normal scores are kept as this many quantiles (0 %, 1 %, ..., 100 %)
+MIN_READABLE_NORMALS = 10  # fewer held-out normal images say too little to put a score among them
+
+
+def normal_quantiles(scores: np.ndarray) -> list[float]:
+    """Held-out normal images' scores [N] → ``QUANTILE_STEPS`` quantiles (what ``normal_percentile``
+    reads; kept with the model in ``Detector.info["normal_score_quantiles"]``)."""
+    s = _normal_scores(scores)
+    return [float(v) for v in np.quantile(s, np.linspace(0.0, 1.0, QUANTILE_STEPS))]
+
+
+def normal_percentile(quantiles: list[float] | None, scores: np.ndarray) -> np.ndarray | None:
+    """The share of held-out normal images each score is above, in [0, 1]: the same meaning for
+    every model whatever its score's units (PaDiM distances, flow log-likelihoods, a head's logit),
+    so people can read it (what pre-annotations show annotators as their score). Linear between
+    the stored quantiles; 0 below the lowest, 1 above the highest. None without quantiles."""
+    if not quantiles:
+        return None
+    q = np.asarray(quantiles, dtype=np.float64)
+    return np.interp(np.asarray(scores, dtype=np.float64), q, np.linspace(0.0, 1.0, len(q)), left=0.0, right=1.0)

@@ -27,6 +27,10 @@ class Prediction:
     is_defect: bool
     defect_class: str | None = None
     mask: np.ndarray | None = None  # bool (H, W) at the image's own size: the anomaly regions
+    # What annotators see as the score: the share of held-out normal images this image scores
+    # above (evaluate.thresholds.normal_percentile), in [0, 1]; None where the model has no record
+    # of them (then no score is shown rather than a raw one read as a percentage).
+    readable: float | None = None
 
 
 @dataclass

@@ -92,7 +92,7 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
             task = {"data": {"image": store.presigned_get(key, expires=URL_EXPIRY), "flawline_image_id": image_id,
                              "flawline_dataset": dataset, "width": width, "height": height}}
             if (pred := predictions.get(image_id)) is not None:
-                task["predictions"] = [{"model_version": pred.model_version, "score": float(pred.score),
+                task["predictions"] = [{"model_version": pred.model_version, **_shown_score(pred),
                                         "result": prediction_result(project.task, pred, width, height,
                                                                     project.classes)}]
             tasks.append(task)
@@ -136,6 +136,12 @@ def _update_open_tasks(catalog: Catalog, client: LabelStudioClient, project: Lab
             _, width, height, _ = rows[image_id]
             result = prediction_result(project.task, pred, width, height, project.classes)
             client.call("add a pre-annotation", lambda t=task_id, p=pred, r=result: client.sdk.predictions.create(
-                task=t, result=r, score=float(p.score), model_version=p.model_version))
+                task=t, result=r, model_version=p.model_version, **_shown_score(p)))
             entry.model_version, entry.score = pred.model_version, float(pred.score)
             report.predictions_updated += 1
+
+
+def _shown_score(pred: Prediction) -> dict[str, float]:
+    """Label Studio shows a prediction's score as a percentage: only a readable one is sent (the
+    share of held-out normal images the image scores above), never a raw anomaly score."""
+    return {} if pred.readable is None else {"score": round(float(pred.readable), 4)}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flawline.evaluate.regions import defect_mask
 from flawline.serving.models import ModelRef
 from flawline.serving.pipeline import Outcome
 
@@ -37,23 +38,6 @@ def heatmap_png(amap: np.ndarray, threshold: float | None) -> tuple[bytes, dict[
     lo, hi = heatmap_scale(amap, threshold)
     gray = np.clip((amap - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return _png(gray), {"lo": lo, "hi": hi}
-
-
-def defect_mask(amap: np.ndarray, threshold: dict[str, Any] | None) -> np.ndarray:
-    """Pixels at or above the threshold; for a max-area threshold only regions of at least
-    ``max_area`` pixels (smaller ones are the noise that threshold tolerates)."""
-    if not threshold:
-        return np.zeros(amap.shape, dtype=bool)
-    mask = amap >= float(threshold["value"])
-    if threshold.get("method") == "max-area" and mask.any():
-        from scipy import ndimage
-
-        labels, n = ndimage.label(mask)
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= int(threshold.get("params", {}).get("max_area", 1))
-        keep[0] = False
-        mask = keep[labels]
-    return mask
 
 
 def _simplify(points: np.ndarray, eps: float) -> np.ndarray:
@@ -130,7 +114,7 @@ def build_response(outcome: Outcome, ref: ModelRef, image_size: tuple[int, int],
             body["heatmap_png"] = base64.b64encode(png).decode("ascii")
             body["heatmap_scale"] = scale
         if mask or with_regions:
-            m = defect_mask(amap, th)
+            m = defect_mask(amap, th, outcome.is_defect)
             if mask:
                 body["mask_png"] = base64.b64encode(_png(m.astype(np.uint8) * 255)).decode("ascii")
             if with_regions:

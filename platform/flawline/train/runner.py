@@ -161,6 +161,11 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     val = fetch(store, rows_to_refs(plan.data.val), spec.image_size) if plan.data.val else None
     detector.config.white = run_white(plan.data)  # prediction decodes as the run's images were decoded
     detector.set_threshold(calibrate(detector, plan, val))
+    held_normals = getattr(detector, "calibration_scores", None)  # the setting's own held-out normals
+    if val is not None and (~val.labels.astype(bool)).any():
+        held_normals = detector.predict(val.images[~val.labels.astype(bool)]).scores
+    if held_normals is not None and len(held_normals) >= th.MIN_READABLE_NORMALS:  # readable scores
+        detector.info["normal_score_quantiles"] = th.normal_quantiles(held_normals)
     test = fetch(store, rows_to_refs(plan.data.test), spec.image_size)
     metrics, _ = evaluate(detector, test)
     metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
