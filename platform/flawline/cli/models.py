@@ -20,21 +20,16 @@ from flawline.catalog.queries import get_dataset
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
-from flawline.data.fetch import fetch, split_refs
 from flawline.errors import InvalidInput
 from flawline.evaluate import thresholds as th
-from flawline.evaluate.report import write_report
-from flawline.evaluate.run import evaluate as evaluate_detector
-from flawline.models import create_detector, detector_names
-from flawline.models.artifacts import detector_from_bytes, detector_to_bytes
-from flawline.models.export import check_export, export_onnx
 
 app = FlawlineTyper(help="Model versions: list, show, set thresholds, export.")
 
 
 def evaluate(
     dataset: str = typer.Argument(..., help="Dataset with a train/test split (`flawline data split`)."),
-    method: str = typer.Option("patchcore", "--method", "-m", help=f"Detector: {', '.join(detector_names())}."),
+    method: str = typer.Option("patchcore", "--method", "-m", help="Detector, e.g. patchcore, padim, flow (an unknown name lists "
+                                                                  "every one)."),
     backbone: str = typer.Option("efficientnet_lite0", help="Feature backbone."),
     image_size: int = typer.Option(256, min=32, max=1024, help="Images are resized to this square size."),
     threshold: str = typer.Option("quantile", help="How to choose the threshold from normal validation "
@@ -50,6 +45,12 @@ def evaluate(
     """Fit a detector on the dataset's normal training images, choose its threshold on normal
     validation images, evaluate on the test split and write a report (JSON, Markdown, ROC curve,
     heatmaps of the worst misses and false alarms)."""
+    from flawline.data.fetch import fetch, split_refs
+    from flawline.evaluate.report import write_report
+    from flawline.evaluate.run import evaluate as evaluate_detector
+    from flawline.models import create_detector
+    from flawline.models.artifacts import detector_to_bytes
+
     settings = get_settings()
     catalog, store = open_catalog(settings), open_store(settings)
     train_refs = split_refs(catalog, dataset, Split.train, normal_only=True)
@@ -115,6 +116,8 @@ def evaluate(
 
 def _load(ref: str):
     """A detector from a model name[:version], a local file, or an s3:// URI."""
+    from flawline.models.artifacts import detector_from_bytes
+
     if ref.startswith("s3://"):
         store = open_store()
         return detector_from_bytes(store.get_bytes(store.key_from_uri(ref)), ref), None
@@ -218,6 +221,8 @@ def export(model: str = typer.Argument(..., help="name, name:version, a file or 
         raise InvalidInput(f"export format {format!r} is not supported; use onnx")
     det, _ = _load(model)
     import torch
+
+    from flawline.models.export import check_export, export_onnx
 
     path = export_onnx(det, out)
     drift = check_export(det, path, torch.rand(probe, 3, det.config.image_size, det.config.image_size,
