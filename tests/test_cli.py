@@ -130,7 +130,7 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     assert "retrain at 3): retrained (run " in out and "image_auroc" in out
     assert "learning curve: " in out and (data / "reports" / "loop-magnetic-tile.png").read_bytes()[:4] == b"\x89PNG"
     # the production model deployed with Serve answers for a held-out image over HTTP, with its overlay
-    assert "predicting the held-out test image" in out
+    assert "predicting the held-out test image" in out and "(labelled defect/" in out  # the truth beside the verdict
     overlays = list((data / "reports" / "quickstart").glob("*.overlay.png"))
     assert len(overlays) == 1 and ("DEFECT" in out or " ok " in out) and "magnetic-tile-mixed-padim:" in out
 

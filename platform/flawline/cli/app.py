@@ -16,6 +16,9 @@ from flawline.errors import FlawlineError
 
 # Retries are ours to report: urllib3's own retry warnings would break the one-line error rule.
 logging.getLogger("urllib3").setLevel(logging.ERROR)
+# Ray's job client logs every package upload at INFO ("... already exists, skipping upload"), in the
+# middle of the CLI's own output; flawline says what its jobs do itself.
+logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -80,7 +80,9 @@ def run(
     if as_json:
         print_json(results)
         return spec.model_name()
-    _rounds_table([{**r, "queue": None} for r in results],
+    from flawline.active.loop import loop_status
+
+    _rounds_table([{**r, "queue": None} for r in loop_status(catalog, dataset)["rounds"]],
                   title=f"{dataset}: active learning (model {spec.model_name()})")
     return spec.model_name()
 
@@ -93,6 +95,11 @@ def _rounds_table(rounds: list[dict], title: str) -> None:
     for col in ("round", *(["queue"] if with_queue else []), "labels", "new / N", "retrained", "promoted",
                 "version", metric_name):
         table.add_column(col)
+    first = rounds[0] if rounds else {}
+    if first.get("start_metric") is not None:  # the model the loop started from (label-free on a fresh loop)
+        model = first.get("start_model")
+        table.add_row("start", *(["-"] if with_queue else []), str(first.get("labels_start") or 0), "-", "-", "-",
+                      f"v{model.rsplit(':', 1)[-1]}" if model else "-", f"{first['start_metric']:.4f}")
     for r in rounds:
         run = f"run {r.get('run_id')}" if r.get("retrained") else "no"
         model, metric = r.get("model"), r.get("metric")
@@ -117,18 +124,11 @@ def status(
     """The loop's rounds: queue per round, labels gained, what triggers retraining (new labels since
     the last run against N) and the run it started, the model in production and its test metric.
     Also writes the learning curve (metric against labels from people) as a PNG."""
-    from flawline.active.curve import learning_curve_png
     from flawline.active.loop import loop_status
 
     settings = get_settings()
     data = loop_status(open_catalog(settings), dataset)
-    curve, note = None, ""
-    if data["rounds"]:
-        plot = plot or settings.data_dir.expanduser() / "reports" / f"loop-{dataset}.png"
-        try:
-            curve = learning_curve_png(data, plot)
-        except InvalidInput as err:  # rounds without a metric yet: the table still shows
-            note = str(err)
+    curve, note = write_curve(dataset, data, plot)
     if as_json:
         print_json({**data, "curve": str(curve) if curve else None})
         return
@@ -138,6 +138,22 @@ def status(
         console.print("labels: images labelled by people so far; new / N: labels since the last training run "
                       "against the retraining threshold", highlight=False)
         console.print(f"learning curve: {curve}" if curve else note, highlight=False, soft_wrap=True)
+
+
+def write_curve(dataset: str, data: dict | None = None, plot: Path | None = None) -> tuple[Path | None, str]:
+    """Write the loop's learning curve PNG (default ``<data dir>/reports/loop-<dataset>.png``);
+    returns (its path, or None and why not)."""
+    from flawline.active.curve import learning_curve_png
+    from flawline.active.loop import loop_status
+
+    settings = get_settings()
+    data = data or loop_status(open_catalog(settings), dataset)
+    if not data["rounds"]:
+        return None, "no rounds yet"
+    try:
+        return learning_curve_png(data, plot or settings.data_dir.expanduser() / "reports" / f"loop-{dataset}.png"), ""
+    except InvalidInput as err:  # rounds without a metric yet: the table still shows
+        return None, str(err)
 
 
 @app.command()

@@ -105,7 +105,9 @@ def quickstart(
                  task="segmentation", setting="mixed", method="mixed", base=base, image_size=image_size,
                  epochs=epochs, workers=2, in_process=False, simulate=True, keep_labels=keep_labels,
                  wait_hours=1.0, seed=seed, as_json=False)
-    loop_cli.status(dataset=dataset, plot=None, as_json=False)
+    curve, why = loop_cli.write_curve(dataset)
+    console.print(f"learning curve: {curve} (test metric against labels, from the label-free start)" if curve else why,
+                  highlight=False, soft_wrap=True)
     if serve:
         _serve_and_predict(dataset, model, seed)
 
@@ -116,14 +118,15 @@ def _serve_and_predict(dataset: str, model: str, seed: int) -> None:
     from flawline.train.data import held_out_image
 
     settings = get_settings()
-    name, data = held_out_image(open_catalog(settings), open_store(settings), dataset, seed)
+    name, data, truth = held_out_image(open_catalog(settings), open_store(settings), dataset, seed)
     folder = settings.data_dir.expanduser() / "reports" / "quickstart"
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / name
     image.write_bytes(data)
     console.print(f"deploying the production model {model} with Ray Serve …")
     serve_cli.up(config=serve_cli.DEFAULT_CONFIG, app_dir=serve_cli.REPO, port=None, timeout=300.0, wait=True)
-    console.print(f"predicting the held-out test image {image} through {settings.serve_url}:")
+    console.print(f"predicting the held-out test image {image} (labelled {truth} in the catalog) through "
+                  f"{settings.serve_url}:")
     serve_cli.predict(images=[image], model=model, local=False, out=folder, url=None, timeout=120.0, as_json=False)
 
 

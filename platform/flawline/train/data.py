@@ -77,9 +77,10 @@ def dataset_rows(catalog: Catalog, dataset: str) -> list[dict[str, Any]]:
     return rows
 
 
-def held_out_image(catalog: Catalog, store: ObjectStore, dataset: str, seed: int = 0) -> tuple[str, bytes]:
-    """(file name, stored bytes) of one labelled test-split image of ``dataset`` (a defect where
-    there is one), picked with ``seed``: an image no model of the dataset was fitted on."""
+def held_out_image(catalog: Catalog, store: ObjectStore, dataset: str, seed: int = 0) -> tuple[str, bytes, str]:
+    """(file name, stored bytes, its label as "normal" or "defect[/class]") of one labelled
+    test-split image of ``dataset`` (a defect where there is one), picked with ``seed``: an image no
+    model of the dataset was fitted on."""
     from flawline.errors import InvalidInput
 
     rows = [r for r in dataset_rows(catalog, dataset) if r["split"] == Split.test.value and r["defect"] is not None]
@@ -88,7 +89,8 @@ def held_out_image(catalog: Catalog, store: ObjectStore, dataset: str, seed: int
     defects = [r for r in rows if r["defect"]] or rows
     row = defects[int(np.random.default_rng(seed).integers(len(defects)))]
     name = str(row["origin"]).replace("\\", "/").rsplit("/", 1)[-1] or f"image-{row['image_id']}.png"
-    return name, store.get_bytes(row["key"])
+    label = ("defect" + (f"/{row['defect_class']}" if row["defect_class"] else "")) if row["defect"] else "normal"
+    return name, store.get_bytes(row["key"]), label
 
 
 def keep_fraction(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
