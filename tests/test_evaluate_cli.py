@@ -42,7 +42,7 @@ def test_evaluate_report_and_model_lifecycle(mt_split, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["metrics"]["image_auroc"] <= 1.0
     assert report["metrics"]["threshold"]["method"] == "quantile"
-    assert report["metrics"]["threshold"]["data"]["split"] == "val split"
+    assert report["metrics"]["threshold"]["data"]["split"] == "val"
     assert "aupro" in report["metrics"] and "pixel_auroc" in report["metrics"]
     md = (out / "report.md").read_text()
     assert "![ROC](roc.png)" in md and "Threshold" in md

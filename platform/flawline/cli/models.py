@@ -60,14 +60,14 @@ def evaluate(
         raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
     if not test_refs:
         raise InvalidInput(f"dataset {dataset!r} has no labelled images in its test split; run `flawline data split`")
-    calib_note = "val split"
+    calib_note = "val"
     if not val_refs:  # hold out a tenth of the training normals for calibration
         cut = max(1, len(train_refs) // 10)
         rng = np.random.default_rng(0)
         order = rng.permutation(len(train_refs))
         val_refs = [train_refs[i] for i in order[:cut]]
         train_refs = [train_refs[i] for i in order[cut:]]
-        calib_note = f"{cut} training normals held out (no val split)"
+        calib_note = f"train ({cut} normals held out; no val split)"
     started = time.perf_counter()
     err_console.print(f"fetching {len(train_refs)} train, {len(val_refs)} calibration, {len(test_refs)} test images")
     train = fetch(store, train_refs, image_size, settings.upload_workers)
@@ -79,7 +79,7 @@ def evaluate(
         fit_started = time.perf_counter()
         det.fit(train.images)
         fit_s = time.perf_counter() - fit_started
-    data_note = {"dataset": dataset, "held_out": calib_note, "images": len(val)}
+    data_note = {"dataset": dataset, "split": calib_note, "images": len(val)}
     if threshold_value is not None:
         det.set_threshold(th.manual(threshold_value, "given on the command line"))
     else:
