@@ -86,20 +86,21 @@ def test_an_annotator_sees_the_pre_annotation_in_the_queue_and_corrects_it(brows
     kinds = {r["type"]: r["value"] for r in results}
     assert kinds["choices"]["choices"] == ["blowhole"]  # the verdict, selected
     assert kinds["brushlabels"]["brushlabels"] == ["blowhole"]  # the region, named as the config names it
-    checked = browser.execute_script(
-        "return [...document.querySelectorAll('input[type=radio]:checked, input[type=checkbox]:checked')]"
-        ".map(e => (e.closest('label') || e.parentElement).innerText.trim())")
-    assert "blowhole" in " ".join(checked)  # and shown as selected
+    radios = browser.execute_script(
+        "return [...document.querySelectorAll('input[type=radio]')].map(e => [e.checked, "
+        "(e.closest('label') || e.parentElement).innerText.trim().split('\\n')[0].replace(/\\[\\d+\\]$/, '')])")
+    assert [name for on, name in radios if on] == ["blowhole"], radios  # and shown as selected
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "labelling-queue.png"))
 
     # The annotator corrects the class (it is a crack) and submits from the UI.
     browser.execute_script(
-        "const e = [...document.querySelectorAll('input[type=radio]')].find("
-        "  x => (x.closest('label') || x.parentElement).innerText.trim() === 'crack'); e.click();")
+        "[...document.querySelectorAll('input[type=radio]')].find("
+        "  x => (x.closest('label') || x.parentElement).innerText.trim().split('\\n')[0].replace(/\\[\\d+\\]$/, '') === 'crack').click();")
     _wait(browser, f"{RESULTS}.find(r => r.type === 'choices').value.choices[0] === 'crack'", what="the new verdict")
-    browser.execute_script(
-        "[...document.querySelectorAll('button')].find(b => /^(Submit|Update)$/.test(b.innerText.trim())).click()")
+    buttons = browser.execute_script("return [...document.querySelectorAll('button')].map(b => b.innerText.trim())")
+    assert "Submit" in buttons, buttons
+    browser.execute_script("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Submit').click()")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         report = pull_annotations(catalog, store, ls_client, project)
