@@ -98,6 +98,11 @@ def _match(rows: list[tuple[int, str, str | None]], selectors: list[str],
     return list(by_id)
 
 
+def _require_reason(reason: str | None) -> None:
+    if not (reason or "").strip():
+        raise InvalidInput("say why with --reason: every change is recorded with it; nothing changed")
+
+
 def _dataset_rows(session: Any, dataset_id: int) -> list[tuple[int, str, str | None]]:
     return [tuple(r) for r in session.execute(select(Image.id, Image.content_hash, Image.origin)
                                               .where(Image.dataset_id == dataset_id))]
@@ -136,13 +141,12 @@ def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors:
     """Take the named images out of ``dataset`` (module docstring). Raises ``InvalidInput`` for an
     unknown or ambiguous name and an empty ``reason``, ``ConfigError`` for an image a model version
     used (without ``force``); nothing changes then."""
-    if not (reason or "").strip():
-        raise InvalidInput("say why with --reason: every change is recorded with it; nothing changed")
+    _require_reason(reason)
     actor = actor or default_actor()
     report = RepairReport(dataset, "remove")
     with catalog.session() as s:
         ds = get_dataset(s, dataset)
-        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))
+        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))  # or refuse: nothing changed
         images = list(s.scalars(select(Image).where(Image.id.in_(ids))))
         users = {im.id: models_using(s, im, ds.name) for im in images}
         blocked = {im.origin or im.content_hash: u for im in images if (u := users[im.id])}
@@ -184,8 +188,7 @@ def relabel_images(catalog: Catalog, dataset: str, selectors: list[str], label: 
                    defect_class: str | None = None, actor: str | None = None) -> RepairReport:
     """Correct the named images' label to ``label`` (normal | defect, with ``defect_class``).
     Raises ``InvalidInput`` for an unknown label, name or an empty ``reason``; nothing changes then."""
-    if not (reason or "").strip():
-        raise InvalidInput("say why with --reason: every change is recorded with it; nothing changed")
+    _require_reason(reason)
     try:
         new = Label(label)
     except ValueError:
@@ -196,7 +199,7 @@ def relabel_images(catalog: Catalog, dataset: str, selectors: list[str], label: 
     report = RepairReport(dataset, "relabel")
     with catalog.session() as s:
         ds = get_dataset(s, dataset)
-        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))
+        ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))  # or refuse: nothing changed
         before = image_labels(s, ds.id)
         for im in s.scalars(select(Image).where(Image.id.in_(ids))):
             old = before.get(im.id)
