@@ -35,3 +35,15 @@ def test_a_region_only_where_the_model_localises():
     half = np.zeros((32, 32), np.float32)
     half[:, :12] = 20.0  # 37 % of the image
     assert 12 / 32 > MAX_REGION_SHARE and not defect_mask(half, th, True).any()
+
+
+def test_a_threshold_change_is_a_new_prediction_version():
+    """Verdicts depend on the threshold: a threshold set by hand gives pre-annotations a new
+    version, so the next push updates open tasks and the queue never mixes old and new verdicts."""
+    from flawline.evaluate import thresholds as th
+    from flawline.labelstudio.convert import prediction_version
+
+    assert prediction_version("tiles-padim:1", None) == "tiles-padim:1"
+    trained = prediction_version("tiles-padim:1", th.quantile(np.arange(100.0), 0.99))
+    by_hand = prediction_version("tiles-padim:1", th.manual(450.0).as_dict())
+    assert by_hand == "tiles-padim:1 (threshold 450)" and trained != by_hand

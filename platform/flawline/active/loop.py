@@ -35,6 +35,7 @@ from flawline.catalog.model_versions import load_version, production_version, pr
 from flawline.catalog.queries import get_dataset
 from flawline.errors import ConfigError, InvalidInput
 from flawline.labelstudio.client import LabelStudioClient
+from flawline.labelstudio.convert import prediction_version
 from flawline.labelstudio.projects import ensure_project
 from flawline.labelstudio.pull import pull_annotations
 from flawline.labelstudio.push import push_tasks
@@ -189,7 +190,7 @@ class ActiveLoop:
                                       seed=spec.seed + self._round_index())
         by_id = {r["image_id"]: r for r in pool_r}
         picked = [by_id[int(i)] for i in chosen.image_ids]
-        preds = pre_annotations(detector, self.store, picked, ref)
+        preds = pre_annotations(detector, self.store, picked, prediction_version(ref, detector.threshold))
         pushed = push_tasks(self.catalog, self.store, self.client, project, [r["image_id"] for r in picked], preds)
         with self.catalog.session() as s:
             ds = get_dataset(s, spec.dataset)

@@ -30,7 +30,7 @@ from flawline.catalog import ModelVersion
 from flawline.catalog.model_versions import version_threshold
 from flawline.config import Settings, get_settings
 from flawline.errors import FlawlineError, ServiceError
-from flawline.labelstudio.convert import Prediction
+from flawline.labelstudio.convert import Prediction, prediction_version
 from flawline.storage import ObjectStore
 
 
@@ -138,7 +138,8 @@ def submit_pre_annotation(settings: Settings, store: ObjectStore, model: ModelVe
         found = {int(i): k for k, i in enumerate(z["image_id"])}
         idx = [found[int(r["image_id"])] for r in rows]
         return predictions_from_masks(rows, z["score"][idx], z["verdict"][idx], z["mask"][idx],
-                                      f"{model.name}:{model.version}", z["readable"][idx])
+                                      prediction_version(f"{model.name}:{model.version}", version_threshold(model)),
+                                      z["readable"][idx])
 
 
 def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[dict[str, Any]],

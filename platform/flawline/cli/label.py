@@ -196,7 +196,8 @@ def push(
     limit: Optional[int] = typer.Option(None, min=1, help="Push at most N images new to the project."),
     all_: bool = typer.Option(False, "--all", help="Also push images that have a human annotation already."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Pre-annotate with this registered model "
-                                        "(NAME = its production version, or NAME:V): verdict, score, regions."),
+                                        "(NAME: its production version, else its newest; or NAME:V): verdict, "
+                                        "score, regions."),
     on_cluster: bool = typer.Option(False, "--on-cluster", help="Compute the pre-annotations as a Ray job: model "
                                     "actors in parallel on the cluster (for large batches)."),
     workers: int = typer.Option(2, min=1, help="With --on-cluster: model actors."),
@@ -221,6 +222,7 @@ def push(
     info = {"dataset": dataset, "task": task, "project": project.ls_project_id, "created": report.created,
             "already_there": report.already_there, "reconciled": report.reconciled, "tasks_gone": report.tasks_gone,
             "predictions_updated": report.predictions_updated, "model_version": report.model_version,
+            "stale_open_tasks": report.stale_open_tasks,
             "url": f"{client.url}/projects/{project.ls_project_id}"}
     if as_json:
         print_json(info)
@@ -232,6 +234,10 @@ def push(
         console.print(f"the labelling queue shows {report.model_version}'s pre-annotations (project model version); "
                       f"{report.predictions_updated} open task(s) got them in place of an older model's",
                       highlight=False, soft_wrap=True)
+    if report.stale_open_tasks:
+        err_console.print(f"note: {report.stale_open_tasks} other open task(s) of the project carry another version's "
+                          "pre-annotation, which the queue no longer shows; push their images again with this "
+                          "--model (e.g. --split val) to update them", highlight=False, soft_wrap=True)
     if not image_ids:
         hint = "" if split == "all" else f" (has the dataset a {split} split? `flawline data split` makes one)"
         err_console.print(f"no {split} images of {dataset!r} to push{hint}", highlight=False, soft_wrap=True)
@@ -243,6 +249,7 @@ def _pre_annotations(catalog, store, settings, dataset: str, image_ids: list[int
     this process, or with ``workers`` > 0 as a Ray job on the cluster."""
     from flawline.active.scoring import pre_annotations
     from flawline.catalog.model_versions import load_version
+    from flawline.labelstudio.convert import prediction_version
     from flawline.serving.models import resolve
     from flawline.train.data import dataset_rows
 
@@ -254,8 +261,12 @@ def _pre_annotations(catalog, store, settings, dataset: str, image_ids: list[int
     say = (lambda line: err_console.print(line, highlight=False, soft_wrap=True)) if show else None
     if say:
         say(f"pre-annotating {len(rows)} image(s) with {name}" + (f" as a Ray job ({workers} actors)" if workers else ""))
+    if say and not detector.info.get("normal_score_quantiles"):
+        say(f"note: {name} keeps no scores of held-out normal images (fewer than 10 when it was made), so "
+            "annotators see no score, only verdicts and regions; a model trained or evaluated with a larger "
+            "validation share has them")
     if not workers:
-        return pre_annotations(detector, store, rows, name)
+        return pre_annotations(detector, store, rows, prediction_version(name, detector.threshold))
     from flawline.active.score_job import submit_pre_annotation
     from flawline.catalog.model_versions import get_version
 

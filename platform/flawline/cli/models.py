@@ -80,14 +80,19 @@ def evaluate(
         det.fit(train.images)
         fit_s = time.perf_counter() - fit_started
     data_note = {"dataset": dataset, "split": calib_note, "images": len(val)}
+    vp = det.predict(val.images)
     if threshold_value is not None:
         det.set_threshold(th.manual(threshold_value, "given on the command line"))
     else:
-        vp = det.predict(val.images)
         det.set_threshold(th.compute(threshold, scores=vp.scores, maps=vp.maps, labels=val.labels,
                                      data=data_note, p=p, k=k, max_area=max_area))
-        if (~val.labels.astype(bool)).sum() >= th.MIN_READABLE_NORMALS:  # readable scores (th.normal_percentile)
-            det.info["normal_score_quantiles"] = th.normal_quantiles(vp.scores[~val.labels.astype(bool)])
+    normals = ~val.labels.astype(bool)
+    if normals.sum() >= th.MIN_READABLE_NORMALS:  # what makes its scores readable (th.normal_percentile)
+        det.info["normal_score_quantiles"] = th.normal_quantiles(vp.scores[normals])
+    else:
+        err_console.print(f"note: {int(normals.sum())} held-out normal image(s), fewer than {th.MIN_READABLE_NORMALS}: "
+                          "the model keeps no normal score record, so pre-annotations will show no score "
+                          "(a larger --val share in `flawline data split` gives one)", highlight=False)
     with err_console.status(f"evaluating on {len(test)} test images"):
         metrics, pred = evaluate_detector(det, test)
     metrics["fit_seconds"] = fit_s

@@ -44,6 +44,16 @@ class HumanLabel:
     annotator: str | None = None
 
 
+def prediction_version(model: str, threshold: Any) -> str:
+    """What Label Studio is told a pre-annotation comes from (its ``model_version``): the model
+    version (``name:V``) and, since the verdicts and regions depend on it, the threshold (a
+    ``Threshold`` or its dict; None: the model alone). A threshold set by hand thus makes a new
+    prediction version: the next push gives the open tasks the new verdicts, and the queue, which
+    shows only the project's version, never mixes old and new ones."""
+    value = getattr(threshold, "value", None) if not isinstance(threshold, dict) else threshold.get("value")
+    return model if value is None else f"{model} (threshold {float(value):.6g})"
+
+
 def _regions(mask: np.ndarray) -> list[dict[str, Any]]:
     """Each connected region's outer polygon and box, in pixels (the same as Serve answers)."""
     from flawline.serving.response import regions

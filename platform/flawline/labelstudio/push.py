@@ -35,6 +35,7 @@ class PushReport:
     tasks_gone: int = 0  # ledger rows whose task was deleted in Label Studio (pull.forget_deleted_tasks)
     predictions_updated: int = 0  # tasks already there that got the newer model's pre-annotation
     model_version: str | None = None  # what the project now shows in its labelling queue
+    stale_open_tasks: int = 0  # open tasks not in this push whose pre-annotation is another version's
     task_ids: dict[int, int] = field(default_factory=dict)  # image id → Label Studio task id
 
 
@@ -117,6 +118,11 @@ def push_tasks(catalog: Catalog, store: ObjectStore, client: LabelStudioClient, 
         report.model_version = max((p.model_version for p in predictions.values()), key=str)
         client.call("set the project's model version", lambda: client.sdk.projects.update(
             id=project.ls_project_id, model_version=report.model_version))
+        with catalog.session() as s:  # the queue shows these without a pre-annotation now
+            report.stale_open_tasks = sum(
+                1 for t in s.scalars(select(LabelTask).where(LabelTask.project_id == project.id,
+                                                             LabelTask.status == LabelTaskStatus.pushed))
+                if t.image_id not in predictions and t.model_version and t.model_version != report.model_version)
     return report
 
 
