@@ -340,16 +340,17 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
     # pre-annotations (verdicts, regions at each image's size) on the cluster = in process
     from flawline.active.score_job import submit_pre_annotation
     from flawline.active.scoring import pre_annotations
+    from flawline.labelstudio.convert import prediction_version
 
     # test images: the threshold is a quantile of held-back train normals' scores, so a train image
     # can sit exactly on it, where the last bit of a differently batched forward pass decides
     test_rows = [r for r in dataset_rows(catalog, elpv_small) if r["split"] == "test"][:12]
     remote = submit_pre_annotation(settings, store, model, test_rows, elpv_small, 64, workers=2)
-    here = pre_annotations(detector, store, test_rows, metrics["model"])
+    here = pre_annotations(detector, store, test_rows, prediction_version(metrics["model"], detector.threshold))
     assert remote.keys() == here.keys()
     for image_id, pred in here.items():
         other = remote[image_id]
         assert (other.is_defect, other.model_version) == (pred.is_defect, pred.model_version)
-        assert (other.mask is None) == (pred.mask is None)
+        assert (other.mask is None) == (pred.mask is None) and other.readable == pytest.approx(pred.readable)
         if pred.mask is not None:
             assert (other.mask == pred.mask).mean() > 0.999
