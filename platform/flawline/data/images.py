@@ -51,6 +51,7 @@ CONVERTED_MODES = ("1", "P", "CMYK", "YCbCr")  # a clear conversion, whatever th
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")  # converted when the alpha is fully opaque
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # more than 8 bits: scaled by a white level
 SUPPORTED_MODES = PLAIN_MODES + CONVERTED_MODES + ALPHA_MODES + WIDE_MODES
+SUPPORTED_TEXT = "gray, RGB, palette, CMYK, 1-bit, 16-bit gray, or any of them with a fully opaque alpha"
 FULL_SCALE = 65535  # a 16-bit container's white when the dataset's range is not known
 WHITE_PERCENTILE = 99.9  # a dataset's range ignores a few hot pixels per image
 ORIENTATION_TAG = 0x0112
@@ -130,8 +131,7 @@ def identify_image(data: bytes, name: str, what: str = "image") -> ImageInfo:
     if what == "image" and min(width, height) < MIN_SIDE:
         raise InvalidInput(f"{name}: image is {width}x{height}, smaller than {MIN_SIDE} px a side")
     if what == "image" and mode not in SUPPORTED_MODES:
-        raise InvalidInput(f"{name}: image mode {mode} is not supported (gray, RGB, palette, CMYK, 1-bit, 16-bit "
-                           "gray, or any of them with a fully opaque alpha)")
+        raise InvalidInput(f"{name}: image mode {mode} is not supported ({SUPPORTED_TEXT})")
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return ImageInfo(sha256_hex(data), len(data), width, height, channels, fmt, mode, orientation)
@@ -181,7 +181,7 @@ def to_canonical(img: Image.Image, name: str, white: int | None = None) -> Image
             raise InvalidInput(f"{name}: 32-bit integer image with values outside 0..{FULL_SCALE}; not supported")
         scaled = np.clip(arr / float(white or FULL_SCALE), 0.0, 1.0)
         return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), "L")
-    if img.mode in ("RGB", "L"):
+    if img.mode in PLAIN_MODES:  # a palette without transparency
         return img
     if img.mode in ALPHA_MODES:
         lowest = img.getchannel("A").getextrema()[0]
@@ -189,8 +189,7 @@ def to_canonical(img: Image.Image, name: str, white: int | None = None) -> Image
             raise InvalidInput(f"{name}: image mode {mode} has transparent pixels (alpha down to {lowest}); "
                                "flatten it onto its background first")
         return img.convert("L" if img.mode in ("LA", "La") else "RGB")
-    raise InvalidInput(f"{name}: image mode {mode} is not supported (gray, RGB, palette, CMYK, 1-bit, 16-bit gray, "
-                       "or any of them with a fully opaque alpha)")
+    raise InvalidInput(f"{name}: image mode {mode} is not supported ({SUPPORTED_TEXT})")
 
 
 def robust_high(img: Image.Image) -> int | None:

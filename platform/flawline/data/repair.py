@@ -120,20 +120,25 @@ def removed_images(session: Any, dataset_id: int) -> list[tuple[str, str | None,
             for r in latest.values() if r.action == "remove"]
 
 
-def models_using(session: Any, image: Image, dataset_name: str) -> list[str]:
-    """``name:version`` of every registered model version that was trained or tested on ``image``:
-    versions of its dataset (directly, or through their run's datasets) registered after the image
-    was imported, while it had a split."""
+def dataset_versions(session: Any, dataset_id: int, dataset_name: str) -> list[tuple[str, Any]]:
+    """(``name:version``, registered at) of every model version of the dataset: directly, or
+    through its run's datasets. One query for a whole removal."""
+    rows = session.execute(select(ModelVersion, TrainingRun.config).outerjoin(
+        TrainingRun, TrainingRun.id == ModelVersion.run_id)).all()
+    out = []
+    for version, config in rows:
+        datasets = ((config or {}).get("spec") or {}).get("datasets") or (config or {}).get("datasets") or []
+        if version.dataset_id == dataset_id or dataset_name in datasets:
+            out.append((f"{version.name}:{version.version}", version.created_at))
+    return out
+
+
+def models_using(image: Image, versions: list[tuple[str, Any]]) -> list[str]:
+    """Of ``versions`` (``dataset_versions``), those trained or tested on ``image``: registered
+    after the image was imported, while it had a split."""
     if image.split is None:
         return []
-    versions = session.execute(select(ModelVersion, TrainingRun.config).outerjoin(
-        TrainingRun, TrainingRun.id == ModelVersion.run_id).where(ModelVersion.created_at >= image.created_at)).all()
-    used = []
-    for version, config in versions:
-        datasets = ((config or {}).get("spec") or {}).get("datasets") or (config or {}).get("datasets") or []
-        if version.dataset_id == image.dataset_id or dataset_name in datasets:
-            used.append(f"{version.name}:{version.version}")
-    return used
+    return [ref for ref, created in versions if created >= image.created_at]
 
 
 def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors: list[str], *, reason: str | None,
@@ -148,7 +153,8 @@ def remove_images(catalog: Catalog, store: ObjectStore, dataset: str, selectors:
         ds = get_dataset(s, dataset)
         ids = _match(_dataset_rows(s, ds.id), selectors, removed_images(s, ds.id))  # or refuse: nothing changed
         images = list(s.scalars(select(Image).where(Image.id.in_(ids))))
-        users = {im.id: models_using(s, im, ds.name) for im in images}
+        versions = dataset_versions(s, ds.id, ds.name)
+        users = {im.id: models_using(im, versions) for im in images}
         blocked = {im.origin or im.content_hash: u for im in images if (u := users[im.id])}
         if blocked and not force:
             first, versions = next(iter(blocked.items()))

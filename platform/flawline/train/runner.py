@@ -135,20 +135,23 @@ def rows_to_refs(rows: list[dict[str, Any]]) -> list[ImageRef]:
             for r in rows]
 
 
-def calibrate(detector: Detector, plan: RunPlan, val: LabelledImages | None) -> th.Threshold:
+def calibrate(detector: Detector, plan: RunPlan, val: LabelledImages | None,
+              val_scores: np.ndarray | None = None) -> th.Threshold:
     """Every threshold is chosen on images the model was not fitted on: best F1 on validation
     images with both verdicts (the split's, or labelled train images held back by ``plan_run``);
     else the threshold the setting chose on its own held-out images (``mixed``: out-of-fold
     scores); else the 0.99-quantile of normal validation scores, saying that no defect was there
     to calibrate on. Never p(defect) >= 0.5 on an uncalibrated score."""
     note = {"datasets": plan.spec.datasets, "split": "val", "images": 0 if val is None else len(val)}
+    if val is not None and len(val) and val_scores is None:
+        val_scores = detector.predict(val.images).scores
     if val is not None and len(val) and val.labels.any() and not val.labels.all():
-        return th.best_f1(val.labels, detector.predict(val.images).scores, note)
+        return th.best_f1(val.labels, val_scores, note)
     if detector.threshold is not None:
         return detector.threshold
     if val is not None and len(val) and not val.labels.any():
         note["note"] = f"no labelled defects to calibrate on: 0.99-quantile of {len(val)} normal images alone"
-        return th.quantile(detector.predict(val.images).scores, 0.99, note)
+        return th.quantile(val_scores, 0.99, note)
     raise InvalidInput("no held-out images to calibrate the threshold on: label a few normal images, "
                        "or add a validation split (flawline data split --val)")
 
@@ -160,10 +163,11 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     started = time.perf_counter()
     val = fetch(store, rows_to_refs(plan.data.val), spec.image_size) if plan.data.val else None
     detector.config.white = run_white(plan.data)  # prediction decodes as the run's images were decoded
-    detector.set_threshold(calibrate(detector, plan, val))
+    val_scores = detector.predict(val.images).scores if val is not None and len(val) else None  # once
+    detector.set_threshold(calibrate(detector, plan, val, val_scores))
     held_normals = getattr(detector, "calibration_scores", None)  # the setting's own held-out normals
-    if val is not None and (~val.labels.astype(bool)).any():
-        held_normals = detector.predict(val.images[~val.labels.astype(bool)]).scores
+    if val_scores is not None and (~val.labels.astype(bool)).any():
+        held_normals = val_scores[~val.labels.astype(bool)]
     if held_normals is not None and len(held_normals) >= th.MIN_READABLE_NORMALS:  # readable scores
         detector.info["normal_score_quantiles"] = th.normal_quantiles(held_normals)
     test = fetch(store, rows_to_refs(plan.data.test), spec.image_size)
