@@ -29,7 +29,16 @@ from typing import Any
 
 from sqlalchemy import select
 
-from flawline.catalog import Annotation, AnnotationSource, Catalog, DataChange, Image, Label, ModelVersion, TrainingRun
+from flawline.catalog import (
+    Annotation,
+    AnnotationSource,
+    Catalog,
+    DataChange,
+    Image,
+    Label,
+    ModelVersion,
+    TrainingRun,
+)
 from flawline.catalog.queries import LABEL_SOURCES, get_dataset, image_labels
 from flawline.errors import ConfigError, InvalidInput
 from flawline.storage import ObjectStore
