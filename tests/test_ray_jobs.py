@@ -30,8 +30,8 @@ from flawline.train.runs import get_run
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     cluster = LocalRayCluster.on_free_ports(num_cpus=2, log_file=tmp_path_factory.mktemp("ray") / "ray.log")
-    cluster.start()
-    cluster.add_node(num_cpus=2, resources='{"second_node": 1}')
+    cluster.start(resources='{"slot": 1}')  # "slot": one elastic worker per node
+    cluster.add_node(num_cpus=2, resources='{"second_node": 1, "slot": 1}')
     yield cluster
     cluster.stop()
 
@@ -210,24 +210,87 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
     assert "stopped flawline-monitor-" in stopped.stdout, stopped.output
 
 
-def test_killed_worker_resumes_from_its_last_checkpoint(elpv_small, ray_cluster):
+FLOW = ("--setting", "unsupervised", "--method", "flow")
+
+
+def _node_with(cluster: LocalRayCluster, resource: str) -> str:
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True)
+    (node,) = [n for n in nodes if resource in (n.resources_total or {})]
+    return node.node_id
+
+
+def _ray_train_workers(cluster: LocalRayCluster) -> list:
     from ray.util.state import list_actors
 
-    run = _submit("--dataset", elpv_small, "--setting", "supervised", "--workers", 2, "--epochs", 12,
-                  "--max-failures", 2)
+    return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True)
+            if a.class_name == "RayTrainWorker"]
+
+
+def test_flow_trains_on_the_node_that_has_the_resource_it_asks_for(elpv_small, ray_cluster):
+    """The second node carries a custom resource standing for a GPU; the head (the driver's node)
+    does not. The flow's embedding, its 3 epochs and the finishing all run there."""
+    run = _submit("--dataset", elpv_small, *FLOW, "--epochs", 3, "--worker-resource", "second_node=1")
+    row = _wait(run)
+    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
+    second = _node_with(ray_cluster, "second_node")
+    (worker,) = row.metrics["placement"]
+    assert (worker["node_id"], worker["device"], worker["rank"]) == (second, "cpu", 0)
+    assert row.metrics["finished_on"]["node_id"] == second
+    assert row.metrics["driver_node"] != second  # the driver planned and recorded, nothing more
+    assert row.metrics["progress"]["epoch"] == 3 and row.metrics["checkpoints"] == 3  # a checkpoint per epoch
+    assert row.metrics["model"] == "elpv-unsupervised-flow:1" and row.metrics["image_auroc"] > 0.5
+    shown = " ".join(_cli("runs", "show", run).stdout.split())
+    assert "rank 0 on" in shown and f"node {second[:8]} (cpu)" in shown and "(trained nothing)" in shown, shown
+
+
+def test_killed_flow_worker_resumes_from_its_last_checkpoint(elpv_small, ray_cluster):
+    """Two workers train the flow under DDP, one per node; one is killed mid-run."""
+    run = _submit("--dataset", elpv_small, *FLOW, "--workers", 2, "--epochs", 8, "--max-failures", 2)
     # Two checkpoints reported: Ray Train's controller has registered at least the first by then
     # (a report still in flight when a worker dies is dropped with the failed group).
     row = _wait(run, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 2)
     assert row.status.value == "running"
-    workers = [a for a in list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
-               if a.class_name == "RayTrainWorker"]
-    assert workers, "no live Ray Train worker to kill"
+    workers = _ray_train_workers(ray_cluster)
+    assert len(workers) == 2, workers
     os.kill(workers[-1].pid, signal.SIGKILL)
     row = _wait(run)
     assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
     progress = row.metrics["progress"]
     assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
-    assert progress["epoch"] == 12
+    assert progress["epoch"] == 8 and progress["world_size"] == 2
+    assert len({p["node_id"] for p in row.metrics["placement"]}) == 2  # DDP across both nodes
+
+
+def test_cancelled_run_resumed_ends_as_an_uninterrupted_one(elpv_small, ray_cluster):
+    whole = _submit("--dataset", elpv_small, *FLOW, "--epochs", 8, "--seed", 5, "--name", "flow-whole")
+    cut = _submit("--dataset", elpv_small, *FLOW, "--epochs", 8, "--seed", 5, "--name", "flow-cut")
+    _wait(cut, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 3)  # the 3rd may be in flight
+    assert _cli("runs", "cancel", cut).exit_code == 0
+    first_job = get_run(open_catalog(), cut).ray_job_id
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(first_job)).rsplit(".", 1)[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, "the cancelled job did not stop"
+        time.sleep(0.5)
+    assert _cli("runs", "resume", whole).exit_code == 1  # still running: not resumable
+    resumed = _cli("runs", "resume", cut, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    cut_row, whole_row = _wait(cut), _wait(whole)
+    assert (cut_row.status.value, whole_row.status.value) == ("succeeded", "succeeded"), (cut_row.error, whole_row.error)
+    shown = json.loads(_cli("runs", "show", cut, "--json").stdout)
+    assert shown["ray_job_ids"] == [first_job, json.loads(resumed.stdout)["ray_job_id"]] == [
+        first_job, cut_row.ray_job_id]
+    assert cut_row.metrics["progress"]["resumed_from_epoch"] >= 2  # continued, not started again
+    assert cut_row.metrics["progress"]["epoch"] == 8
+    # Same seed, same data, the same batches each epoch: the resumed model is the uninterrupted one.
+    assert cut_row.metrics["progress"]["loss"] == pytest.approx(whole_row.metrics["progress"]["loss"], rel=1e-4)
+    assert cut_row.metrics["image_auroc"] == pytest.approx(whole_row.metrics["image_auroc"], abs=1e-6)
+    again = _cli("runs", "resume", cut)
+    assert again.exit_code == 1 and "only a failed or cancelled run can be resumed" in again.output
 
 
 def test_in_process_training_as_a_ray_jobs_entrypoint(elpv_small, ray_cluster):
@@ -250,8 +313,8 @@ def test_in_process_training_as_a_ray_jobs_entrypoint(elpv_small, ray_cluster):
     assert (run["status"], run["ray_job_id"], run["metrics"]["model"]) == ("succeeded", job, "elpv-unsupervised-padim:1")
 
 
-def test_jobs_run_side_by_side_embeddings_on_actors_and_cancel(elpv_small):
-    # A long gradient run holds its CPU while a normal-only run embeds on two actors beside it.
+def test_jobs_run_side_by_side_and_cancel(elpv_small):
+    # A long gradient run holds its CPU while a normal-only run embeds and fits on two workers beside it.
     long_run = _submit("--dataset", elpv_small, "--setting", "supervised", "--epochs", 200)
     _wait(long_run, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 1)
     run = _submit("--dataset", elpv_small, "--setting", "unsupervised", "--method", "padim", "--workers", 2)
@@ -354,3 +417,25 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
         assert (other.mask is None) == (pred.mask is None) and other.readable == pytest.approx(pred.readable)
         if pred.mask is not None:
             assert (other.mask == pred.mask).mean() > 0.999
+
+
+def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_cluster):
+    """Last in this module: it kills the second node (and starts a new one for what follows)."""
+    # Half a CPU per worker: Ray Data's decoding gets what Ray Train leaves of the cluster after
+    # reserving --workers (the most) workers, and after the loss only the head's 2 CPUs are left.
+    # One "slot" per node: one worker per node.
+    run = _submit("--dataset", elpv_small, *FLOW, "--workers", 2, "--min-workers", 1, "--cpus-per-worker", 0.5,
+                  "--worker-resource", "slot=1", "--epochs", 8)
+    try:
+        row = _wait(run, until=lambda r: ((r.metrics or {}).get("progress") or {}).get("world_size") == 2
+                    and r.metrics.get("checkpoints", 0) >= 2)
+        assert row.status.value == "running", row.error
+        assert ray_cluster.kill_node(), "no process of the second node found"
+        row = _wait(run, timeout=300)
+        assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
+        progress = row.metrics["progress"]
+        assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
+        (worker,) = row.metrics["placement"]
+        assert worker["node_id"] == row.metrics["driver_node"]  # the head is the node left
+    finally:
+        ray_cluster.add_node(num_cpus=2, resources='{"second_node": 1, "slot": 1}')

@@ -1,5 +1,5 @@
 """``flawline train`` (submit runs as Ray jobs, list label settings) and ``flawline runs``
-(list, show, logs, cancel)."""
+(list, show, logs, cancel, resume)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flawline.context import open_catalog
 from flawline.errors import InvalidInput
 
 app = FlawlineTyper(help="Train detectors as Ray jobs in every label setting.")
-runs_app = FlawlineTyper(help="Training runs: list, show, logs, cancel.")
+runs_app = FlawlineTyper(help="Training runs: list, show, logs, cancel, resume.")
 
 
 def _options(pairs: list[str]) -> dict:
@@ -32,12 +32,34 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
+def _resources(pairs: list[str]) -> dict[str, float]:
+    """``NAME=AMOUNT`` pairs → custom Ray resources per worker."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = None
+        if not sep or not key.strip() or amount is None:
+            raise InvalidInput(f"--worker-resource {pair!r}: expected NAME=AMOUNT, e.g. inspection_gpu=1")
+        out[key.strip()] = amount
+    return out
+
+
 @app.command()
 def submit(
     dataset: list[str] = typer.Option(..., "--dataset", "-d", help="Dataset (repeat to train on several at once)."),
     setting: str = typer.Option(..., "--setting", "-s", help="Label setting; see `flawline train settings`."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="Detector; default: the setting's first."),
-    workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP) or embedding actors."),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers: each embeds and trains on its share of the "
+                                "images (DDP); memory-bank detectors fit on the first one. With --min-workers: the most."),
+    min_workers: Optional[int] = typer.Option(
+        None, min=1, help="Elastic run: start as soon as this many workers fit, grow to --workers as nodes come, "
+        "and go on with fewer when a node is lost (each change resumes from the last checkpoint)."),
+    worker_resource: list[str] = typer.Option(
+        [], "--worker-resource", help="Custom Ray resource NAME=AMOUNT each worker asks for (repeatable), e.g. "
+        "a label that your GPU nodes advertise: the run then trains only on those nodes."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs each worker asks Ray for."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs each worker asks Ray for (NCCL when > 0)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default: the setting's)."),
@@ -69,7 +91,8 @@ def submit(
                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
                      image_size=image_size, batch_size=batch_size, lr=lr, precision=precision,
                      label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
-                     options=_options(option), model_name=name, max_failures=max_failures)
+                     options=_options(option), model_name=name, max_failures=max_failures,
+                     min_workers=min_workers, worker_resources=_resources(worker_resource))
     catalog = open_catalog(settings)
     if in_process:
         from flawline.train.submit import run_in_process
@@ -84,6 +107,13 @@ def submit(
                   f"or with `flawline runs show {run_id}`")
     if not wait:
         return
+    _follow(catalog, settings, run_id, as_json)
+
+
+def _follow(catalog, settings, run_id: int, as_json: bool) -> None:  # noqa: ANN001
+    from flawline.train.runs import get_run
+    from flawline.train.submit import follow
+
     last = None
     for state in follow(catalog, settings, run_id):
         p = state["progress"] or {}
@@ -93,8 +123,6 @@ def submit(
             err_console.print(line)
             last = line
     _show(run_id, as_json)
-    from flawline.train.runs import get_run
-
     if get_run(catalog, run_id).status.value != "succeeded":
         raise typer.Exit(1)
 
@@ -120,8 +148,11 @@ def _run_dict(row, models: list[str]) -> dict:  # noqa: ANN001
     return {"run": row.id, "status": row.status.value, "setting": row.setting, "method": row.method,
             "datasets": row.config.get("spec", {}).get("datasets"), "ray_job_id": row.ray_job_id,
             "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+            "ray_job_ids": row.config.get("ray_job_ids", [row.ray_job_id] if row.ray_job_id else []),
             "progress": m.get("progress"), "checkpoints": m.get("checkpoints"), "worker_nodes": m.get("worker_nodes"),
-            "metrics": {k: v for k, v in m.items() if k not in ("progress", "checkpoints", "worker_nodes")},
+            "placement": m.get("placement"), "driver_node": m.get("driver_node"),
+            "metrics": {k: v for k, v in m.items() if k not in ("progress", "checkpoints", "worker_nodes", "placement",
+                                                                 "driver_node")},
             "models": models, "error": row.error, "spec": row.config.get("spec"), "plan": row.config.get("plan")}
 
 
@@ -148,8 +179,16 @@ def _show(run_id: int, as_json: bool) -> None:
         p = info["progress"]
         console.print(f"progress: epoch {p.get('epoch')}/{p.get('epochs')}, loss {p.get('loss', float('nan')):.4f}, "
                       f"{info['checkpoints']} checkpoint(s)")
-    if info["worker_nodes"]:
+    if info["placement"]:
+        where = ", ".join(f"rank {p['rank']} on {p['host']} node {p['node_id'][:8]} ({p['device']})"
+                          for p in info["placement"])
+        same = info["driver_node"] in {p["node_id"] for p in info["placement"]}
+        console.print(f"workers: {where}; driver node {str(info['driver_node'])[:8]} "
+                      f"({'also hosts a worker' if same else 'trained nothing'})")
+    elif info["worker_nodes"]:
         console.print(f"workers on {len(set(info['worker_nodes']))} node(s)")
+    if len(info["ray_job_ids"]) > 1:
+        console.print(f"Ray jobs: {', '.join(info['ray_job_ids'])} (resumed {len(info['ray_job_ids']) - 1}x)")
     for key in ("accuracy", "f1", "image_auroc", "average_precision", "pixel_auroc"):
         if key in info["metrics"]:
             console.print(f"{key}: {info['metrics'][key]:.4f}")
@@ -200,6 +239,25 @@ def logs(run: int = typer.Argument(..., help="Run id.")) -> None:
 
     settings = get_settings()
     typer.echo(run_logs(open_catalog(settings), settings, run), nl=False)
+
+
+@runs_app.command()
+def resume(run: int = typer.Argument(..., help="Run id of a failed or cancelled run."),
+           wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Continue a failed or cancelled run from its last checkpoint (its last finished epoch) as a
+    new Ray job on the same run: same spec, same checkpoint storage; `runs show` lists both jobs."""
+    from flawline.train.submit import resume_run
+
+    settings = get_settings()
+    catalog = open_catalog(settings)
+    job_id = resume_run(catalog, settings, run)
+    if as_json and not wait:
+        print_json({"run": run, "ray_job_id": job_id})
+        return
+    console.print(f"run {run} resumed as Ray job {job_id}")
+    if wait:
+        _follow(catalog, settings, run, as_json)
 
 
 @runs_app.command()

@@ -27,6 +27,13 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _cmdline_has(entry: Path, flag: bytes) -> bool:
+    try:
+        return flag in (entry / "cmdline").read_bytes().split(b"\x00")
+    except OSError:
+        return False
+
+
 @dataclass
 class LocalRayCluster:
     port: int = 6390  # GCS
@@ -53,6 +60,7 @@ class LocalRayCluster:
     def _node_ports(self) -> list[str]:
         agent, grpc, metrics, runtime_env, manager, objects, client = free_ports(7)
         self.metrics_ports.append(metrics)
+        self._last_manager_port = manager
         return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                 f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
@@ -75,8 +83,9 @@ class LocalRayCluster:
             s.settimeout(0.5)
             return s.connect_ex((self.host, self.port)) == 0
 
-    def start(self, timeout: float = 90.0) -> bool:
-        """Start the head node (GCS, dashboard, Jobs API); False if one already listens there."""
+    def start(self, timeout: float = 90.0, resources: str | None = None) -> bool:
+        """Start the head node (GCS, dashboard, Jobs API), with custom ``resources`` (JSON) if
+        given; False if one already listens there."""
         if self.is_running():
             return False
         client_port, = free_ports(1)
@@ -85,6 +94,8 @@ class LocalRayCluster:
                 f"--ray-client-server-port={client_port}", "--disable-usage-stats", *self._node_ports()]
         if self.num_cpus is not None:
             args.append(f"--num-cpus={self.num_cpus}")
+        if resources:
+            args.append(f"--resources={resources}")
         self._run(args, timeout)
         self._wait_dashboard(timeout)
         return True
@@ -96,7 +107,30 @@ class LocalRayCluster:
         if resources:
             args.append(f"--resources={resources}")
         self._run(args, timeout)
-        self.nodes.append({"num_cpus": num_cpus, "resources": resources})
+        self.nodes.append({"num_cpus": num_cpus, "resources": resources, "node_manager_port": self._last_manager_port})
+
+    def kill_node(self, index: int = -1) -> list[int]:
+        """Kill one node that ``add_node`` started, as a machine loss would (its raylet and
+        everything under it, SIGKILL); returns the pids killed. The node leaves ``nodes``."""
+        node = self.nodes.pop(index)
+        flag = f"--node_manager_port={node['node_manager_port']}".encode()
+        raylets = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _cmdline_has(e, flag)]
+        family = set(raylets)
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    continue
+        while more := {pid for pid, ppid in parents.items() if ppid in family and pid not in family}:
+            family |= more
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(family)
 
     def _wait_dashboard(self, timeout: float) -> None:
         import urllib.request

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -192,6 +192,43 @@ class Detector(ABC):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "config": dataclasses.asdict(self.config),
                 "threshold": self.threshold.as_dict() if self.threshold else None, "info": self.info}
+
+
+class TrainedDetector(Detector):
+    """A normal-only detector that learns a network by gradient descent on its embeddings (flow,
+    feature reconstruction, self-supervised). ``fit_embedded`` caches the embeddings and runs
+    ``models.training.fit_network`` in this process; a Ray job runs the same two hooks on every
+    Ray Train worker under DDP, each worker on its shard (``flawline.train.distributed``)."""
+
+    @abstractmethod
+    def begin_training(self, embedded: Embedded, total: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+        """Build (and return) the network to train from this worker's concatenated embeddings
+        [N, ...] on the CPU. ``total`` sums a tensor over all workers: statistics that must cover
+        the whole training set (e.g. flow's per-channel feature scale) are computed through it."""
+
+    @abstractmethod
+    def training_loss(self, model: torch.nn.Module, batch: Embedded, generator: torch.Generator) -> torch.Tensor:
+        """One step's loss on ``batch`` (rows of the embeddings, on ``self.device``), computed
+        through ``model``: the network ``begin_training`` returned, DDP-wrapped when several workers
+        train. ``generator`` seeds the step's random draws (shuffles, synthetic defects)."""
+
+    def optim(self) -> dict[str, float]:
+        """epochs, lr and weight_decay for the loop (the config's)."""
+        c = self.config
+        return {"epochs": c.epochs, "lr": c.lr, "weight_decay": getattr(c, "weight_decay", 0.0)}
+
+    def _fit_embedded(self, embedded: Iterator[Embedded]) -> int:
+        from flawline.models.training import concat, fit_network, rows
+        from flawline.train.context import LocalContext
+
+        # A plain loop, not under no_grad: ``embedded`` may be a generator that fits models itself
+        # (``mixed``'s cross-fitting).
+        cached = [tuple(t.cpu() for t in e) if isinstance(e, tuple) else e.cpu() for e in embedded]
+        if not cached:
+            return 0
+        embedded_all = concat(cached)
+        fit_network(self, embedded_all, LocalContext(self.device))
+        return rows(embedded_all)
 
 
 DETECTORS: Registry[type[Detector]] = Registry("detector", ConfigError)

@@ -10,7 +10,7 @@ scale) for the map.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.base import DetectorConfig, TrainedDetector, register_detector
 from flawline.models.features import upsample_map
-from flawline.models.training import train_epochs
 
 
 class _Subnet(nn.Module):
@@ -153,7 +152,7 @@ class FlowScorer(nn.Module):
 
 
 @register_detector
-class FlowDetector(Detector):
+class FlowDetector(TrainedDetector):
     name = "flow"
     Config = FlowConfig
 
@@ -176,34 +175,24 @@ class FlowDetector(Detector):
         probe = FlowScorer(self.extractor, None, c.scales, torch.ones(1, device=self.device), c.blur_sigma)
         return tuple(probe.features(x))
 
-    def _fit_embedded(self, embedded: Iterator[tuple[torch.Tensor, ...]]) -> int:
-        c: FlowConfig = self.config
-        cached, count = [], 0
-        for fs in embedded:
-            cached.append(tuple(f.cpu() for f in fs))
-            count += fs[0].shape[0]
-        if count == 0:
-            return 0
-        feats = [torch.cat([b[i] for b in cached]) for i in range(c.scales)]
-        # Per-channel scale from the training features, so the flow starts near unit variance.
-        self.norm = feats[0].transpose(0, 1).flatten(1).std(1).clamp_min(1e-3).to(self.device)
-        feats = [(f / self.norm.cpu().view(1, -1, 1, 1)).to(self.device) for f in feats]
-        self.flow = self._make_flow(feats[0].shape[1])
-        n, bs = count, c.batch_size
-        dims = sum(f[0].numel() for f in feats)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed))
+    def begin_training(self, embedded: tuple[torch.Tensor, ...],
+                       total: Callable[[torch.Tensor], torch.Tensor]) -> CrossScaleFlow:
+        """Per-channel scale of the finest scale's features over every worker's images (so the flow
+        starts near unit variance), then a fresh flow."""
+        f0 = embedded[0].double().transpose(0, 1).flatten(1)  # [C, N*h*w]
+        sums = total(torch.stack((f0.sum(1), (f0 ** 2).sum(1), torch.full_like(f0[:, 0], f0.shape[1]))))
+        mean, count = sums[0] / sums[2], sums[2]
+        var = (sums[1] - count * mean ** 2) / (count - 1).clamp_min(1)
+        self.norm = var.clamp_min(0).sqrt().float().clamp_min(1e-3).to(self.device)
+        self._dims = sum(f[0].numel() for f in embedded)
+        self.flow = self._make_flow(embedded[0].shape[1])
+        return self.flow
 
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            nonlocal order
-            if step == 0:
-                order = torch.randperm(n, generator=gen)
-            idx = order[step * bs:(step + 1) * bs].to(self.device)
-            zs, logdet = self.flow([f[idx] for f in feats])
-            nll = sum(0.5 * (z ** 2).flatten(1).sum(1) for z in zs) - logdet
-            return (nll / dims).mean()
-
-        train_epochs(self.flow, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, c.weight_decay, c.seed, self.info)
-        return count
+    def training_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...],
+                      generator: torch.Generator) -> torch.Tensor:
+        zs, logdet = model([f.float() / self.norm.view(1, -1, 1, 1) for f in batch])
+        nll = sum(0.5 * (z ** 2).flatten(1).sum(1) for z in zs) - logdet
+        return (nll / self._dims).mean()
 
     @torch.no_grad()
     def score_embedded(self, embedded: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -10,7 +10,7 @@ Loss and anomaly map: cosine distance between features and their reconstruction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.base import DetectorConfig, TrainedDetector, register_detector
 from flawline.models.features import patch_features, upsample_map
-from flawline.models.training import collect, train_epochs
 
 
 class ReconstructionNet(nn.Module):
@@ -81,7 +80,7 @@ class ReconstructionScorer(nn.Module):
 
 
 @register_detector
-class FeatureReconstructionDetector(Detector):
+class FeatureReconstructionDetector(TrainedDetector):
     name = "reconstruction"
     Config = ReconstructionConfig
 
@@ -97,30 +96,18 @@ class FeatureReconstructionDetector(Detector):
         """Patch features [B, d, h, w] in fp16."""
         return patch_features(self.extractor(x)).half()
 
-    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
+    def begin_training(self, embedded: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
         c: ReconstructionConfig = self.config
-        cached, count = collect(lambda f: f.half(), embedded)
-        if count == 0:
-            return 0
-        # fp16 in memory: half the footprint, restored to fp32 per batch. Concatenated outside
-        # autocast: under bf16 autocast, cat refuses fp16 inputs ("Unexpected floating ScalarType").
-        with torch.autocast(self.device.type, enabled=False):
-            feats = torch.cat(cached)
-        self.net = ReconstructionNet(feats.shape[1], c.hidden, c.bottleneck).to(self.device)
-        n, bs = count, c.batch_size
-        order = torch.arange(n)
+        self.net = ReconstructionNet(embedded.shape[1], c.hidden, c.bottleneck).to(self.device)
+        return self.net
 
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            nonlocal order
-            if step == 0:
-                order = torch.randperm(n, generator=gen)
-            f = feats[order[step * bs:(step + 1) * bs]].float().to(self.device)
-            plain = cosine_distance(f, self.net(f)).mean()
-            shuffled = cosine_distance(f, self.net(recombine(f, c.grid, gen))).mean()
-            return plain + shuffled
-
-        train_epochs(self.net, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, 0.0, c.seed, self.info)
-        return count
+    def training_loss(self, model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Cosine distance of the features and of their grid-shuffled copy to their reconstruction
+        (one forward over both, as DDP needs)."""
+        f = batch.float()
+        out = model(torch.cat((f, recombine(f, self.config.grid, generator))))
+        plain, shuffled = out[: f.shape[0]], out[f.shape[0]:]
+        return cosine_distance(f, plain).mean() + cosine_distance(f, shuffled).mean()
 
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "channels": int(self.net.out.out_channels)}

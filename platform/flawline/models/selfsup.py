@@ -5,7 +5,7 @@ outline them. Its output is a defect-probability mask per pixel."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flawline.data.synthetic import SyntheticDefects
-from flawline.models.base import Detector, DetectorConfig, register_detector
+from flawline.models.base import DetectorConfig, TrainedDetector, register_detector
 from flawline.models.features import patch_features, upsample_map
-from flawline.models.training import collect, train_epochs
 
 
 class SegmentationHead(nn.Module):
@@ -55,7 +54,7 @@ class SelfSupervisedScorer(nn.Module):
 
 
 @register_detector
-class SelfSupervisedDetector(Detector):
+class SelfSupervisedDetector(TrainedDetector):
     name = "selfsup"
     Config = SelfSupervisedConfig
 
@@ -66,38 +65,31 @@ class SelfSupervisedDetector(Detector):
     def scorer(self, chunked: bool = True) -> SelfSupervisedScorer:
         return SelfSupervisedScorer(self.extractor, self.head, self.config.blur_sigma)
 
-    def _fit_embedded(self, embedded: Iterator[torch.Tensor]) -> int:
+    # Synthetic defects change pixels, so features are recomputed each step: embed() keeps the
+    # default (the prepared images themselves).
+    def begin_training(self, embedded: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
         c: SelfSupervisedConfig = self.config
-        # Synthetic defects change pixels, so features are recomputed each step: embed() keeps
-        # the default (the prepared images themselves).
-        images, count = collect(lambda x: x, embedded)
-        if count == 0:
-            return 0
-        images = torch.cat(images)
-        channels = patch_features(self.extractor(images[:1].to(self.device))).shape[1]
+        with torch.no_grad():
+            channels = patch_features(self.extractor(embedded[:1].float().to(self.device))).shape[1]
         self.head = SegmentationHead(channels, c.hidden).to(self.device)
-        synth = SyntheticDefects(cutpaste_prob=c.cutpaste_prob)
-        n, bs = count, c.batch_size
-        order = torch.arange(n)
-        pos_weight = torch.tensor(c.pos_weight, device=self.device)
+        self._synth = SyntheticDefects(cutpaste_prob=c.cutpaste_prob)
+        return self.head
 
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            nonlocal order
-            if step == 0:
-                order = torch.randperm(n, generator=gen)
-            x = images[order[step * bs:(step + 1) * bs]]
-            k = max(1, round(c.defect_fraction * x.shape[0]))
-            bad, masks = synth(x[:k], gen)
-            x = torch.cat((bad, x[k:])).to(self.device)
-            target = torch.cat((masks.float(), torch.zeros(x.shape[0] - k, *masks.shape[1:]))).to(self.device)
-            with torch.no_grad():
-                f = patch_features(self.extractor(x))
-            logits = self.head(f)
-            target = F.adaptive_avg_pool2d(target.unsqueeze(1), logits.shape[-2:]).squeeze(1)
-            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-
-        train_epochs(self.head, loss_fn, max(1, -(-n // bs)), c.epochs, c.lr, 0.0, c.seed, self.info)
-        return count
+    def training_loss(self, model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Binary cross-entropy of the head's map against the synthetic defects' masks (the
+        ``defect_fraction`` share of the batch gets one)."""
+        c: SelfSupervisedConfig = self.config
+        x = batch.float().cpu()
+        k = max(1, round(c.defect_fraction * x.shape[0]))
+        bad, masks = self._synth(x[:k], generator)
+        x = torch.cat((bad, x[k:])).to(self.device)
+        target = torch.cat((masks.float(), torch.zeros(x.shape[0] - k, *masks.shape[1:]))).to(self.device)
+        with torch.no_grad():
+            f = patch_features(self.extractor(x))
+        logits = model(f)
+        target = F.adaptive_avg_pool2d(target.unsqueeze(1), logits.shape[-2:]).squeeze(1)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(c.pos_weight,
+                                                                                            device=self.device))
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "channels": int(self.head.net[0].in_channels)}

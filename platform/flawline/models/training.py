@@ -1,50 +1,86 @@
-"""Helpers shared by the detectors that learn weights: feature caching and a plain Adam loop."""
+"""The gradient fit of normal-only detectors (flow, feature reconstruction, self-supervised).
+
+Such a detector learns a network on its own embeddings (``Detector.embed``). It says how training
+starts (``TrainedDetector.begin_training``: statistics over all workers, a fresh network) and what
+one step's loss is (``training_loss``); ``fit_network`` runs it with the one gradient loop every
+training setting uses (``flawline.train.loop.train_network``): in this process with a
+``LocalContext``, or on every Ray Train worker under DDP with per-epoch checkpoints
+(``flawline.train.distributed``). Each epoch's batch order is seeded by (seed, epoch, rank), so a
+run resumed from a checkpoint draws the same batches as one that was never interrupted.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from flawline.models.base import Embedded, TrainedDetector
+    from flawline.train.context import TrainContext
 
 
 @torch.no_grad()
 def collect(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
-            batches: Iterator[torch.Tensor]) -> tuple[list, int]:
+            batches: Iterable[torch.Tensor]) -> tuple[list, int]:
     """Run ``fn`` over every batch (no gradients), keeping its outputs on the CPU."""
     out, count = [], 0
     for x in batches:
         y = fn(x)
         out.append(tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu())
-        count += x.shape[0]
+        count += (y[0] if isinstance(y, tuple) else y).shape[0]
     return out, count
 
 
-def train_epochs(model: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor],
-                 steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.0, seed: int = 0,
-                 info: dict | None = None) -> list[float]:
-    """Adam over ``epochs`` x ``steps_per_epoch`` calls of ``loss_fn(step, generator)``; returns the
-    mean loss per epoch (also recorded in ``info['loss_per_epoch']``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    started = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        total = 0.0
+def concat(batches: list[Embedded]) -> Embedded:
+    """Embedded batches → one (a tensor [N, ...], or a tuple of them), on the CPU. Outside
+    autocast: under bf16 autocast, cat refuses fp16 inputs ("Unexpected floating ScalarType")."""
+    with torch.autocast("cpu", enabled=False):
+        if isinstance(batches[0], tuple):
+            return tuple(torch.cat([b[i].cpu() for b in batches]) for i in range(len(batches[0])))
+        return torch.cat([b.cpu() for b in batches])
+
+
+def take(embedded: Embedded, idx: torch.Tensor, device: torch.device) -> Embedded:
+    """Rows ``idx`` of concatenated embeddings, on ``device``."""
+    if isinstance(embedded, tuple):
+        return tuple(e[idx].to(device) for e in embedded)
+    return embedded[idx].to(device)
+
+
+def rows(embedded: Embedded) -> int:
+    return int((embedded[0] if isinstance(embedded, tuple) else embedded).shape[0])
+
+
+def fit_network(detector: TrainedDetector, embedded: Embedded, ctx: TrainContext) -> list[dict[str, Any]]:
+    """Train ``detector``'s network on this worker's concatenated embeddings (its shard), with
+    ``ctx`` deciding rank, DDP, checkpoints and resume; returns the per-epoch metrics. Every rank
+    takes the same number of steps per epoch (all ranks' rows / world size / batch size), wrapping
+    around its own rows where its shard is smaller."""
+    from flawline.train.loop import OptimConfig, train_network
+
+    c = detector.config
+    net = detector.begin_training(embedded, ctx.total)
+    n = rows(embedded)
+    total = int(ctx.total(torch.tensor([float(n)], dtype=torch.float64)).item())
+    steps_per_epoch = max(1, -(-total // (ctx.world_size * c.batch_size)))
+    optim = detector.optim()
+    cfg = OptimConfig(epochs=optim["epochs"], lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
+                      precision=c.precision, seed=c.seed, optimizer="adam", schedule="constant")
+
+    def steps(epoch: int, model: torch.nn.Module) -> Iterator[torch.Tensor]:
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 7_919 * epoch + ctx.rank)
+        order = torch.randperm(n, generator=gen)
+        order = order.repeat(-(-steps_per_epoch * c.batch_size // n))
         for step in range(steps_per_epoch):
-            loss = loss_fn(step, gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("training loss became non-finite; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            total += float(loss.detach())
-        history.append(total / max(steps_per_epoch, 1))
-    model.eval()
-    if info is not None:
-        info["loss_per_epoch"] = [round(v, 5) for v in history]
-        info["train_seconds"] = round(time.perf_counter() - started, 2)
+            batch = take(embedded, order[step * c.batch_size:(step + 1) * c.batch_size], ctx.device)
+            with detector.autocast():
+                loss = detector.training_loss(model, batch, gen)
+            yield loss
+
+    with torch.enable_grad():  # a caller may be inside no_grad (an embedding generator's consumer)
+        history = train_network(net, steps, cfg, ctx)
+    detector.info["loss_per_epoch"] = [round(float(h["loss"]), 5) for h in history]
+    detector.info["train_seconds"] = round(sum(h["epoch_seconds"] for h in history), 2)
     return history

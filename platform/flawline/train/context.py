@@ -27,6 +27,9 @@ class TrainContext(Protocol):
     def mean(self, value: float) -> float:
         """``value`` averaged over all workers."""
 
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all workers (same shape; e.g. feature statistics of all shards)."""
+
 
 class LocalContext:
     """One process: no DDP, checkpoints kept in memory (the last one), metrics in ``history``."""
@@ -50,3 +53,6 @@ class LocalContext:
 
     def mean(self, value: float) -> float:
         return value
+
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor

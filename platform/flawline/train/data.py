@@ -178,6 +178,7 @@ def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int,
         "has_mask": np.array([bool(r["mask_key"]) for r in rows]),
         "region": np.stack(regions).astype(np.uint8),
         "has_region": np.array([bool(r["boxes"]) for r in rows]),
+        "image_id": np.array([int(r.get("image_id", -1)) for r in rows], dtype=np.int64),
     }
 
 

@@ -1,13 +1,28 @@
-"""The Ray edge of training: Ray Data reads and decodes the run's images from S3 in parallel, Ray
-Train's TorchTrainer runs the setting's plain torch loop on every worker under DDP (gloo on CPU,
-NCCL on GPU) with checkpoints in S3, and normal-only detectors embed their images on a pool of
-Ray Data actors. Everything here runs inside a Ray job (``jobs/train.py``)."""
+"""The Ray edge of training. Everything a run computes happens on its Ray Train workers, with the
+resources the run asked for (``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker``,
+``--worker-resource``); the job's driver (``train/job.py``) only plans, submits and records.
+
+- Ray Data reads the run's rows, fetches and decodes their images from S3 on its own actors and
+  streams them into the workers (decoding overlaps the workers' compute).
+- Label settings: the setting's torch loop on every worker under DDP (gloo on CPU, NCCL on GPU).
+- Normal-only settings: each worker embeds its stream shard on its device; gradient-trained
+  detectors (``models.base.TrainedDetector``: flow, reconstruction, self-supervised) then train
+  their network under DDP with the same loop; memory-bank detectors (PatchCore, PaDiM) and
+  ``mixed`` gather the embeddings and fit on rank 0 (coreset, covariance on its GPU if it has one).
+- Every gradient epoch leaves a checkpoint in S3 (``<bucket>/ray-train/run-<id>-<token>``): a worker or
+  node that dies resumes from it (``--max-failures``), and ``flawline runs resume`` continues a
+  failed or cancelled run from it as a new Ray job (same trainer name and storage path).
+- Rank 0 finishes the run (threshold, test metrics, artifact, model version: ``runner.finish_run``)
+  and records where each part ran (``placement``: node, device, rank) in the run's row.
+- ``--min-workers`` makes the run elastic (Ray Train V2): it starts once that many workers fit,
+  grows to ``--workers`` when more come, and goes on with fewer when a node is lost.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +35,6 @@ from flawline.models import Detector
 from flawline.models.artifacts import detector_from_bytes, detector_to_bytes
 from flawline.train.data import TensorBatches, decode_rows, to_model
 from flawline.train.runner import RunPlan
-from flawline.train.spec import TrainSpec
 
 STATE_FILE = "state.pt"
 DETECTOR_FILE = "detector.pt"
@@ -35,10 +49,6 @@ def s3_filesystem(settings: Settings):  # noqa: ANN201  (pyarrow.fs.S3FileSystem
         endpoint_override=f"{scheme}://{settings.s3_endpoint}", scheme=scheme,
         access_key=settings.s3_access_key, secret_key=settings.s3_secret_key.get_secret_value(),
         region=settings.s3_region or "us-east-1")
-
-
-def checkpoint_prefix(settings: Settings, run_id: int) -> str:
-    return f"{settings.s3_bucket}/ray-train/run-{run_id}"
 
 
 # -- Ray Data: catalog rows → decoded tensors ------------------------------------------------------
@@ -56,15 +66,19 @@ class DecodeRows:
         return decode_rows(self.store, rows, self.image_size)
 
 
-def rows_dataset(rows: list[dict[str, Any]], image_size: int, parallelism: int):  # noqa: ANN201
-    """Rows → a materialised Ray dataset of decoded images (uint8; converted on the workers)."""
+def rows_dataset(rows: list[dict[str, Any]], image_size: int, parallelism: int,
+                 materialize: bool = True):  # noqa: ANN201
+    """Rows → a Ray dataset of decoded images (uint8 [3, S, S]; converted on the workers).
+    ``materialize``: decoded once into the object store, for settings that read it every epoch;
+    else streamed: decoded in blocks while the workers consume them, memory bounded by Ray Data's
+    backpressure instead of growing with the dataset."""
     import ray.data
 
     ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
-                             override_num_blocks=max(1, min(len(rows) // 16, 4 * parallelism)))
+                             override_num_blocks=max(1, min(len(rows) // 16, max(4 * parallelism, len(rows) // 64))))
     ds = ds.map_batches(DecodeRows, fn_constructor_kwargs={"image_size": image_size}, batch_size=16,
                         concurrency=(1, max(1, parallelism)), num_cpus=0.5)
-    return ds.materialize()  # decoded once, iterated every epoch
+    return ds.materialize() if materialize else ds
 
 
 class RayShardBatches(TensorBatches):
@@ -110,6 +124,13 @@ class RayTrainContext:
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        t = tensor.detach().to(self.device).clone()
+        torch.distributed.all_reduce(t)
+        return t.to(tensor.device)
+
     def report(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
 
@@ -147,127 +168,203 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _placement(ctx: RayTrainContext) -> list[dict[str, Any]]:
+    """Where every rank ran (node id, host, device), gathered on every rank."""
+    import socket
+
+    mine = {"rank": ctx.rank, "node_id": _node_id(), "host": socket.gethostname(), "device": _device_name(ctx.device)}
+    everyone = [mine] * ctx.world_size
+    if ctx.world_size > 1:
+        torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB; Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _finished_detector() -> Detector | None:
+    """The trained detector in the run's last checkpoint, when training had already ended before a
+    restart (a failure while finishing): finishing again needs no new training."""
     import ray.train
 
-    from flawline.train.settings import get_setting
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d) / DETECTOR_FILE
+        return detector_from_bytes(path.read_bytes(), "run checkpoint") if path.exists() else None
 
-    spec = TrainSpec.from_dict(config["spec"])
-    setting = get_setting(spec.setting)
-    ctx = RayTrainContext(config["run_id"])
-    torch.set_num_threads(max(1, int(config["threads"])))
-    source = RayShardBatches(config["streams"], spec.batch_size, spec.seed, ctx.rank, ctx.device)
-    from flawline.train.data import RunData
 
-    data = RunData(labelled=[], unlabelled=[], val=[], test=[], classes=config["classes"])
-    detector = setting.build(spec, data, device=str(ctx.device))
-    history = setting.train(detector, source, spec, ctx, config["class_counts"])
-    nodes = [_node_id()] * ctx.world_size
+def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, history: list[dict[str, Any]],
+            placement: list[dict[str, Any]]) -> None:
+    """Every rank's last step: rank 0 checkpoints the trained detector (a restart then only
+    finishes), records where the run ran, finishes the run (``runner.finish_run``) and reports its
+    metrics; the other ranks report that they are done."""
+    import ray.train
+
+    from flawline.context import open_catalog, open_store
+    from flawline.train.runner import finish_run
+    from flawline.train.runs import record_facts
+
+    final = {"final": True, "epochs_run": len(history), "world_size": ctx.world_size}
+    peaks = [_peak_rss_mb()] * ctx.world_size  # each worker's peak memory so far (MiB)
     if ctx.world_size > 1:
-        torch.distributed.all_gather_object(nodes, _node_id())
-    # Last report: the whole trained detector, so the driver needs no knowledge of its parts.
-    final = {"final": True, "epochs_run": len(history), "node_id": _node_id(), "world_size": ctx.world_size}
-    if ctx.rank != 0:
-        ray.train.report(final)
+        torch.distributed.all_gather_object(peaks, peaks[0])
+    for p, peak in zip(placement, peaks):
+        p["peak_rss_mb"] = peak
+    if ctx.rank != 0:  # every rank reports as often as rank 0 (each report is a round of all workers)
+        ray.train.report(dict(final, stage="trained"))
+        ray.train.report(dict(final, stage="finished"))
         return
-    if config["run_id"] is not None:
-        from flawline.train.runs import record_facts
-
-        record_facts(config["run_id"], worker_nodes=nodes)
+    run_id, plan = config["run_id"], config["plan"]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / DETECTOR_FILE).write_bytes(detector_to_bytes(detector))
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(dict(final, stage="trained"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    catalog = open_catalog()
+    record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement])
+    metrics = finish_run(catalog, open_store(), plan, detector, run_id, history if config["keep_history"] else None)
+    metrics["finished_on"] = {"node_id": _node_id(), "device": _device_name(ctx.device)}
+    # The run's row carries the result to the driver (Ray's Result keeps checkpointed reports only).
+    record_facts(run_id, catalog, **json.loads(json.dumps(metrics, default=str)))
+    ray.train.report(dict(final, stage="finished"))
 
 
-def train_on_ray(plan: RunPlan, run_id: int | None = None, settings: Settings | None = None) -> Detector:
-    """Train the plan's gradient setting with TorchTrainer; returns the trained detector."""
+def _label_worker(config: dict[str, Any]) -> None:
+    """A label setting on every Ray Train worker: its torch loop under DDP."""
+    spec, plan = config["plan"].spec, config["plan"]
+    ctx = RayTrainContext(config["run_id"])
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    placement = _placement(ctx)
+    detector = _finished_detector()
+    history: list[dict[str, Any]] = []
+    if detector is None:
+        source = RayShardBatches(list(plan.streams), spec.batch_size, spec.seed, ctx.rank, ctx.device)
+        detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
+        history = plan.setting.train(detector, source, spec, ctx, plan.class_counts)
+    _finish(config, ctx, detector, history, placement)
+
+
+def _normal_worker(config: dict[str, Any]) -> None:
+    """A normal-only setting on every Ray Train worker: embed this worker's streamed shard on its
+    device; a ``TrainedDetector`` trains its network under DDP, any other detector's embeddings are
+    gathered and fitted on rank 0. Then rank 0 refines (``mixed``) and finishes."""
+    import ray.train
+
+    from flawline.models.base import TrainedDetector
+    from flawline.models.training import collect, concat, fit_network, take
+
+    spec, plan = config["plan"].spec, config["plan"]
+    ctx = RayTrainContext(config["run_id"])
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    placement = _placement(ctx)
+    detector = _finished_detector()
+    history: list[dict[str, Any]] = []
+    if detector is None:
+        detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
+        torch.manual_seed(spec.seed)
+        if detector.uses_backbone:
+            detector.extractor  # noqa: B018  (built first, as Detector.fit_embedded does)
+        shard = ray.train.get_dataset_shard("normal")
+        ids: list[torch.Tensor] = []
+
+        def batches():  # noqa: ANN202
+            for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2):
+                ids.append(batch["image_id"].cpu())
+                yield to_model({"image": batch["image"]}, detector.device)["image"]
+
+        with torch.no_grad(), detector.autocast():
+            cached, count = collect(lambda x: detector.embed(detector.prepare(x)), batches())
+        total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
+        if total == 0:
+            raise ValueError(f"{spec.setting}: no normal images reached the workers")
+        # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
+        mine = (torch.cat(ids), concat(cached)) if cached else None
+        if isinstance(detector, TrainedDetector):
+            if mine is None:
+                raise ValueError(f"{spec.setting}: worker {ctx.rank} received no images (fewer images than workers)")
+            history = fit_network(detector, take(mine[1], torch.argsort(mine[0]), torch.device("cpu")), ctx)
+            detector.info["train_images"] = total
+            detector.fitted = True
+        else:  # memory bank, covariance, mixed: one fit on rank 0 over every worker's embeddings
+            everyone = [mine] * ctx.world_size
+            if ctx.world_size > 1:
+                torch.distributed.gather_object(mine, everyone if ctx.rank == 0 else None, dst=0)
+            if ctx.rank == 0:
+                parts = [p for p in everyone if p is not None]
+                order = torch.argsort(torch.cat([p[0] for p in parts]))
+                embedded = concat([p[1] for p in parts])
+                started = time.perf_counter()
+                detector.fit_embedded(take(embedded, order[i:i + spec.batch_size], torch.device("cpu"))
+                                      for i in range(0, len(order), spec.batch_size))
+                history = [{"epoch": 1, "epochs": 1, "train_images": total,
+                            "fit_seconds": round(time.perf_counter() - started, 2)}]
+        if ctx.rank == 0 and plan.setting.refine_streams:  # small streams: held-back normals, defects
+            from flawline.context import open_store
+            from flawline.train.data import decode_all
+
+            store = open_store()
+            decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
+                       for name in plan.setting.refine_streams if plan.streams.get(name)}
+            facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed,
+                                                                device=ctx.device), spec)
+            detector.info.update(refine=facts)
+    _finish(config, ctx, detector, history, placement)
+
+
+def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
+                settings: Settings | None = None):  # noqa: ANN201
+    """The run's TorchTrainer: its worker function, streams, scaling (fixed or elastic), resources,
+    checkpoint storage and failure policy. ``name``: the run's trainer name (``runs.trainer_name``);
+    the same name and storage path is what lets ``runs resume`` continue from the last checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     settings = settings or get_settings()
     spec = plan.spec
-    datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in plan.streams.items()}
-    # Streams too small to give every worker a batch (k few-shot defects) go whole to each worker.
-    split = [name for name, rows in plan.streams.items() if len(rows) >= spec.workers * spec.batch_size]
+    if plan.setting.gradient:
+        worker, streams = _label_worker, dict(plan.streams)
+        # Label settings read every stream each epoch and may stop a stream part-way: materialised.
+        datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in streams.items()}
+        split = [name for name, rows in streams.items() if len(rows) >= spec.workers * spec.batch_size]
+    else:
+        worker = _normal_worker
+        datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False)}
+        split = ["normal"]
     use_gpu = spec.gpus_per_worker > 0
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"spec": spec.as_dict(), "run_id": run_id, "classes": plan.data.classes,
-                           "class_counts": plan.class_counts, "threads": spec.cpus_per_worker,
-                           "streams": list(plan.streams)},
+    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {}),
+                 **spec.worker_resources}
+    workers = spec.workers if spec.min_workers is None else (spec.min_workers, spec.workers)
+    return TorchTrainer(
+        worker,
+        train_loop_config={"plan": plan, "run_id": run_id, "keep_history": plan.setting.gradient},
         scaling_config=ray.train.ScalingConfig(
             # SPREAD: workers on different nodes where there is room (no job owns a machine).
-            num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="SPREAD"),
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="SPREAD",
+            **({"elastic_resize_monitor_interval_s": 10.0} if spec.min_workers is not None else {})),
         run_config=ray.train.RunConfig(
-            name=f"run-{run_id}" if run_id is not None else None,
+            name=name,
             storage_path=f"{settings.s3_bucket}/ray-train", storage_filesystem=s3_filesystem(settings),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=split),
         # DDP backend: gloo on CPU, NCCL with use_gpu (Ray Train's TorchConfig default).
     )
-    result = trainer.fit()
+
+
+def run_on_ray(plan: RunPlan, run_id: int, name: str | None = None, settings: Settings | None = None) -> None:
+    """Train and finish the run on the cluster's workers; rank 0 records the run's metrics (model
+    name, test metrics, where it ran) in its row. Raises the workers' error when the run fails for
+    good."""
+    result = trainer_for(plan, run_id, name, settings).fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        return detector_from_bytes((Path(d) / DETECTOR_FILE).read_bytes(), f"run {run_id} checkpoint")
-
-
-# -- normal-only detectors: embeddings on an actor pool, one fit on the driver ---------------------
-class EmbedRows:
-    """Ray Data actor: decode rows and run ``Detector.embed`` (one detector per actor)."""
-
-    def __init__(self, spec: dict[str, Any], threads: float) -> None:
-        from flawline.context import open_store
-        from flawline.train.data import RunData
-        from flawline.train.settings import get_setting
-
-        self.spec = TrainSpec.from_dict(spec)
-        torch.set_num_threads(max(1, int(threads)))
-        self.detector = get_setting(self.spec.setting).build(self.spec, RunData([], [], [], []))
-        self.store = open_store()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [json.loads(r) for r in batch["row"]]
-        x = to_model({"image": torch.from_numpy(decode_rows(self.store, rows, self.spec.image_size)["image"])},
-                     self.detector.device)["image"]
-        with torch.no_grad(), self.detector.autocast():
-            emb = self.detector.embed(self.detector.prepare(x))
-        buf = io.BytesIO()  # tuples, fp16: keep them exactly as embed made them
-        torch.save(tuple(e.cpu() for e in emb) if isinstance(emb, tuple) else emb.cpu(), buf)
-        return {"embedded": [buf.getvalue()]}
-
-
-def fit_on_ray(plan: RunPlan) -> Detector:
-    """Normal-only settings: embeddings spread over ``spec.workers`` actors, then one fit."""
-    import ray.data
-
-    spec = plan.spec
-    rows = plan.streams["normal"]
-    ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
-                             override_num_blocks=max(1, min(len(rows) // spec.batch_size, 8 * spec.workers)))
-    embedded = ds.map_batches(
-        EmbedRows, fn_constructor_kwargs={"spec": spec.as_dict(), "threads": spec.cpus_per_worker},
-        batch_size=spec.batch_size, concurrency=spec.workers, num_cpus=spec.cpus_per_worker,
-        num_gpus=spec.gpus_per_worker or None)
-    detector = plan.setting.build(spec, plan.data)
-
-    def batches():  # noqa: ANN202
-        for batch in embedded.iter_batches(batch_size=1, batch_format="numpy"):
-            for blob in batch["embedded"]:
-                yield torch.load(io.BytesIO(blob), weights_only=True)
-
-    detector.fit_embedded(batches())
-    if plan.setting.refine_streams:  # small streams (held-back normals, labelled defects): on the driver
-        from flawline.context import open_store
-        from flawline.train.data import TensorBatches, decode_all
-
-        store = open_store()
-        decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
-                   for name in plan.setting.refine_streams if plan.streams.get(name)}
-        facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed), spec)
-        detector.info.update(refine=facts)
-    return detector
-

@@ -5,40 +5,48 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
 from flawline.catalog import RunStatus
 from flawline.config import get_settings
-from flawline.context import open_catalog, open_store
+from flawline.context import open_catalog
 from flawline.errors import FlawlineError
-from flawline.train.runner import finish_run, plan_run
-from flawline.train.runs import get_run, run_spec, update_run
+from flawline.train.runner import plan_run
+from flawline.train.runs import get_run, run_spec, trainer_name, update_run
 
 
 def run_training_job(run_id: int) -> dict:
     import ray
 
-    from flawline.train.distributed import fit_on_ray, train_on_ray
+    from flawline.train.distributed import run_on_ray
+    from flawline.train.runs import record_facts
 
     # Ray unpacks the job's working_dir under its runtime-env cache and may garbage-collect it once
     # the trainer's actors are gone; a driver standing in a deleted folder breaks later imports.
     scratch = get_settings().data_dir.expanduser() / "jobs" / f"run-{run_id}"
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
-    catalog, store = open_catalog(), open_store()
-    spec = run_spec(get_run(catalog, run_id))
+    catalog = open_catalog()
+    row = get_run(catalog, run_id)
+    spec = run_spec(row)
     update_run(catalog, run_id, status=RunStatus.running)
     started = time.perf_counter()
     try:
         plan = plan_run(catalog, spec)
         ray.init(ignore_reinit_error=True, log_to_driver=True)
-        print(f"run {run_id}: {spec.setting}/{plan.method} on {'+'.join(spec.datasets)}, {spec.workers} worker(s); "
+        # The driver only plans, submits and records: training and finishing run on the workers.
+        record_facts(run_id, catalog, driver_node=ray.get_runtime_context().get_node_id())
+        workers = spec.workers if spec.min_workers is None else f"{spec.min_workers}-{spec.workers}"
+        print(f"run {run_id}: {spec.setting}/{plan.method} on {'+'.join(spec.datasets)}, {workers} worker(s); "
               f"{plan.summary()['streams']}", flush=True)
-        detector = train_on_ray(plan, run_id) if plan.setting.gradient else fit_on_ray(plan)
-        recorded = get_run(catalog, run_id).metrics or {}  # progress, checkpoints, worker nodes
-        metrics = {**recorded, **finish_run(catalog, store, plan, detector, run_id),
-                   "train_seconds": round(time.perf_counter() - started, 1)}
+        run_on_ray(plan, run_id, trainer_name(row))
+        recorded = get_run(catalog, run_id).metrics or {}  # progress, placement and the workers' result
+        if "model" not in recorded:
+            raise RuntimeError("the workers ended without registering a model (see `flawline runs logs`)")
+        metrics = {**recorded, "train_seconds": round(time.perf_counter() - started, 1),
+                   "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         update_run(catalog, run_id, status=RunStatus.succeeded, metrics=metrics)
         print(f"run {run_id}: model {metrics['model']} registered; "
               f"accuracy {metrics.get('accuracy', float('nan')):.4f} f1 {metrics.get('f1', float('nan')):.4f} "

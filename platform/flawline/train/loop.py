@@ -1,6 +1,8 @@
-"""The one gradient loop every label setting uses: AdamW, cosine schedule, gradient clipping,
-optional bf16 autocast, a checkpoint per epoch, resume after a worker failure. A setting only
-supplies ``steps(epoch, model)``: a generator of losses for one epoch."""
+"""The one gradient loop every training setting and every gradient-trained detector uses: AdamW
+(or Adam) with a cosine (or constant) schedule, gradient clipping, optional bf16 autocast, a
+checkpoint per epoch, resume after a worker failure. A setting (or ``models.training.fit_network``
+for flow, reconstruction and self-supervised detectors) only supplies ``steps(epoch, model)``: a
+generator of losses for one epoch."""
 
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ class OptimConfig:
     precision: str = "fp32"
     clip: float = 5.0
     seed: int = 0
+    optimizer: str = "adamw"  # or "adam" (weight decay added to the gradient, as the detectors' papers)
+    schedule: str = "cosine"  # or "constant"
 
 
 def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    if cfg.schedule == "constant":
+        return 1.0
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / (cfg.warmup_epochs + 1)
     span = max(cfg.epochs - cfg.warmup_epochs, 1)
@@ -42,7 +48,8 @@ def train_network(net: nn.Module, steps: Steps, cfg: OptimConfig, ctx: TrainCont
     torch.manual_seed(cfg.seed + ctx.rank)
     model = ctx.wrap(net)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
+    opt = optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     state = ctx.resume()
     if state is not None:  # restarted after a failure: pick up where the last checkpoint left off
@@ -63,6 +70,10 @@ def train_network(net: nn.Module, steps: Steps, cfg: OptimConfig, ctx: TrainCont
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
+            # Autocast caches its bf16 copies of the weights until the outermost autocast region
+            # ends; a caller already inside one (``Detector.fit_embedded``) would otherwise go on
+            # using the weights from before this step.
+            torch.clear_autocast_cache()
             total += float(loss.detach())
             count += 1
         net.eval()

@@ -3,6 +3,7 @@ final metrics; the model version it produced points back at it (``ModelVersion.r
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,6 +23,10 @@ def create_run(catalog: Catalog, spec: TrainSpec, method: str, plan_summary: dic
                           config={"spec": spec.as_dict(), "plan": plan_summary}, status=RunStatus.pending)
         s.add(row)
         s.flush()
+        # Ray Train's name for the run: its checkpoints live under <bucket>/ray-train/<name>, and a
+        # trainer with the same name resumes from them (``runs resume``). Unique, so a new catalog
+        # on an old bucket never resumes another run's checkpoints.
+        row.config = {**row.config, "trainer_name": f"run-{row.id}-{secrets.token_hex(4)}"}
         return row.id
 
 
@@ -32,6 +37,11 @@ def get_run(catalog: Catalog, run_id: int) -> TrainingRun:
             raise NotFound(f"no training run {run_id}")
         s.expunge(row)
         return row
+
+
+def trainer_name(row: TrainingRun) -> str:
+    """The run's Ray Train name (its checkpoint folder); runs recorded before it was kept: run-<id>."""
+    return (row.config or {}).get("trainer_name") or f"run-{row.id}"
 
 
 def run_spec(row: TrainingRun) -> TrainSpec:

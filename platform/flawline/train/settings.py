@@ -7,11 +7,13 @@ one module in ``flawline/train/`` with a ``@register_setting`` class, imported i
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from flawline.errors import ConfigError
 from flawline.models import Detector, create_detector
+from flawline.models.base import detector_class
 from flawline.registry import Registry
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData
@@ -28,7 +30,7 @@ class TrainingSetting(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     methods: ClassVar[tuple[str, ...]]  # detectors it trains; the first is the default
-    gradient: ClassVar[bool] = True  # trained by Ray Train workers (False: fitted from embeddings)
+    gradient: ClassVar[bool] = True  # the setting's own loop (False: the detector fits on its embeddings)
     streams: ClassVar[tuple[str, ...]] = ("labelled",)  # which RunData rows feed the workers
     optional_streams: ClassVar[tuple[str, ...]] = ()  # streams that may be empty
     refine_streams: ClassVar[tuple[str, ...]] = ()  # streams ``refine`` reads after a non-gradient fit
@@ -53,6 +55,10 @@ class TrainingSetting(ABC):
         """A fresh, untrained detector for this run (same on every worker), on ``device``."""
         settings: dict[str, Any] = {"backbone": spec.backbone, "image_size": spec.image_size,
                                     "seed": spec.seed, "device": device, **spec.options}
+        fields = {f.name for f in dataclasses.fields(detector_class(self.method(spec)).Config)}
+        for key, value in (("epochs", spec.epochs), ("lr", spec.lr)):  # a trained detector's own loop
+            if value is not None and key in fields and not self.gradient:
+                settings.setdefault(key, value)
         if self.method(spec) == "classifier":
             settings.setdefault("classes", data.classes)
         return create_detector(self.method(spec), **settings)
@@ -72,14 +78,15 @@ class TrainingSetting(ABC):
         ``class_counts``: labelled training rows per class index (all workers together)."""
 
     def refine(self, detector: Detector, source: BatchSource, spec: TrainSpec) -> dict[str, Any]:
-        """Non-gradient settings, after the fit on embeddings (on the driver in a Ray job): learn
+        """Non-gradient settings, after the fit on embeddings (on rank 0 of the run's Ray Train workers): learn
         what needs the fitted model from ``refine_streams`` (e.g. a head and its threshold);
         returns facts for the run's metrics. Default: nothing."""
         return {}
 
     def after_training(self, catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: Detector,
                        model_name: str) -> dict[str, Any]:
-        """Once, on the driver, after the model version is registered (``runner.finish_run``):
+        """Once, where the run finishes (rank 0 of its workers in a Ray job), after the model version
+        is registered (``runner.finish_run``):
         write what the run learned back to the catalog (e.g. pseudo-labels); returns metrics to
         add to the run's. Default: nothing."""
         return {}

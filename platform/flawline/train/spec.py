@@ -29,6 +29,12 @@ class TrainSpec:
     options: dict[str, Any] = field(default_factory=dict)  # detector settings (e.g. coreset_ratio)
     model_name: str | None = None  # default "<datasets>-<setting>-<method>"
     max_failures: int = 2  # worker deaths survived by resuming from the last checkpoint
+    # Elastic (Ray Train V2): start once this many workers fit, grow to ``workers``, go on with
+    # fewer when a node is lost; None = exactly ``workers``.
+    min_workers: int | None = None
+    # Custom Ray resources each worker asks for besides CPU/GPU (e.g. {"inspection_gpu": 1}):
+    # pins the run to the nodes that advertise them.
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
@@ -37,6 +43,13 @@ class TrainSpec:
             raise ConfigError("no dataset given")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
+            raise ConfigError(f"min-workers must lie in 1..workers ({self.workers}), got {self.min_workers}")
+        for key, amount in self.worker_resources.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"worker resource {key!r}: use --cpus-per-worker / --gpus-per-worker for it")
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ConfigError(f"worker resource {key!r} must ask for an amount > 0, got {amount!r}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("cpus-per-worker must be > 0 and gpus-per-worker >= 0")
         if not 0.0 < self.label_fraction <= 1.0:

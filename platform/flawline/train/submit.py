@@ -16,7 +16,7 @@ from flawline.catalog import Catalog, RunStatus
 from flawline.config import Settings
 from flawline.errors import ConfigError, InvalidInput, ServiceError
 from flawline.train.runner import plan_run
-from flawline.train.runs import FINAL, create_run, get_run, list_runs, update_run
+from flawline.train.runs import FINAL, create_run, get_run, list_runs, run_spec, update_run
 from flawline.train.spec import TrainSpec
 
 RAY_FINAL = {"SUCCEEDED": RunStatus.succeeded, "FAILED": RunStatus.failed, "STOPPED": RunStatus.cancelled}
@@ -57,19 +57,57 @@ def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec) -> tuple[i
     plan = plan_run(catalog, spec)  # raises before anything is recorded or submitted
     client = job_client(settings)
     run_id = create_run(catalog, spec, plan.method, plan.summary())
+    return run_id, _submit_job(catalog, settings, client, run_id, spec, plan.method)
+
+
+def _submit_job(catalog: Catalog, settings: Settings, client: Any, run_id: int, spec: TrainSpec, method: str) -> str:
+    """Submit the run's Ray job (``jobs/train.py --run-id``) and record its id; every job a run
+    had stays listed in its config (``ray_job_ids``: the first submission, then each resume)."""
     job_id = f"flawline-run-{run_id}-{secrets.token_hex(3)}"
     try:
         client.submit_job(
             entrypoint=f"python train.py --run-id {run_id}", submission_id=job_id,
             runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},
-            metadata={"flawline_run_id": str(run_id), "setting": spec.setting, "method": plan.method},
+            metadata={"flawline_run_id": str(run_id), "setting": spec.setting, "method": method},
         )
     except Exception as err:
         update_run(catalog, run_id, status=RunStatus.failed, error=f"submission failed: {err}".splitlines()[0])
         raise ServiceError(f"could not submit run {run_id} to {settings.ray_dashboard_url}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    update_run(catalog, run_id, ray_job_id=job_id)
-    return run_id, job_id
+    config = dict(get_run(catalog, run_id).config)
+    config["ray_job_ids"] = [*config.get("ray_job_ids", []), job_id]
+    update_run(catalog, run_id, ray_job_id=job_id, config=config)
+    return job_id
+
+
+RESUMABLE = (RunStatus.failed, RunStatus.cancelled)
+
+
+def resume_run(catalog: Catalog, settings: Settings, run_id: int) -> str:
+    """Continue a failed or cancelled run as a new Ray job on the same run row. Its trainer has the
+    same name and checkpoint storage, so Ray Train starts from the run's last checkpoint (the
+    last finished epoch; a normal-only fit without epochs starts its fit again). Returns the new
+    job id; the row keeps every job id it had."""
+    refresh(catalog, settings, [run_id])
+    row = get_run(catalog, run_id)
+    if row.status not in RESUMABLE:
+        raise InvalidInput(f"run {run_id} is {row.status.value}: only a failed or cancelled run can be resumed")
+    spec = run_spec(row)
+    plan_run(catalog, spec)  # the catalog may have changed: the same checks as a new run, first
+    client = job_client(settings)
+    if row.ray_job_id:  # a cancelled job may still be stopping: never two drivers on one run
+        try:
+            status = str(client.get_job_info(row.ray_job_id).status).rsplit(".", 1)[-1]
+        except Exception:
+            status = "GONE"
+        if status in ("PENDING", "RUNNING"):
+            raise InvalidInput(f"run {run_id}: its Ray job {row.ray_job_id} is still {status.lower()}; "
+                               "wait for it to stop, then resume")
+    metrics = {k: v for k, v in (row.metrics or {}).items() if k in ("progress", "checkpoints", "placement",
+                                                                       "worker_nodes", "driver_node")}
+    metrics["resumed"] = int((row.metrics or {}).get("resumed", 0)) + 1
+    update_run(catalog, run_id, status=RunStatus.pending, error=None, finished_at=None, metrics=metrics)
+    return _submit_job(catalog, settings, client, run_id, spec, row.method)
 
 
 def current_submission_id() -> str | None:

@@ -1,7 +1,7 @@
 """Unsupervised (normal images only) and self-supervised (synthetic defects on normal images):
-the detector library's detectors. Feature extraction is spread over the workers
-(``Detector.embed`` on each shard); the fit itself (``fit_embedded``) runs once on the gathered
-embeddings."""
+the detector library's detectors. In a Ray job each worker embeds its shard (``Detector.embed``);
+gradient-trained detectors then train under DDP on every worker, the others fit on rank 0 over
+the gathered embeddings (``flawline.train.distributed``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class NormalOnly(TrainingSetting):
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:
-        """Single process: embed and fit in one go (the distributed path embeds on workers)."""
+        """Single process: embed and fit in one go (``distributed._normal_worker`` on Ray workers)."""
         detector.fit_embedded(detector.embed(detector.prepare(b["image"])) for b in source.epoch("normal", 0))
         return [{"epoch": 1, "epochs": 1, "train_images": detector.info.get("train_images")}]
 
