@@ -206,7 +206,7 @@ def _finished_detector() -> Detector | None:
 
 
 def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, history: list[dict[str, Any]],
-            placement: list[dict[str, Any]]) -> None:
+            placement: list[dict[str, Any]], started: float) -> None:
     """Every rank's last step: rank 0 checkpoints the trained detector (a restart then only
     finishes), records where the run ran, finishes the run (``runner.finish_run``) and reports its
     metrics; the other ranks report that they are done."""
@@ -231,7 +231,9 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
         (Path(tmp) / DETECTOR_FILE).write_bytes(detector_to_bytes(detector))
         ray.train.report(dict(final, stage="trained"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
     catalog = open_catalog()
-    record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement])
+    # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing).
+    record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement],
+                 fit_seconds=round(time.perf_counter() - started, 2))
     metrics = finish_run(catalog, open_store(), plan, detector, run_id, history if config["keep_history"] else None)
     metrics["finished_on"] = {"node_id": _node_id(), "device": _device_name(ctx.device)}
     # The run's row carries the result to the driver (Ray's Result keeps checkpointed reports only).
@@ -241,6 +243,7 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
 
 def _label_worker(config: dict[str, Any]) -> None:
     """A label setting on every Ray Train worker: its torch loop under DDP."""
+    started = time.perf_counter()
     spec, plan = config["plan"].spec, config["plan"]
     ctx = RayTrainContext(config["run_id"])
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
@@ -251,7 +254,7 @@ def _label_worker(config: dict[str, Any]) -> None:
         source = RayShardBatches(list(plan.streams), spec.batch_size, spec.seed, ctx.rank, ctx.device)
         detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
         history = plan.setting.train(detector, source, spec, ctx, plan.class_counts)
-    _finish(config, ctx, detector, history, placement)
+    _finish(config, ctx, detector, history, placement, started)
 
 
 def _normal_worker(config: dict[str, Any]) -> None:
@@ -263,6 +266,7 @@ def _normal_worker(config: dict[str, Any]) -> None:
     from flawline.models.base import TrainedDetector
     from flawline.models.training import collect, concat, fit_network, take
 
+    started = time.perf_counter()
     spec, plan = config["plan"].spec, config["plan"]
     ctx = RayTrainContext(config["run_id"])
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
@@ -303,11 +307,11 @@ def _normal_worker(config: dict[str, Any]) -> None:
                 parts = [p for p in everyone if p is not None]
                 order = torch.argsort(torch.cat([p[0] for p in parts]))
                 embedded = concat([p[1] for p in parts])
-                started = time.perf_counter()
+                fit_start = time.perf_counter()
                 detector.fit_embedded(take(embedded, order[i:i + spec.batch_size], torch.device("cpu"))
                                       for i in range(0, len(order), spec.batch_size))
                 history = [{"epoch": 1, "epochs": 1, "train_images": total,
-                            "fit_seconds": round(time.perf_counter() - started, 2)}]
+                            "fit_seconds": round(time.perf_counter() - fit_start, 2)}]
         if ctx.rank == 0 and plan.setting.refine_streams:  # small streams: held-back normals, defects
             from flawline.context import open_store
             from flawline.train.data import decode_all
@@ -318,7 +322,7 @@ def _normal_worker(config: dict[str, Any]) -> None:
             facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed,
                                                                 device=ctx.device), spec)
             detector.info.update(refine=facts)
-    _finish(config, ctx, detector, history, placement)
+    _finish(config, ctx, detector, history, placement, started)
 
 
 def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
