@@ -333,6 +333,9 @@ def test_jobs_run_side_by_side_and_cancel(elpv_small):
     (["--setting", "supervised", "--method", "segmenter"], "no defect masks in the train split"),
     (["--setting", "supervised", "--workers", "0"], "workers"),
     (["--setting", "supervised", "--label-fraction", "0"], "label fraction"),
+    (["--setting", "unsupervised", "--workers", "2", "--min-workers", "3"], "min-workers must lie in 1..workers (2)"),
+    (["--setting", "unsupervised", "--worker-resource", "gpu_node"], "expected NAME=AMOUNT"),
+    (["--setting", "unsupervised", "--worker-resource", "CPU=2"], "use --cpus-per-worker / --gpus-per-worker"),
 ])
 def test_bad_configurations_never_reach_the_cluster(elpv_small, ray_cluster, args, message):
     from ray.job_submission import JobSubmissionClient

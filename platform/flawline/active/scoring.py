@@ -63,12 +63,12 @@ def _threshold(detector: Detector) -> float | None:
 def score_local(detector: Detector, store: ObjectStore, rows: list[dict[str, Any]], image_size: int,
                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> PoolScores:
     """Score ``rows`` (catalog rows with ``image_id`` and ``key``) in this process."""
-    from flawline.train.data import decode_rows
+    from flawline.train.data import decode_images
 
     scores, embs = [], []
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = torch.from_numpy(decode_rows(store, part, image_size, detector.config.white)["image"]).float() / 255.0
+        x = decode_images(store, part, image_size, detector.config.white)
         s, e = score_batch(detector, x)
         scores.append(s)
         embs.append(e)
@@ -111,11 +111,10 @@ class ScoreRows:
         self.with_masks = with_masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from flawline.train.data import decode_rows
+        from flawline.train.data import decode_images
 
         rows = [json.loads(r) for r in batch["row"]]
-        x = torch.from_numpy(decode_rows(self.store, rows, self.image_size,
-                                         self.detector.config.white)["image"]).float() / 255.0
+        x = decode_images(self.store, rows, self.image_size, self.detector.config.white)
         ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
         from flawline.monitoring.metrics import metric
 
@@ -230,13 +229,12 @@ def pre_annotations(detector: Detector, store: ObjectStore, rows: list[dict[str,
     """What the model says of each row's image, for annotators to correct: score, verdict (its
     threshold, else p >= 0.5) and the anomaly regions above the threshold at the image's own size.
     In this process; ``score_job.submit_pre_annotation`` does the same on the cluster."""
-    from flawline.train.data import decode_rows
+    from flawline.train.data import decode_images
 
     out: dict[int, Prediction] = {}
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = torch.from_numpy(decode_rows(store, part, detector.config.image_size,
-                                         detector.config.white)["image"]).float() / 255.0
+        x = decode_images(store, part, detector.config.image_size, detector.config.white)
         pred = detector.predict(x)
         verdicts, masks = verdicts_and_masks(detector, pred)
         out.update(predictions_from_masks(part, pred.scores, verdicts, masks, ref,

@@ -166,9 +166,7 @@ def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int,
     row's dataset's."""
     images, masks, regions = [], [], []
     for r in rows:
-        img = decode_image(store.get_bytes(r["key"]), size, r["origin"], white if white is not None else r.get("white"))
-        img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
-        images.append((img * 255).round().to(torch.uint8).numpy())
+        images.append((_rgb(store, r, size, white) * 255).round().to(torch.uint8).numpy())
         masks.append(decode_mask(store.get_bytes(r["mask_key"]) if r["mask_key"] else None, size, r["origin"]))
         regions.append(boxes_to_region(r["boxes"] or [], r["width"], r["height"], size))
     return {
@@ -180,6 +178,20 @@ def decode_rows(store: ObjectStore, rows: list[dict[str, Any]], size: int,
         "has_region": np.array([bool(r["boxes"]) for r in rows]),
         "image_id": np.array([int(r.get("image_id", -1)) for r in rows], dtype=np.int64),
     }
+
+
+def decode_images(store: ObjectStore, rows: list[dict[str, Any]], size: int, white: int | None = None) -> torch.Tensor:
+    """Rows' images only, model-ready: float [B, 3, S, S] in [0, 1] (no masks, no uint8 round trip),
+    decoded as ``fetch`` decodes evaluation images. ``white`` as in ``decode_rows``. The one decoder
+    for scoring pools and pre-annotating (``active.scoring``)."""
+    images = [_rgb(store, r, size, white) for r in rows]
+    return torch.stack(images) if images else torch.zeros((0, 3, size, size))
+
+
+def _rgb(store: ObjectStore, row: dict[str, Any], size: int, white: int | None) -> torch.Tensor:
+    """One row's image: float [3, S, S] in [0, 1] (gray repeated)."""
+    img = decode_image(store.get_bytes(row["key"]), size, row["origin"], white if white is not None else row.get("white"))
+    return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
 
 def decode_all(store: ObjectStore, rows: list[dict[str, Any]], size: int, workers: int = 16,
