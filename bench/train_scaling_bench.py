@@ -61,11 +61,11 @@ AIM_MEMORY = 0.25
 
 
 def synthetic_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` 64 px gray textures in good/ and defect/ folders (8 % defective: a bright scratch)."""
+    """``n`` 64 px gray textures in good/ and defect/scratch/ (8 % defective: a bright scratch)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for sub in ("good", "defect"):
+    for sub in ("good", "defect/scratch"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         small = rng.integers(60, 200, (8, 8), dtype=np.uint8)
@@ -74,7 +74,7 @@ def synthetic_folder(root: Path, n: int, seed: int = 0) -> Path:
         if defect:
             r = int(rng.integers(8, 56))
             img[r:r + 2, 8:56] = 255
-        Image.fromarray(img).save(root / ("defect" if defect else "good") / f"t{i:05d}.png")
+        Image.fromarray(img).save(root / ("defect/scratch" if defect else "good") / f"t{i:05d}.png")
     return root
 
 
@@ -128,6 +128,8 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
              f"aim ≥ {AIM_SPEEDUP} | image ROC-AUC (1 / 2) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for method, r in result["speed"].items():
+        if method == "measured":
+            continue
         one, two = r["1"], r["2"]
         gradient = method != "patchcore"
         aim = ("met" if r["speedup"] >= AIM_SPEEDUP else "not met") if gradient else "(not a gradient detector)"
@@ -151,8 +153,10 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--sizes", nargs="*", type=int, default=[1000, 4000, 16000])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                   help="detectors for the speed part (none: keep the last speed measurement)")
+    p.add_argument("--sizes", nargs="*", type=int, default=[1000, 4000, 16000],
+                   help="images for the memory part (none: keep the last memory measurement)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=None, help="flow/reconstruction epochs (default: theirs)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
@@ -228,7 +232,7 @@ def main() -> None:
             smallest=int(small), largest=int(large),
             growth=round(max(runs[large]["worker_peak_rss_mb"]) / max(runs[small]["worker_peak_rss_mb"]) - 1, 4),
             driver_growth=round(runs[large]["driver_peak_rss_mb"] / runs[small]["driver_peak_rss_mb"] - 1, 4))
-    speedups = [r["speedup"] for m, r in result["speed"].items() if m != "patchcore"]
+    speedups = [r["speedup"] for m, r in result["speed"].items() if m not in ("patchcore", "measured")]
     result["notes"] = [
         f"Gradient detectors' median speed-up with 2 workers: {median(speedups):.2f}x" if speedups else "no speed runs",
         "Both nodes share this machine's 2 cores, and Ray Data's decoding actors run on the same cores.",
@@ -240,6 +244,14 @@ def main() -> None:
                         "seconds": round(time.perf_counter() - started, 1)}
     result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "train_scaling.json"
+    if previous.exists():  # a part not run now keeps its last measurement, dated
+        old = json.loads(previous.read_text())
+        for part, ran in (("speed", bool(args.methods)), ("memory", bool(args.sizes))):
+            if not ran and part in old:
+                result[part] = dict(old[part], measured=old[part].get("measured", old.get("measured")))
+    for part in ("speed", "memory"):
+        result[part].setdefault("measured", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     (args.out / "train_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out, result)
     print(f"wrote {args.out / 'train_scaling.json'} and .md", flush=True)
