@@ -76,8 +76,12 @@ def rows_dataset(rows: list[dict[str, Any]], image_size: int, parallelism: int,
 
     ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
                              override_num_blocks=max(1, min(len(rows) // 16, max(4 * parallelism, len(rows) // 64))))
+    # Streamed: decoding runs while Ray Train holds its workers' CPUs, and Ray Data only gets what
+    # Train leaves (none when the workers take every CPU, e.g. 2 workers on a 2-CPU node, or an
+    # elastic run after a node loss): the decoders then ask for no CPU of their own and share the
+    # workers' (decoding is a small share of a step). Materialised: decoded before Train reserves.
     ds = ds.map_batches(DecodeRows, fn_constructor_kwargs={"image_size": image_size}, batch_size=16,
-                        concurrency=(1, max(1, parallelism)), num_cpus=0.5)
+                        concurrency=(1, max(1, parallelism)), num_cpus=0.5 if materialize else 0)
     return ds.materialize() if materialize else ds
 
 
