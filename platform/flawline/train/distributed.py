@@ -245,88 +245,88 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
     ray.train.report(dict(final, stage="finished"))
 
 
-def _label_worker(config: dict[str, Any]) -> None:
-    """A label setting on every Ray Train worker: its torch loop under DDP."""
+def _worker(config: dict[str, Any]) -> None:
+    """Every Ray Train worker: where it runs, then the setting's training (unless the last
+    checkpoint already holds the trained detector), then ``_finish``."""
     started = time.perf_counter()
-    spec, plan = config["plan"].spec, config["plan"]
+    plan = config["plan"]
     ctx = RayTrainContext(config["run_id"])
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(plan.spec.cpus_per_worker)))
     placement = _placement(ctx)
-    detector = _finished_detector()
-    history: list[dict[str, Any]] = []
+    detector, history = _finished_detector(), []
     if detector is None:
-        source = RayShardBatches(list(plan.streams), spec.batch_size, spec.seed, ctx.rank, ctx.device)
-        detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
-        history = plan.setting.train(detector, source, spec, ctx, plan.class_counts)
+        detector, history = (_train_label if plan.setting.gradient else _fit_normal)(plan, ctx)
     _finish(config, ctx, detector, history, placement, started)
 
 
-def _normal_worker(config: dict[str, Any]) -> None:
-    """A normal-only setting on every Ray Train worker: embed this worker's streamed shard on its
-    device; a ``TrainedDetector`` trains its network under DDP, any other detector's embeddings are
-    gathered and fitted on rank 0. Then rank 0 refines (``mixed``) and finishes."""
+def _train_label(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dict[str, Any]]]:
+    """A label setting: its torch loop under DDP on this worker's shards."""
+    spec = plan.spec
+    source = RayShardBatches(list(plan.streams), spec.batch_size, spec.seed, ctx.rank, ctx.device)
+    detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
+    return detector, plan.setting.train(detector, source, spec, ctx, plan.class_counts)
+
+
+def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dict[str, Any]]]:
+    """A normal-only setting: embed this worker's streamed shard on its device; a
+    ``TrainedDetector`` trains its network under DDP, any other detector's embeddings are gathered
+    and fitted on rank 0. Then rank 0 refines (``mixed``)."""
     import ray.train
 
     from flawline.models.base import TrainedDetector
     from flawline.models.training import collect, concat, fit_network, take
 
-    started = time.perf_counter()
-    spec, plan = config["plan"].spec, config["plan"]
-    ctx = RayTrainContext(config["run_id"])
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
-    placement = _placement(ctx)
-    detector = _finished_detector()
+    spec = plan.spec
     history: list[dict[str, Any]] = []
-    if detector is None:
-        detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
-        torch.manual_seed(spec.seed)
-        if detector.uses_backbone:
-            detector.extractor  # noqa: B018  (built first, as Detector.fit_embedded does)
-        shard = ray.train.get_dataset_shard("normal")
-        ids: list[torch.Tensor] = []
+    detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
+    torch.manual_seed(spec.seed)
+    if detector.uses_backbone:
+        detector.extractor  # noqa: B018  (built first, as Detector.fit_embedded does)
+    shard = ray.train.get_dataset_shard("normal")
+    ids: list[torch.Tensor] = []
 
-        def batches():  # noqa: ANN202
-            for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2):
-                ids.append(batch["image_id"].cpu())
-                yield to_model({"image": batch["image"]}, detector.device)["image"]
+    def batches():  # noqa: ANN202
+        for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2):
+            ids.append(batch["image_id"].cpu())
+            yield to_model({"image": batch["image"]}, detector.device)["image"]
 
-        with torch.no_grad(), detector.autocast():
-            cached, count = collect(lambda x: detector.embed(detector.prepare(x)), batches())
-        total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
-        if total == 0:
-            raise ValueError(f"{spec.setting}: no normal images reached the workers")
-        # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
-        mine = (torch.cat(ids), concat(cached)) if cached else None
-        if isinstance(detector, TrainedDetector):
-            if mine is None:
-                raise ValueError(f"{spec.setting}: worker {ctx.rank} received no images (fewer images than workers)")
-            history = fit_network(detector, take(mine[1], torch.argsort(mine[0]), torch.device("cpu")), ctx)
-            detector.info["train_images"] = total
-            detector.fitted = True
-        else:  # memory bank, covariance, mixed: one fit on rank 0 over every worker's embeddings
-            everyone = [mine] * ctx.world_size
-            if ctx.world_size > 1:
-                torch.distributed.gather_object(mine, everyone if ctx.rank == 0 else None, dst=0)
-            if ctx.rank == 0:
-                parts = [p for p in everyone if p is not None]
-                order = torch.argsort(torch.cat([p[0] for p in parts]))
-                embedded = concat([p[1] for p in parts])
-                fit_start = time.perf_counter()
-                detector.fit_embedded(take(embedded, order[i:i + spec.batch_size], torch.device("cpu"))
-                                      for i in range(0, len(order), spec.batch_size))
-                history = [{"epoch": 1, "epochs": 1, "train_images": total,
-                            "fit_seconds": round(time.perf_counter() - fit_start, 2)}]
-        if ctx.rank == 0 and plan.setting.refine_streams:  # small streams: held-back normals, defects
-            from flawline.context import open_store
-            from flawline.train.data import decode_all
+    with torch.no_grad(), detector.autocast():
+        cached, count = collect(lambda x: detector.embed(detector.prepare(x)), batches())
+    total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
+    if total == 0:
+        raise ValueError(f"{spec.setting}: no normal images reached the workers")
+    # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
+    mine = (torch.cat(ids), concat(cached)) if cached else None
+    if isinstance(detector, TrainedDetector):
+        if mine is None:
+            raise ValueError(f"{spec.setting}: worker {ctx.rank} received no images (fewer images than workers)")
+        history = fit_network(detector, take(mine[1], torch.argsort(mine[0]), torch.device("cpu")), ctx)
+        detector.info["train_images"] = total
+        detector.fitted = True
+    else:  # memory bank, covariance, mixed: one fit on rank 0 over every worker's embeddings
+        everyone = [mine] * ctx.world_size
+        if ctx.world_size > 1:
+            torch.distributed.gather_object(mine, everyone if ctx.rank == 0 else None, dst=0)
+        if ctx.rank == 0:
+            parts = [p for p in everyone if p is not None]
+            order = torch.argsort(torch.cat([p[0] for p in parts]))
+            embedded = concat([p[1] for p in parts])
+            fit_start = time.perf_counter()
+            detector.fit_embedded(take(embedded, order[i:i + spec.batch_size], torch.device("cpu"))
+                                  for i in range(0, len(order), spec.batch_size))
+            history = [{"epoch": 1, "epochs": 1, "train_images": total,
+                        "fit_seconds": round(time.perf_counter() - fit_start, 2)}]
+    if ctx.rank == 0 and plan.setting.refine_streams:  # small streams: held-back normals, defects
+        from flawline.context import open_store
+        from flawline.train.data import decode_all
 
-            store = open_store()
-            decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
-                       for name in plan.setting.refine_streams if plan.streams.get(name)}
-            facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed,
-                                                                device=ctx.device), spec)
-            detector.info.update(refine=facts)
-    _finish(config, ctx, detector, history, placement, started)
+        store = open_store()
+        decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
+                   for name in plan.setting.refine_streams if plan.streams.get(name)}
+        facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed,
+                                                            device=ctx.device), spec)
+        detector.info.update(refine=facts)
+    return detector, history
 
 
 def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
@@ -340,12 +340,11 @@ def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
     settings = settings or get_settings()
     spec = plan.spec
     if plan.setting.gradient:
-        worker, streams = _label_worker, dict(plan.streams)
+        streams = dict(plan.streams)
         # Label settings read every stream each epoch and may stop a stream part-way: materialised.
         datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in streams.items()}
         split = [name for name, rows in streams.items() if len(rows) >= spec.workers * spec.batch_size]
     else:
-        worker = _normal_worker
         datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False)}
         split = ["normal"]
     use_gpu = spec.gpus_per_worker > 0
@@ -353,7 +352,7 @@ def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
                  **spec.worker_resources}
     workers = spec.workers if spec.min_workers is None else (spec.min_workers, spec.workers)
     return TorchTrainer(
-        worker,
+        _worker,
         train_loop_config={"plan": plan, "run_id": run_id, "keep_history": plan.setting.gradient},
         scaling_config=ray.train.ScalingConfig(
             # SPREAD: workers on different nodes where there is room (no job owns a machine).
