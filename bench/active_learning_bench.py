@@ -65,12 +65,12 @@ from flawline.active.strategies import PoolScores, make_strategy, strategy_names
 from flawline.catalog import Catalog, upgrade  # noqa: E402
 from flawline.catalog.db import make_engine  # noqa: E402
 from flawline.data.ingest import import_dataset  # noqa: E402
+from flawline.data.records import ImageRecord, decode_rows, image_records  # noqa: E402
 from flawline.data.split import SplitSpec, assign_splits  # noqa: E402
 from flawline.models import create_detector  # noqa: E402
 from flawline.models.mixed import HeadInputs, MixedDetector  # noqa: E402
 from flawline.storage import ObjectStore  # noqa: E402
 from flawline.storage.local_s3 import LocalS3Server  # noqa: E402
-from flawline.train.data import dataset_rows, decode_rows  # noqa: E402
 from flawline.train.mixed import head_threshold  # noqa: E402
 
 METRIC = "image_auroc"
@@ -116,20 +116,20 @@ def import_and_split(catalog: Catalog, store: ObjectStore, key: str) -> dict[str
     return {"images": report.new_images, "split": counts, "seconds": time.perf_counter() - t0}
 
 
-def stratified_subset(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
+def stratified_subset(rows: list[ImageRecord], n: int, rng: np.random.Generator) -> list[ImageRecord]:
     """A seeded share of ``rows`` of size about ``n``, proportional per (label, stratum)."""
     strata: dict[tuple, list[dict]] = {}
     for r in rows:
-        strata.setdefault((r["defect"], r["stratum"]), []).append(r)
+        strata.setdefault((r.defect, r.stratum), []).append(r)
     out = []
     for k in sorted(strata, key=str):
         group = strata[k]
         take = max(1, round(n * len(group) / len(rows)))
         out += [group[i] for i in rng.permutation(len(group))[:take]]
-    return sorted(out, key=lambda r: r["image_id"])
+    return sorted(out, key=lambda r: r.image_id)
 
 
-def decode(store: ObjectStore, rows: list[dict], size: int) -> dict[str, np.ndarray]:
+def decode(store: ObjectStore, rows: list[ImageRecord], size: int) -> dict[str, np.ndarray]:
     """Images, masks and has_mask of ``rows`` decoded from S3 with the platform's ``decode_rows``."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -219,21 +219,21 @@ def run_curve(strategy: str, data: dict[str, Any], seed: int, rounds: int, budge
 
 
 def prepare(store: ObjectStore, catalog: Catalog, key: str, cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
-    rows = [r for r in dataset_rows(catalog, DATASETS[key]["catalog_name"]) if r["defect"] is not None]
-    train = [r for r in rows if r["split"] == "train"]
-    test = [r for r in rows if r["split"] == "test"]
+    rows = [r for r in image_records(catalog, DATASETS[key]["catalog_name"]) if r.defect is not None]
+    train = [r for r in rows if r.split == "train"]
+    test = [r for r in rows if r.split == "test"]
     if quick:
         rng = np.random.default_rng(0)
         train = stratified_subset(train, QUICK["subset"]["train"], rng)
         test = stratified_subset(test, QUICK["subset"]["test"], rng)
     t0 = time.perf_counter()
     decoded = decode(store, train + test, cfg["image_size"])
-    y = np.array([bool(r["defect"]) for r in train + test])
+    y = np.array([bool(r.defect) for r in train + test])
     return {"decoded": decoded, "y": y, "train": np.arange(len(train)),
             "test": np.arange(len(train), len(train) + len(test)),
             "decode_seconds": time.perf_counter() - t0,
-            "counts": {"train": len(train), "train_defects": sum(bool(r["defect"]) for r in train),
-                       "test": len(test), "test_defects": sum(bool(r["defect"]) for r in test)}}
+            "counts": {"train": len(train), "train_defects": sum(bool(r.defect) for r in train),
+                       "test": len(test), "test_defects": sum(bool(r.defect) for r in test)}}
 
 
 # -------------------------------------------------------------------------------------- summary

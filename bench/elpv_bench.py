@@ -157,7 +157,7 @@ def run_point(catalog: Catalog, store: ObjectStore, setting: str, fraction: floa
         "accuracy": m["accuracy"], "f1": m["f1"], "precision": m["precision"], "recall": m["recall"],
         "image_auroc": m["image_auroc"], "average_precision": m["average_precision"],
         "confusion": m["confusion"], "threshold": m["threshold"],
-        "labelled_images": len(labelled), "labelled_defects": sum(1 for r in labelled if r["defect"]),
+        "labelled_images": len(labelled), "labelled_defects": sum(1 for r in labelled if r.defect),
         "streams": {k: len(v) for k, v in plan.streams.items()}, "test_images": m["images"],
         "spec": {"epochs": spec.epochs, "batch_size": spec.batch_size,
                  "shots": spec.shots if setting == "fewshot" else None, "options": spec.options},
@@ -412,7 +412,7 @@ def main() -> None:
             "split": "seeded (0) 75 % train / 25 % test, stratified by label, defect class and cell type",
             "split_counts": split, "train_images": len(everything.labelled),
             "test_images": len(everything.test),
-            "test_defects": sum(1 for r in everything.test if r["defect"]),
+            "test_defects": sum(1 for r in everything.test if r.defect),
             "defective": "defect probability >= 0.5",
             "label_fraction": "seeded share of the training labels, stratified by label and cell type, "
                               "at least one per stratum; the rest of the training split is the unlabelled "

@@ -27,7 +27,7 @@ import torch
 from flawline.catalog import Label
 from flawline.data.importers import get_importer
 from flawline.data.loading import decode_image, decode_mask, stack_rgb
-from flawline.data.fetch import LabelledImages
+from flawline.data.records import LabelledImages
 from flawline.evaluate.run import evaluate
 from flawline.evaluate.thresholds import quantile
 from flawline.models import create_detector, detector_names

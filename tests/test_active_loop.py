@@ -22,10 +22,10 @@ from flawline.catalog import (
     TrainingRun,
 )
 from flawline.data.ingest import import_dataset
+from flawline.data.records import image_records
 from flawline.data.split import SplitSpec, assign_splits
 from flawline.errors import ConfigError, InvalidInput
 from flawline.labelstudio.annotator import SimulatedAnnotator, truth_from_catalog
-from flawline.train.data import dataset_rows
 
 TRAIN = {"setting": "supervised", "method": "classifier", "image_size": 64, "epochs": 1, "batch_size": 8}
 
@@ -39,16 +39,16 @@ def cracks(catalog, store, tmp_path):
 
 
 def test_hide_labels_keeps_a_stratified_share_and_reveals(catalog, cracks):
-    before = [r for r in dataset_rows(catalog, cracks) if r["split"] == "train"]
+    before = [r for r in image_records(catalog, cracks) if r.split == "train"]
     counts = hide_labels(catalog, cracks, keep=0.2)
     assert counts["kept"] + counts["hidden"] == len(before) and counts["kept"] >= 2
-    after = [r for r in dataset_rows(catalog, cracks) if r["split"] == "train"]
-    labelled = [r for r in after if r["defect"] is not None]
-    assert len(labelled) == counts["kept"] and {r["defect"] for r in labelled} == {True, False}
+    after = [r for r in image_records(catalog, cracks) if r.split == "train"]
+    labelled = [r for r in after if r.defect is not None]
+    assert len(labelled) == counts["kept"] and {r.defect for r in labelled} == {True, False}
     assert hide_labels(catalog, cracks, keep=0.2)["hidden"] == 0  # nothing more to hide
-    assert len(truth_from_catalog(catalog, cracks)) == len(dataset_rows(catalog, cracks))
+    assert len(truth_from_catalog(catalog, cracks)) == len(image_records(catalog, cracks))
     assert reveal_labels(catalog, cracks) == counts["hidden"]
-    assert len([r for r in dataset_rows(catalog, cracks) if r["defect"] is not None]) == len(dataset_rows(catalog, cracks))
+    assert len([r for r in image_records(catalog, cracks) if r.defect is not None]) == len(image_records(catalog, cracks))
 
 
 def test_loop_rounds_push_pull_retrain_and_promote(catalog, store, ls_client, cracks):
@@ -78,11 +78,11 @@ def test_loop_rounds_push_pull_retrain_and_promote(catalog, store, ls_client, cr
         assert s.scalar(select(LabelTask).limit(1)) is not None
         scores_key = rounds[0].metrics["scores_key"]
     stored = load_scores(store, scores_key)
-    train_images = [r for r in dataset_rows(catalog, cracks) if r["split"] == "train"]
+    train_images = [r for r in image_records(catalog, cracks) if r.split == "train"]
     assert len(stored.image_ids) == len(train_images)  # the pool, and the labelled images as k-center's centres
     assert stored.embeddings is not None and np.isfinite(stored.embeddings).all()
     # the labels people gave are the truth the annotator held (source human; oracle rows untouched)
-    rows = {r["image_id"]: r for r in dataset_rows(catalog, cracks)}
+    rows = {r.image_id: r for r in image_records(catalog, cracks)}
     with catalog.session() as s:
         from flawline.catalog import Annotation
 

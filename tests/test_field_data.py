@@ -14,17 +14,16 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from conftest import SIZE, write
 from flawline.catalog import Image
-from flawline.data.fetch import fetch, split_refs
 from flawline.data.images import identify_image, to_canonical, white_level
 from flawline.data.ingest import import_dataset
 from flawline.data.loading import decode_image, decode_mask
+from flawline.data.records import fetch, image_records
 from flawline.data.split import SplitSpec, assign_splits
 from flawline.errors import InvalidInput
 from flawline.train import TrainSpec
 from flawline.train.runner import finish_run, plan_run, train_local
-
-from conftest import SIZE, write
 
 RNG = np.random.default_rng(7)
 
@@ -63,7 +62,7 @@ def test_every_mode_with_a_clear_conversion_decodes_alike_at_import_and_after(ca
     report = import_dataset(catalog, store, tmp_path / "src", dataset="modes", workers=4, full_decode=True)
     assert report.new_images == len(files) and not report.skipped and not report.unused
     assign_splits(catalog, "modes", SplitSpec(train=0.0, val=0.0, test=1.0, seed=0))
-    got = fetch(store, split_refs(catalog, "modes", None), 48)  # what evaluate, training and serving decode
+    got = fetch(store, image_records(catalog, "modes", labelled_only=True), 48)  # what evaluate, training and serving decode
     want = torch.from_numpy(base).float() / 255.0
     for name, img in zip(got.names, got.images):
         if "bilevel" in name:  # 1-bit is dithered: alike block by block
@@ -126,7 +125,7 @@ def test_a_16_bit_dataset_keeps_its_range_from_import_to_the_model(catalog, stor
     assign_splits(catalog, "deep", SplitSpec(train=0.5, val=0.25, test=0.25, seed=0, normal_only_train=True))
     plan = plan_run(catalog, TrainSpec(datasets=["deep"], setting="unsupervised", method="padim",
                                        image_size=SIZE, batch_size=8))
-    assert {r["white"] for r in plan.data.labelled} == {4095}
+    assert {r.white for r in plan.data.labelled} == {4095}
     detector, history = train_local(store, plan)
     finish_run(catalog, store, plan, detector, history=history)
     assert detector.config.white == 4095
@@ -182,7 +181,7 @@ def test_masks_stored_as_0_1_and_as_0_255_are_one_and_the_same(catalog, store, t
         write(tmp_path / name / "normal" / "n0.png", encode(PILImage.fromarray(gray_tile(60), "L")))
         report = import_dataset(catalog, store, tmp_path / name, dataset=name, workers=2)
         assert report.masks == 3
-    a, b = (fetch(store, split_refs(catalog, n, None), 48).masks for n in ("m01", "m255"))
+    a, b = (fetch(store, image_records(catalog, n, labelled_only=True), 48).masks for n in ("m01", "m255"))
     assert a.sum() == b.sum() == 3 * region.sum()
     assert np.array_equal(decode_mask(encode(PILImage.fromarray(region)), 48),
                           decode_mask(encode(PILImage.fromarray(region * 255)), 48))

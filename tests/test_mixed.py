@@ -153,8 +153,8 @@ def test_mixed_setting_trains_calibrates_on_held_out_images_and_registers(catalo
     name = _dataset(catalog, store, crack_tiles(tmp_path / "t", normal=40, defect=14, unlabelled=0), "tiles")
     spec = TrainSpec(datasets=[name], setting="mixed", image_size=SIZE, batch_size=16)
     plan = plan_run(catalog, spec)
-    fit = {r["image_id"] for r in plan.streams["normal"]}
-    held = {r["image_id"] for r in plan.streams["calibration"]}
+    fit = {r.image_id for r in plan.streams["normal"]}
+    held = {r.image_id for r in plan.streams["calibration"]}
     assert held and not fit & held and plan.streams["defects"]
     assert not plan.data.val  # mixed holds back its own normals; nothing else is taken from training
     detector, history = train_local(store, plan)
@@ -188,10 +188,10 @@ def test_label_trained_settings_never_ship_p_at_one_half(catalog, store, tmp_pat
     name = _dataset(catalog, store, crack_tiles(tmp_path / "t", normal=20, defect=12, unlabelled=0), "sup")
     plan = plan_run(catalog, TrainSpec(datasets=[name], setting="supervised", image_size=SIZE, epochs=1,
                                        batch_size=8))
-    held = {r["image_id"] for r in plan.data.val}
-    assert held and not held & {r["image_id"] for r in plan.data.labelled}
-    assert {r["defect"] for r in plan.data.val} == {True, False}
-    assert not held & {r["image_id"] for rows in plan.streams.values() for r in rows}
+    held = {r.image_id for r in plan.data.val}
+    assert held and not held & {r.image_id for r in plan.data.labelled}
+    assert {r.defect for r in plan.data.val} == {True, False}
+    assert not held & {r.image_id for rows in plan.streams.values() for r in rows}
     detector, history = train_local(store, plan)
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert metrics["threshold"]["method"] == "best-f1" and metrics["threshold"]["value"] != 0.5
@@ -207,10 +207,10 @@ def test_with_an_unlabelled_pool_the_base_fits_on_it_and_labelled_images_stay_ou
         tile.rename(root / "unlabeled" / f"clean{i}.png")  # a pool of 48, 4 of them defects
     name = _dataset(catalog, store, root, "pool")
     plan = plan_run(catalog, TrainSpec(datasets=[name], setting="mixed", image_size=SIZE, batch_size=16))
-    labelled_normals = {r["image_id"] for r in plan.data.labelled if r["defect"] is False}
-    fit = {r["image_id"] for r in plan.streams["normal"]}
-    assert fit and fit <= {r["image_id"] for r in plan.data.unlabelled}
-    assert labelled_normals and labelled_normals <= {r["image_id"] for r in plan.streams["calibration"]}
+    labelled_normals = {r.image_id for r in plan.data.labelled if r.defect is False}
+    fit = {r.image_id for r in plan.streams["normal"]}
+    assert fit and fit <= {r.image_id for r in plan.data.unlabelled}
+    assert labelled_normals and labelled_normals <= {r.image_id for r in plan.streams["calibration"]}
     detector, history = train_local(store, plan)
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert detector.info["head"]["normal_images"] + detector.info["head"]["normal_bank_images"] == len(labelled_normals)

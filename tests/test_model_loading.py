@@ -7,18 +7,17 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy import select
 
+from conftest import SIZE, crack_tiles
 from flawline.active.scoring import ScoreRows, pre_annotations
 from flawline.catalog import ModelVersion
 from flawline.catalog.model_versions import load_version, set_threshold, version_threshold
 from flawline.data.ingest import import_dataset
+from flawline.data.records import image_records
 from flawline.data.split import SplitSpec, assign_splits
 from flawline.evaluate import thresholds as th
 from flawline.serving.models import load_model
 from flawline.train import TrainSpec
-from flawline.train.data import dataset_rows
 from flawline.train.runner import finish_run, plan_run, train_local
-
-from conftest import SIZE, crack_tiles
 
 
 def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, store, tmp_path):
@@ -31,14 +30,14 @@ def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, sto
                                        batch_size=8))
     detector, history = train_local(store, plan)
     ref = finish_run(catalog, store, plan, detector, history=history)["model"]
-    rows = [r for r in dataset_rows(catalog, "t") if r["split"] == "test"]
+    rows = [r for r in image_records(catalog, "t") if r.split == "test"]
     trained = pre_annotations(load_version(catalog, store, ref), store, rows, ref)
     assert any(p.is_defect for p in trained.values())  # the cracked test tiles
     # what annotators read: the share of held-out normals each image scores above
-    shown = {r["image_id"]: trained[r["image_id"]].readable for r in rows}
+    shown = {r.image_id: trained[r.image_id].readable for r in rows}
     assert all(0.0 <= v <= 1.0 for v in shown.values())
-    defects = [shown[r["image_id"]] for r in rows if r["defect"]]
-    normals = [shown[r["image_id"]] for r in rows if not r["defect"]]
+    defects = [shown[r.image_id] for r in rows if r.defect]
+    normals = [shown[r.image_id] for r in rows if not r.defect]
     assert min(defects) > 0.9 and np.median(normals) < 0.9
 
     with catalog.session() as s:  # a threshold set by hand, above every score

@@ -20,8 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write
-from flawline.cli.main import app
 from flawline.catalog.db import make_engine, upgrade
+from flawline.cli.main import app
 from flawline.cluster.local_ray import LocalRayCluster, free_ports
 from flawline.config import get_settings
 from flawline.context import open_catalog
@@ -370,9 +370,9 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
     from flawline.active.trainers import in_process_trainer
     from flawline.catalog.model_versions import get_version
     from flawline.context import open_store
+    from flawline.data.records import image_records
     from flawline.models.artifacts import load_detector
     from flawline.train import TrainSpec
-    from flawline.train.data import dataset_rows
 
     settings = get_settings()
     catalog, store = open_catalog(settings), open_store(settings)
@@ -381,11 +381,11 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
     with catalog.session() as s:
         model = get_version(s, metrics["model"])
         s.expunge(model)
-    rows = [r for r in dataset_rows(catalog, elpv_small) if r["split"] == "train"][::-1]  # not in id order
+    rows = [r for r in image_records(catalog, elpv_small) if r.split == "train"][::-1]  # not in id order
     detector = load_detector(store, store.key_from_uri(model.artifact_uri))
     on_ray = submit_scoring(settings, store, model, rows, elpv_small, 64, float(detector.threshold.value), workers=2)
     local = score_local(detector, store, rows, 64)
-    assert on_ray.image_ids.tolist() == [r["image_id"] for r in rows]
+    assert on_ray.image_ids.tolist() == [r.image_id for r in rows]
     np.testing.assert_allclose(on_ray.scores, local.scores, rtol=1e-4)
     np.testing.assert_allclose(on_ray.embeddings, local.embeddings, atol=1e-4)
     assert on_ray.threshold == float(detector.threshold.value)
@@ -396,7 +396,7 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
 
     # test images: the threshold is a quantile of held-back train normals' scores, so a train image
     # can sit exactly on it, where the last bit of a differently batched forward pass decides
-    test_rows = [r for r in dataset_rows(catalog, elpv_small) if r["split"] == "test"][:12]
+    test_rows = [r for r in image_records(catalog, elpv_small) if r.split == "test"][:12]
     remote = submit_pre_annotation(settings, store, model, test_rows, elpv_small, 64, workers=2)
     here = pre_annotations(detector, store, test_rows, prediction_version(metrics["model"], detector.threshold))
     assert remote.keys() == here.keys()

@@ -8,14 +8,13 @@ import json
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from conftest import image_bytes, write
 from flawline.catalog import Annotation, DataChange, Dataset, Image
 from flawline.catalog.model_versions import register_version
 from flawline.cli.main import app
 from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
-from flawline.train.data import dataset_rows
-
-from conftest import image_bytes, write
+from flawline.data.records import image_records
 
 
 def _run(*args):
@@ -104,9 +103,9 @@ def test_relabel_decides_from_now_on_and_keeps_what_it_overrides(settings_env, f
     assert result.exit_code == 0, result.output
     result = _run("data", "relabel", "parts", "s1.png", "--label", "normal", "--reason", "dust, not a scratch")
     assert result.exit_code == 0, result.output
-    rows = {r["origin"].rsplit("/", 1)[-1]: r for r in dataset_rows(open_catalog(get_settings()), "parts")}
-    assert (rows["n1.png"]["defect"], rows["n1.png"]["defect_class"]) == (True, "dent")
-    assert rows["s1.png"]["defect"] is False and rows["s1.png"]["mask_key"] is None  # its old mask no longer holds
+    rows = {r.origin.rsplit("/", 1)[-1]: r for r in image_records(open_catalog(get_settings()), "parts")}
+    assert (rows["n1.png"].defect, rows["n1.png"].defect_class) == (True, "dent")
+    assert rows["s1.png"].defect is False and rows["s1.png"].mask_key is None  # its old mask no longer holds
     with open_catalog(get_settings()).session() as s:  # nothing lost: the imported annotations stay, superseded
         old = s.scalars(select(Annotation).join(Image).where(Image.origin.like("%n1.png"),
                                                              Annotation.source == "imported")).one()

@@ -10,6 +10,8 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from conftest import SIZE
+from conftest import crack_tiles as _tiles
 from flawline.catalog import Annotation, AnnotationSource
 from flawline.catalog.model_versions import get_version
 from flawline.data.ingest import import_dataset
@@ -20,8 +22,6 @@ from flawline.train import TrainSpec
 from flawline.train.data import TensorBatches, decode_all
 from flawline.train.runner import finish_run, plan_run, train_local
 from flawline.train.semisupervised import Cycled, SemiSupervised, store_pseudo_labels
-
-from conftest import SIZE, crack_tiles as _tiles
 
 TINY = {"image_size": SIZE, "epochs": 1, "batch_size": 8}
 
@@ -78,7 +78,7 @@ def test_semisupervised_trains_registers_and_stores_pseudo_labels(catalog, store
     assert len(pseudo) == n
     assert {a for _, _, a in pseudo} == {"flawline:tiles-semi"}
     assert all(c >= 0.5 for _, c, _ in pseudo)
-    assert {i for i, _, _ in pseudo} == {r["image_id"] for r in plan.data.unlabelled}
+    assert {i for i, _, _ in pseudo} == {r.image_id for r in plan.data.unlabelled}
     # pseudo-labels never count as labels: the pool is still unlabelled
     assert len(plan_run(catalog, spec).data.unlabelled) == len(plan.data.unlabelled)
     # a stricter pass by the same annotator replaces its pseudo-labels and keeps only confident ones
@@ -122,10 +122,10 @@ def test_fewshot_trains_on_exactly_k_defects_and_round_trips(catalog, store, til
                      options={"normal_options": {"channels": 32}}, **TINY)
     plan, detector, history, metrics = _run(catalog, store, spec)
     assert plan.data.count("labelled", defect=True) > 2
-    assert len(plan.streams["defects"]) == 2 and all(r["defect"] for r in plan.streams["defects"])
+    assert len(plan.streams["defects"]) == 2 and all(r.defect for r in plan.streams["defects"])
     assert plan.streams["defects"] == plan.setting.shots(plan.data, spec)  # seeded: the same k again
-    held = {r["image_id"] for r in plan.streams["calibration"]}
-    assert held and not held & {r["image_id"] for r in plan.streams["normal"]}
+    held = {r.image_id for r in plan.streams["calibration"]}
+    assert held and not held & {r.image_id for r in plan.streams["normal"]}
     assert detector.info["shots"] == 2 and detector.info["normal_stats"]["images"] == len(held)
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     method, registered = _registered(catalog, metrics["model"])
@@ -148,8 +148,8 @@ def test_one_run_trains_on_several_datasets(catalog, store, tmp_path):
         import_dataset(catalog, store, _tiles(tmp_path / name, 10, 6, 0, seed=seed), dataset=name, workers=4)
         assign_splits(catalog, name, SplitSpec(train=0.6, val=0.0, test=0.4, seed=0))
     plan = plan_run(catalog, TrainSpec(datasets=[first, second], setting="supervised", **TINY))
-    assert {r["dataset"] for r in plan.data.labelled} == {"line-a", "line-b"}
-    assert {r["dataset"] for r in plan.data.test} == {"line-a", "line-b"}
+    assert {r.dataset for r in plan.data.labelled} == {"line-a", "line-b"}
+    assert {r.dataset for r in plan.data.test} == {"line-a", "line-b"}
     assert plan.data.classes == ["normal", "crack"] and sum(plan.class_counts) == len(plan.data.labelled)
     detector, history = train_local(store, plan)
     metrics = finish_run(catalog, store, plan, detector)
@@ -164,8 +164,8 @@ def test_label_fraction_keeps_a_stratified_share(catalog, store, tmp_path):
     from flawline.train.data import gather
 
     data = gather(catalog, [name], label_fraction=0.2, seed=0)
-    assert sum(r["defect"] for r in data.labelled) == 2 and sum(not r["defect"] for r in data.labelled) == 4
-    assert len(data.unlabelled) == 24 and all(r["target"] == -1 for r in data.unlabelled)
+    assert sum(r.defect for r in data.labelled) == 2 and sum(not r.defect for r in data.labelled) == 4
+    assert len(data.unlabelled) == 24 and all(r.target == -1 for r in data.unlabelled)
     assert gather(catalog, [name], label_fraction=0.2, seed=0).labelled == data.labelled  # seeded
 
 

@@ -14,13 +14,13 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from flawline.catalog import Annotation, AnnotationSource, Catalog, Dataset, Image, Label, ModelVersion, Split
-from flawline.data.fetch import fetch
+from flawline.data.records import ImageRecord, boxes_to_region, fetch
 from flawline.data.split import SplitSpec, assign_splits
 from flawline.errors import InvalidInput
 from flawline.storage import ObjectStore
 from flawline.train import TrainSpec, get_setting
-from flawline.train.data import RunData, boxes_to_region
-from flawline.train.runner import finish_run, plan_run, rows_to_refs, train_local
+from flawline.train.data import RunData
+from flawline.train.runner import finish_run, plan_run, train_local
 from flawline.train.weakly import box_targets, region_depth
 
 W, H = 96, 80  # stored size; the models see 64 x 64
@@ -95,7 +95,7 @@ def make_blob_dataset(catalog: Catalog, store: ObjectStore, name: str, *, defect
 
 def _inside_outside(detector, store: ObjectStore, plan) -> tuple[float, float]:
     """Mean map value inside and outside the true blobs on the test split's defect images."""
-    test = fetch(store, rows_to_refs([r for r in plan.data.test if r["defect"]]), plan.spec.image_size)
+    test = fetch(store, [r for r in plan.data.test if r.defect], plan.spec.image_size)
     maps = detector.predict(test.images).maps
     masks = test.masks.astype(bool)
     return float(maps[masks].mean()), float(maps[~masks].mean())
@@ -114,7 +114,7 @@ def blobs(catalog, store) -> str:
 def test_segmenter_learns_from_boxes(catalog, store, blobs):
     plan = plan_run(catalog, _spec(blobs, "segmenter", lr=3e-3))
     assert plan.method == "segmenter"
-    assert all(r["boxes"] for r in plan.streams["labelled"] if r["defect"])
+    assert all(r.boxes for r in plan.streams["labelled"] if r.defect)
     assert plan.summary()["streams"]["labelled"] == 20
     detector, history = train_local(store, plan)
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
@@ -158,9 +158,9 @@ def test_missing_labels(catalog, store):
 
 def test_select_drops_defects_without_boxes():
     setting = get_setting("weakly")
-    rows = [{"defect": True, "boxes": [{"x": 0, "y": 0, "w": 2, "h": 2}], "mask_key": None},
-            {"defect": True, "boxes": None, "mask_key": "m.png"},
-            {"defect": False, "boxes": None, "mask_key": None}]
+    rows = [ImageRecord(1, "a.png", "x", "train", 8, 8, True, boxes=[{"x": 0, "y": 0, "w": 2, "h": 2}]),
+            ImageRecord(2, "b.png", "x", "train", 8, 8, True, mask_key="m.png"),
+            ImageRecord(3, "c.png", "x", "train", 8, 8, False)]
     data = RunData(labelled=rows, unlabelled=[], val=[], test=[])
     assert setting.select(data, _spec("x", "segmenter"))["labelled"] == [rows[0], rows[2]]
     assert setting.select(data, _spec("x", "classifier"))["labelled"] == rows

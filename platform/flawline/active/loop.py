@@ -33,6 +33,7 @@ from flawline.catalog import (
 )
 from flawline.catalog.model_versions import load_version, production_version, promote
 from flawline.catalog.queries import get_dataset
+from flawline.data.records import ImageRecord, image_records
 from flawline.errors import ConfigError, InvalidInput
 from flawline.labelstudio.client import LabelStudioClient
 from flawline.labelstudio.convert import prediction_version
@@ -40,7 +41,6 @@ from flawline.labelstudio.projects import ensure_project
 from flawline.labelstudio.pull import pull_annotations
 from flawline.labelstudio.push import push_tasks
 from flawline.storage import ObjectStore
-from flawline.train.data import dataset_rows
 from flawline.train.spec import TrainSpec
 
 Trainer = Callable[[TrainSpec], dict[str, Any]]  # → the run's metrics, with "model" (name:version) and "run_id"
@@ -57,9 +57,9 @@ def ray_scorer(settings: Any, store: ObjectStore, workers: int = 2, cpus_per_wor
     """Score as a Ray job: Ray Data over S3 with ``workers`` model actors."""
     from flawline.active.score_job import submit_scoring
 
-    def score(model: ModelVersion, detector: Any, rows: list[dict[str, Any]]) -> PoolScores:
+    def score(model: ModelVersion, detector: Any, rows: list[ImageRecord]) -> PoolScores:
         threshold = float(detector.threshold.value) if detector.threshold is not None else None
-        return submit_scoring(settings, store, model, rows, rows[0]["dataset"], detector.config.image_size, threshold,
+        return submit_scoring(settings, store, model, rows, rows[0].dataset, detector.config.image_size, threshold,
                               workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
 
     return score
@@ -111,9 +111,9 @@ def pool_rows(catalog: Catalog, dataset: str, project_id: int) -> tuple[list[dic
         waiting = set(s.scalars(select(LabelTask.image_id).where(
             LabelTask.project_id == project_id,
             LabelTask.status.in_([LabelTaskStatus.pushed, LabelTaskStatus.labelled]))))
-    rows = [r for r in dataset_rows(catalog, dataset) if r["split"] == "train"]
-    return ([r for r in rows if r["defect"] is None and r["image_id"] not in waiting],
-            [r for r in rows if r["defect"] is not None])
+    rows = [r for r in image_records(catalog, dataset) if r.split == "train"]
+    return ([r for r in rows if r.defect is None and r.image_id not in waiting],
+            [r for r in rows if r.defect is not None])
 
 
 def _production(catalog: Catalog, name: str) -> ModelVersion | None:
@@ -188,10 +188,10 @@ class ActiveLoop:
         chosen = self.strategy.select(unlabelled, min(spec.budget, n),
                                       labelled_embeddings=pool.embeddings[n:] if len(labelled_r) else None,
                                       seed=spec.seed + self._round_index())
-        by_id = {r["image_id"]: r for r in pool_r}
+        by_id = {r.image_id: r for r in pool_r}
         picked = [by_id[int(i)] for i in chosen.image_ids]
         preds = pre_annotations(detector, self.store, picked, prediction_version(ref, detector.threshold))
-        pushed = push_tasks(self.catalog, self.store, self.client, project, [r["image_id"] for r in picked], preds)
+        pushed = push_tasks(self.catalog, self.store, self.client, project, [r.image_id for r in picked], preds)
         with self.catalog.session() as s:
             ds = get_dataset(s, spec.dataset)
             rnd = ActiveLearningRound(dataset_id=ds.id, round_index=self._round_index(), strategy=spec.strategy,

@@ -29,6 +29,7 @@ from flawline.active.strategies import PoolScores
 from flawline.catalog import ModelVersion
 from flawline.catalog.model_versions import version_threshold
 from flawline.config import Settings, get_settings
+from flawline.data.records import ImageRecord, dump_records, load_records
 from flawline.errors import FlawlineError, ServiceError
 from flawline.labelstudio.convert import Prediction, prediction_version
 from flawline.storage import ObjectStore
@@ -45,7 +46,7 @@ def run_scoring(rows_key: str, out_key: str, artifact_uri: str, image_size: int,
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
     store = open_store()
-    rows = json.loads(store.get_bytes(rows_key))
+    rows = load_records(store.get_bytes(rows_key))
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     started = time.perf_counter()
     if masks:  # pre-annotations: verdicts and region masks instead of embeddings
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[dict[str, Any]], dataset: str,
+def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[ImageRecord], dataset: str,
              image_size: int, threshold: float | None, workers: int, cpus_per_worker: float, gpus_per_worker: float,
              timeout_s: float, poll_s: float, masks: bool, progress: Callable[[str], None] | None) -> str:
     """Submit one scoring job for ``rows``, wait for it, and return the S3 key of what it stored."""
@@ -95,7 +96,7 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
     ref = f"{model.name}:{model.version}"
     out_key = scores_key(ref, dataset)
     rows_key = out_key.removesuffix(".npz") + "-rows.json"
-    store.put_bytes(rows_key, json.dumps(rows).encode(), "application/json")
+    store.put_bytes(rows_key, dump_records(rows), "application/json")
     client = job_client(settings)
     job_id = f"flawline-score-{model.name}-v{model.version}-{secrets.token_hex(3)}"
     args = (f"--rows-key {rows_key} --out-key {out_key} --artifact-uri {model.artifact_uri} "
@@ -127,7 +128,7 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
     return out_key
 
 
-def submit_pre_annotation(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[dict[str, Any]],
+def submit_pre_annotation(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[ImageRecord],
                           dataset: str, image_size: int, workers: int = 2, cpus_per_worker: float = 1.0,
                           gpus_per_worker: float = 0.0, timeout_s: float = 3600.0,
                           progress: Callable[[str], None] | None = None) -> dict[int, Prediction]:
@@ -136,13 +137,13 @@ def submit_pre_annotation(settings: Settings, store: ObjectStore, model: ModelVe
                    gpus_per_worker, timeout_s, 1.0, True, progress)
     with np.load(io.BytesIO(store.get_bytes(key))) as z:
         found = {int(i): k for k, i in enumerate(z["image_id"])}
-        idx = [found[int(r["image_id"])] for r in rows]
+        idx = [found[int(r.image_id)] for r in rows]
         return predictions_from_masks(rows, z["score"][idx], z["verdict"][idx], z["mask"][idx],
                                       prediction_version(f"{model.name}:{model.version}", version_threshold(model)),
                                       z["readable"][idx])
 
 
-def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[dict[str, Any]],
+def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, rows: list[ImageRecord],
                    dataset: str, image_size: int, threshold: float | None, workers: int = 2,
                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, timeout_s: float = 3600.0,
                    poll_s: float = 1.0, progress: Callable[[str], None] | None = None) -> PoolScores:
@@ -151,7 +152,7 @@ def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, 
                        gpus_per_worker, timeout_s, poll_s, False, progress)
     pool = load_scores(store, out_key)
     order = {int(i): k for k, i in enumerate(pool.image_ids)}
-    idx = [order[int(r["image_id"])] for r in rows]
+    idx = [order[int(r.image_id)] for r in rows]
     return PoolScores(image_ids=pool.image_ids[idx], scores=pool.scores[idx],
                       embeddings=pool.embeddings[idx] if pool.embeddings is not None else None,
                       threshold=pool.threshold)

@@ -8,7 +8,6 @@ model, reading and decoding images from S3 in parallel."""
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from flawline.active.strategies import PoolScores
+from flawline.data.records import ImageRecord, decode_images
 from flawline.labelstudio.convert import Prediction
 from flawline.models.base import Detector
 from flawline.storage import ObjectStore
@@ -60,11 +60,9 @@ def _threshold(detector: Detector) -> float | None:
     return float(detector.threshold.value) if detector.threshold is not None else None
 
 
-def score_local(detector: Detector, store: ObjectStore, rows: list[dict[str, Any]], image_size: int,
+def score_local(detector: Detector, store: ObjectStore, rows: list[ImageRecord], image_size: int,
                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> PoolScores:
-    """Score ``rows`` (catalog rows with ``image_id`` and ``key``) in this process."""
-    from flawline.train.data import decode_images
-
+    """Score ``rows`` (image records) in this process."""
     scores, embs = [], []
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
@@ -74,7 +72,7 @@ def score_local(detector: Detector, store: ObjectStore, rows: list[dict[str, Any
         embs.append(e)
         if progress:
             progress(len(part))
-    return PoolScores(image_ids=np.array([r["image_id"] for r in rows], dtype=np.int64),
+    return PoolScores(image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
                       scores=np.concatenate(scores), embeddings=np.concatenate(embs),
                       threshold=_threshold(detector))
 
@@ -111,11 +109,9 @@ class ScoreRows:
         self.with_masks = with_masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from flawline.train.data import decode_images
-
-        rows = [json.loads(r) for r in batch["row"]]
+        rows = [ImageRecord.from_json(r) for r in batch["record"]]
         x = decode_images(self.store, rows, self.image_size, self.detector.config.white)
-        ids = np.array([r["image_id"] for r in rows], dtype=np.int64)
+        ids = np.array([r.image_id for r in rows], dtype=np.int64)
         from flawline.monitoring.metrics import metric
 
         metric("flawline_images_scored").inc(len(rows), tags={"model": self.model})
@@ -128,13 +124,13 @@ class ScoreRows:
         return {"image_id": ids, "score": scores, "embedding": embs}
 
 
-def score_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: int, threshold: float | None,
+def score_on_ray(artifact_uri: str, rows: list[ImageRecord], image_size: int, threshold: float | None,
                  workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  batch_size: int = 16, threshold_info: dict[str, Any] | None = None) -> PoolScores:
     """Score ``rows`` on ``workers`` Ray Data actors (the driver must be connected to Ray)."""
     import ray.data
 
-    ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
+    ds = ray.data.from_items([{"record": r.to_json()} for r in rows],
                              override_num_blocks=max(1, min(len(rows) // batch_size, 8 * workers)))
     scored = ds.map_batches(ScoreRows, fn_constructor_kwargs={"artifact_uri": artifact_uri,
                                                               "image_size": image_size,
@@ -158,13 +154,13 @@ def scores_key(model: str, dataset: str) -> str:
     return f"scores/{dataset}/{model.replace(':', '-v')}/{stamp}.npz"
 
 
-def annotate_on_ray(artifact_uri: str, rows: list[dict[str, Any]], image_size: int, workers: int = 2,
+def annotate_on_ray(artifact_uri: str, rows: list[ImageRecord], image_size: int, workers: int = 2,
                     cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                     batch_size: int = 16, threshold_info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Scores, verdicts and region masks for ``rows`` on ``workers`` Ray Data actors, in id order."""
     import ray.data
 
-    ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
+    ds = ray.data.from_items([{"record": r.to_json()} for r in rows],
                              override_num_blocks=max(1, min(len(rows) // batch_size, 8 * workers)))
     done = ds.map_batches(ScoreRows, fn_constructor_kwargs={"artifact_uri": artifact_uri, "image_size": image_size,
                                                             "threads": cpus_per_worker, "with_masks": True,
@@ -199,7 +195,7 @@ def load_scores(store: ObjectStore, key: str) -> PoolScores:
                           threshold=None if np.isnan(threshold) else threshold)
 
 
-def predictions_from_masks(rows: list[dict[str, Any]], scores: np.ndarray, verdicts: np.ndarray,
+def predictions_from_masks(rows: list[ImageRecord], scores: np.ndarray, verdicts: np.ndarray,
                            masks: np.ndarray, ref: str, readable: np.ndarray | None = None) -> dict[int, Prediction]:
     """Pre-annotations from per-row scores, verdicts, map-size masks (resized to each image) and
     readable scores (``readable_scores``; NaN or None: none)."""
@@ -209,8 +205,8 @@ def predictions_from_masks(rows: list[dict[str, Any]], scores: np.ndarray, verdi
     shown = np.full(len(rows), np.nan) if readable is None else np.asarray(readable, dtype=np.float64)
     for r, score, verdict, small, easy in zip(rows, scores, verdicts, masks, shown):
         mask = np.asarray(PILImage.fromarray(small.astype(np.uint8) * 255).resize(
-            (r["width"], r["height"]), PILImage.NEAREST)) > 0
-        out[r["image_id"]] = Prediction(ref, float(score), bool(verdict), None, mask if mask.any() else None,
+            (r.width, r.height), PILImage.NEAREST)) > 0
+        out[r.image_id] = Prediction(ref, float(score), bool(verdict), None, mask if mask.any() else None,
                                         None if np.isnan(easy) else float(easy))
     return out
 
@@ -224,13 +220,11 @@ def readable_scores(detector: Detector, scores: np.ndarray) -> np.ndarray:
     return np.full(len(scores), np.nan) if shown is None else shown
 
 
-def pre_annotations(detector: Detector, store: ObjectStore, rows: list[dict[str, Any]], ref: str,
+def pre_annotations(detector: Detector, store: ObjectStore, rows: list[ImageRecord], ref: str,
                     batch_size: int = 16) -> dict[int, Prediction]:
     """What the model says of each row's image, for annotators to correct: score, verdict (its
     threshold, else p >= 0.5) and the anomaly regions above the threshold at the image's own size.
     In this process; ``score_job.submit_pre_annotation`` does the same on the cluster."""
-    from flawline.train.data import decode_images
-
     out: dict[int, Prediction] = {}
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]

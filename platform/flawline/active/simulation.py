@@ -4,11 +4,13 @@ one query at a time through Label Studio, exactly as a person's labels would arr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlalchemy import select, update
 
 from flawline.catalog import Annotation, AnnotationSource, Catalog, Image, Label
 from flawline.catalog.queries import get_dataset
-from flawline.train.data import dataset_rows, keep_fraction
+from flawline.data.records import image_records, keep_fraction
 
 
 def hide_labels(catalog: Catalog, dataset: str, keep: float, seed: int = 0, split: str = "train") -> dict[str, int]:
@@ -22,16 +24,16 @@ def hide_labels(catalog: Catalog, dataset: str, keep: float, seed: int = 0, spli
                 Image.dataset_id == ds.id, Annotation.source == AnnotationSource.oracle,
                 Annotation.label.is_not(None)))}
     rows = []
-    for r in dataset_rows(catalog, dataset):
-        if r["split"] != split:
+    for r in image_records(catalog, dataset):
+        if r.split != split:
             continue
-        if r["defect"] is None and r["image_id"] in oracle:
-            label, cls = oracle[r["image_id"]]
-            r = dict(r, defect=label is Label.defect, defect_class=cls)
-        if r["defect"] is not None:
+        if r.defect is None and r.image_id in oracle:
+            label, cls = oracle[r.image_id]
+            r = replace(r, defect=label is Label.defect, defect_class=cls)
+        if r.defect is not None:
             rows.append(r)
     kept, held = keep_fraction(rows, keep, seed) if keep > 0 else ([], rows)  # keep 0: start from no labels
-    ids = [r["image_id"] for r in held if r["image_id"] not in oracle]
+    ids = [r.image_id for r in held if r.image_id not in oracle]
     with catalog.session() as s:
         if ids:
             s.execute(update(Annotation).where(Annotation.image_id.in_(ids),

@@ -249,14 +249,14 @@ def _pre_annotations(catalog, store, settings, dataset: str, image_ids: list[int
     this process, or with ``workers`` > 0 as a Ray job on the cluster."""
     from flawline.active.scoring import pre_annotations
     from flawline.catalog.model_versions import load_version
+    from flawline.data.records import image_records
     from flawline.labelstudio.convert import prediction_version
     from flawline.serving.models import resolve
-    from flawline.train.data import dataset_rows
 
     ref = resolve(catalog, model)
     detector = load_version(catalog, store, f"{ref.name}:{ref.version}")  # with the catalog's threshold
     wanted = set(image_ids)
-    rows = [r for r in dataset_rows(catalog, dataset) if r["image_id"] in wanted]
+    rows = [r for r in image_records(catalog, dataset) if r.image_id in wanted]
     name = f"{ref.name}:{ref.version}"
     say = (lambda line: err_console.print(line, highlight=False, soft_wrap=True)) if show else None
     if say:

@@ -115,7 +115,7 @@ def quickstart(
 def _serve_and_predict(dataset: str, model: str, seed: int) -> None:
     """Deploy the Serve app and ask it for one held-out (test split) image's verdict."""
     from flawline.context import open_catalog, open_store
-    from flawline.train.data import held_out_image
+    from flawline.data.records import held_out_image
 
     settings = get_settings()
     name, data, truth = held_out_image(open_catalog(settings), open_store(settings), dataset, seed)

@@ -45,7 +45,7 @@ def evaluate(
     """Fit a detector on the dataset's normal training images, choose its threshold on normal
     validation images, evaluate on the test split and write a report (JSON, Markdown, ROC curve,
     heatmaps of the worst misses and false alarms)."""
-    from flawline.data.fetch import fetch, split_refs
+    from flawline.data.records import fetch, image_records
     from flawline.evaluate.report import write_report
     from flawline.evaluate.run import evaluate as evaluate_detector
     from flawline.models import create_detector
@@ -53,9 +53,10 @@ def evaluate(
 
     settings = get_settings()
     catalog, store = open_catalog(settings), open_store(settings)
-    train_refs = split_refs(catalog, dataset, Split.train, normal_only=True)
-    test_refs = split_refs(catalog, dataset, Split.test)
-    val_refs = split_refs(catalog, dataset, Split.val, normal_only=threshold not in ("best-f1", "youden"))
+    train_refs = image_records(catalog, dataset, Split.train, normal_only=True)
+    test_refs = image_records(catalog, dataset, Split.test, labelled_only=True)
+    val_refs = image_records(catalog, dataset, Split.val, labelled_only=True,
+                             normal_only=threshold not in ("best-f1", "youden"))
     if not train_refs:
         raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
     if not test_refs:

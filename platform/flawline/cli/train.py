@@ -84,7 +84,7 @@ def submit(
     it to the Ray cluster at FLAWLINE_RAY_DASHBOARD_URL through the Job Submission API (or, with
     --in-process, train it from this process on the Ray cluster it is connected to)."""
     from flawline.train import TrainSpec
-    from flawline.train.submit import follow, submit_run
+    from flawline.train.submit import submit_run
 
     settings = get_settings()
     spec = TrainSpec(datasets=dataset, setting=setting, method=method, workers=workers,

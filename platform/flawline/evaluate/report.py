@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from flawline.data.records import LabelledImages
 from flawline.evaluate.metrics import roc_curve
 from flawline.evaluate.thresholds import Threshold, decide
-from flawline.data.fetch import LabelledImages
 from flawline.models.base import Prediction
 
 

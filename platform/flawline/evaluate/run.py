@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 import numpy as np
-from flawline.data.fetch import LabelledImages
+
+from flawline.data.records import LabelledImages
 from flawline.evaluate import metrics as M
 from flawline.evaluate.thresholds import Threshold, decide
 from flawline.models.base import Detector, Prediction

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from flawline.config import Settings, get_settings
+from flawline.data.records import ImageRecord, decode_rows
 from flawline.models import Detector
 from flawline.models.artifacts import detector_from_bytes, detector_to_bytes
-from flawline.train.data import TensorBatches, decode_rows, to_model
+from flawline.train.data import TensorBatches, to_model
 from flawline.train.runner import RunPlan
 
 STATE_FILE = "state.pt"
@@ -51,9 +52,9 @@ def s3_filesystem(settings: Settings):  # noqa: ANN201  (pyarrow.fs.S3FileSystem
         region=settings.s3_region or "us-east-1")
 
 
-# -- Ray Data: catalog rows → decoded tensors ------------------------------------------------------
+# -- Ray Data: image records → decoded tensors ------------------------------------------------------
 class DecodeRows:
-    """Ray Data actor: fetch and decode a batch of rows from S3 (each actor keeps its connections)."""
+    """Ray Data actor: fetch and decode a batch of image records from S3 (each actor keeps its connections)."""
 
     def __init__(self, image_size: int) -> None:
         from flawline.context import open_store
@@ -62,11 +63,10 @@ class DecodeRows:
         self.image_size = image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [json.loads(r) for r in batch["row"]]
-        return decode_rows(self.store, rows, self.image_size)
+        return decode_rows(self.store, [ImageRecord.from_json(r) for r in batch["record"]], self.image_size)
 
 
-def rows_dataset(rows: list[dict[str, Any]], image_size: int, parallelism: int,
+def rows_dataset(rows: list[ImageRecord], image_size: int, parallelism: int,
                  materialize: bool = True):  # noqa: ANN201
     """Rows → a Ray dataset of decoded images (uint8 [3, S, S]; converted on the workers).
     ``materialize``: decoded once into the object store, for settings that read it every epoch;
@@ -74,7 +74,7 @@ def rows_dataset(rows: list[dict[str, Any]], image_size: int, parallelism: int,
     backpressure instead of growing with the dataset."""
     import ray.data
 
-    ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows],
+    ds = ray.data.from_items([{"record": r.to_json()} for r in rows],
                              override_num_blocks=max(1, min(len(rows) // 16, max(4 * parallelism, len(rows) // 64))))
     # Streamed: decoding runs while Ray Train holds its workers' CPUs, and Ray Data only gets what
     # Train leaves (none when the workers take every CPU, e.g. 2 workers on a 2-CPU node, or an
@@ -105,7 +105,6 @@ class RayTrainContext:
 
     def __init__(self, run_id: int | None) -> None:
         import ray.train
-
         import ray.train.torch
 
         context = ray.train.get_context()

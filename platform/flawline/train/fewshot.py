@@ -76,7 +76,7 @@ class FewShot(TrainingSetting):
             missing.append("no labelled defect images in the train split")
         else:
             for name in spec.datasets:
-                if not any(r["defect"] and r["dataset"] == name for r in data.labelled):
+                if not any(r.defect and r.dataset == name for r in data.labelled):
                     missing.append(f"no labelled defect images in the train split of {name!r}")
         if data.count("labelled", defect=False) == 0:
             missing.append("no labelled normal images in the train split")
@@ -87,13 +87,13 @@ class FewShot(TrainingSetting):
         when a dataset has fewer)."""
         picked = []
         for i, name in enumerate(spec.datasets):
-            rows = [r for r in data.labelled if r["defect"] and r["dataset"] == name]
+            rows = [r for r in data.labelled if r.defect and r.dataset == name]
             order = np.random.default_rng([spec.seed, i]).permutation(len(rows))
             picked += [rows[j] for j in order[:spec.shots]]
         return picked
 
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
-        normal = [r for r in data.labelled if r["defect"] is False]
+        normal = [r for r in data.labelled if r.defect is False]
         held: set[int] = set()
         if len(normal) >= MIN_HOLDOUT_NORMALS:
             n = max(2, round(self.calibration_fraction * len(normal)))

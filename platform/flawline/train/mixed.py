@@ -120,9 +120,9 @@ class MixedSupervision(TrainingSetting):
 
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
         rng = np.random.default_rng(spec.seed)
-        normal = [r for r in data.labelled if r["defect"] is False]
+        normal = [r for r in data.labelled if r.defect is False]
         pool = list(data.unlabelled)
-        defects = [r for r in data.labelled if r["defect"] is True]
+        defects = [r for r in data.labelled if r.defect is True]
         if self.fits_on_pool(data):
             # An unlabelled pool (the active-learning loop): defects are rare, so the base fits on the
             # pool; every labelled normal image stays out of that fit, for the head and the statistics.

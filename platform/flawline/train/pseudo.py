@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from sqlalchemy import delete
 
 from flawline.catalog import Annotation, AnnotationSource, Catalog, Label
+from flawline.data.records import ImageRecord
 from flawline.storage import ObjectStore
 from flawline.train.data import decode_all, to_model
 
@@ -46,13 +46,13 @@ def conformal_confidence(normal_scores: np.ndarray, scores: np.ndarray) -> np.nd
     return 1.0 - (1.0 + above) / (len(normal_scores) + 1.0)
 
 
-def decoded_chunks(store: ObjectStore, rows: Sequence[dict[str, Any]],
+def decoded_chunks(store: ObjectStore, rows: Sequence[ImageRecord],
                    image_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
     """``rows`` (``RunData`` rows) decoded ``PREDICT_CHUNK`` at a time: (image ids, float images in
     [0, 1], [n, 3, image_size, image_size]: what ``Detector.predict`` takes)."""
     for start in range(0, len(rows), PREDICT_CHUNK):
         chunk = rows[start:start + PREDICT_CHUNK]
-        yield [r["image_id"] for r in chunk], to_model(decode_all(store, chunk, image_size))["image"]
+        yield [r.image_id for r in chunk], to_model(decode_all(store, chunk, image_size))["image"]
 
 
 def store_pseudo(catalog: Catalog, image_ids: Sequence[int], found: Sequence[PseudoVerdict],
@@ -72,11 +72,11 @@ def store_pseudo(catalog: Catalog, image_ids: Sequence[int], found: Sequence[Pse
     return len(found)
 
 
-def predict_and_store(catalog: Catalog, store: ObjectStore, rows: Sequence[dict[str, Any]], image_size: int,
+def predict_and_store(catalog: Catalog, store: ObjectStore, rows: Sequence[ImageRecord], image_size: int,
                       annotator: str, verdicts: Callable[[list[int], torch.Tensor], list[PseudoVerdict]]) -> int:
     """Decode ``rows`` chunk by chunk, let ``verdicts(ids, images)`` pick the confident ones, and
     store them all at once (``store_pseudo``). Returns how many were stored."""
     found: list[PseudoVerdict] = []
     for ids, images in decoded_chunks(store, rows, image_size):
         found += verdicts(ids, images)
-    return store_pseudo(catalog, [r["image_id"] for r in rows], found, annotator)
+    return store_pseudo(catalog, [r.image_id for r in rows], found, annotator)

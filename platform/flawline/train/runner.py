@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flawline.catalog import Catalog, Label
+from flawline.catalog import Catalog
 from flawline.catalog.model_versions import register_version
 from flawline.catalog.queries import get_dataset
-from flawline.data.fetch import ImageRef, LabelledImages, fetch
+from flawline.data.records import ImageRecord, LabelledImages, fetch
 from flawline.errors import InvalidInput
 from flawline.evaluate import thresholds as th
 from flawline.evaluate.run import evaluate
@@ -39,13 +39,13 @@ class RunPlan:
     setting: TrainingSetting
     method: str
     data: RunData
-    streams: dict[str, list[dict[str, Any]]]  # rows per stream the workers read
+    streams: dict[str, list[ImageRecord]]  # records per stream the workers read
 
     @property
     def class_counts(self) -> list[int]:
         counts = [0] * len(self.data.classes)
         for r in self.data.labelled:
-            counts[r["target"]] += 1
+            counts[r.target] += 1
         return counts
 
     def summary(self) -> dict[str, Any]:
@@ -76,9 +76,9 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
         if not _both_verdicts(held):
             raise InvalidInput(f"{where}: cannot calibrate {spec.setting!r}: it needs a validation split with both "
                                "verdicts, or at least 2 labelled train images of each verdict to hold one back")
-        ids = {r["image_id"] for r in held}
+        ids = {r.image_id for r in held}
         data.val = data.val + held
-        data.labelled = [r for r in data.labelled if r["image_id"] not in ids]
+        data.labelled = [r for r in data.labelled if r.image_id not in ids]
         missing = setting.missing_labels(data, spec)
         if missing:
             raise InvalidInput(f"{where} cannot train {spec.setting!r} once images are held back for its "
@@ -89,7 +89,7 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     empty = [name for name, rows in streams.items() if not rows and name not in setting.optional_streams]
     if empty:
         raise InvalidInput(f"{where}: nothing to train on for {spec.setting!r} (empty: {', '.join(empty)})")
-    if not setting.gradient and "calibration" not in streams and not [r for r in data.val if r["defect"] is False]:
+    if not setting.gradient and "calibration" not in streams and not [r for r in data.val if r.defect is False]:
         # Normal-only detectors calibrate on normal images they did not see: hold out a tenth.
         normal = streams["normal"]
         rng = np.random.default_rng(spec.seed)
@@ -99,17 +99,17 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     return RunPlan(spec, setting, method, data, streams)
 
 
-def _both_verdicts(rows: list[dict[str, Any]]) -> bool:
-    return any(r["defect"] is True for r in rows) and any(r["defect"] is False for r in rows)
+def _both_verdicts(rows: list[ImageRecord]) -> bool:
+    return any(r.defect is True for r in rows) and any(r.defect is False for r in rows)
 
 
-def hold_back(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+def hold_back(rows: list[ImageRecord], fraction: float, seed: int) -> list[ImageRecord]:
     """A seeded share of labelled rows per verdict: at least one, never the last one of a verdict
     (a verdict with a single image keeps it for training)."""
     rng = np.random.default_rng([seed, 7])
     held = []
     for verdict in (False, True):
-        group = [r for r in rows if r["defect"] is verdict]
+        group = [r for r in rows if r.defect is verdict]
         if len(group) >= 2:
             n = min(len(group) - 1, max(1, round(fraction * len(group))))
             held += [group[i] for i in sorted(rng.permutation(len(group))[:n].tolist())]
@@ -126,13 +126,6 @@ def train_local(store: ObjectStore, plan: RunPlan, device: str = "auto",
     source = TensorBatches(decoded, spec.batch_size, spec.seed, device=ctx.device)
     history = plan.setting.train(detector, source, spec, ctx, plan.class_counts)
     return detector, history
-
-
-def rows_to_refs(rows: list[dict[str, Any]]) -> list[ImageRef]:
-    return [ImageRef(r["image_id"], r["key"], None if r["defect"] is None else
-                     (Label.defect if r["defect"] else Label.normal), r["defect_class"], r["mask_key"], r["origin"],
-                     r.get("white"))
-            for r in rows]
 
 
 def calibrate(detector: Detector, plan: RunPlan, val: LabelledImages | None,
@@ -161,7 +154,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     """Threshold, test metrics, artifact in S3, model version row; returns the run's metrics."""
     spec = plan.spec
     started = time.perf_counter()
-    val = fetch(store, rows_to_refs(plan.data.val), spec.image_size) if plan.data.val else None
+    val = fetch(store, plan.data.val, spec.image_size) if plan.data.val else None
     detector.config.white = run_white(plan.data)  # prediction decodes as the run's images were decoded
     val_scores = detector.predict(val.images).scores if val is not None and len(val) else None  # once
     detector.set_threshold(calibrate(detector, plan, val, val_scores))
@@ -170,7 +163,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
         held_normals = val_scores[~val.labels.astype(bool)]
     if held_normals is not None and len(held_normals) >= th.MIN_READABLE_NORMALS:  # readable scores
         detector.info["normal_score_quantiles"] = th.normal_quantiles(held_normals)
-    test = fetch(store, rows_to_refs(plan.data.test), spec.image_size)
+    test = fetch(store, plan.data.test, spec.image_size)
     metrics, _ = evaluate(detector, test)
     metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     if history:

@@ -90,7 +90,7 @@ class Supervised(TrainingSetting):
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
         rows = data.labelled
         if self.method(spec) == "segmenter":  # defects without a mask say nothing about pixels
-            rows = [r for r in rows if not r["defect"] or r["mask_key"]]
+            rows = [r for r in rows if not r.defect or r.mask_key]
         return {"labelled": rows}
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,

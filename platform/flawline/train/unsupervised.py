@@ -24,7 +24,7 @@ class NormalOnly(TrainingSetting):
         return []
 
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
-        return {"normal": [r for r in data.labelled if r["defect"] is False]}
+        return {"normal": [r for r in data.labelled if r.defect is False]}
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:

@@ -122,7 +122,7 @@ class WeaklySupervised(TrainingSetting):
     def select(self, data: RunData, spec: TrainSpec) -> dict[str, list[dict[str, Any]]]:
         rows = data.labelled
         if self.method(spec) == "segmenter":  # a defect without boxes says nothing about its pixels
-            rows = [r for r in rows if not r["defect"] or r["boxes"]]
+            rows = [r for r in rows if not r.defect or r.boxes]
         return {"labelled": rows}
 
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
