@@ -208,3 +208,29 @@ def test_fit_on_tuple_and_fp16_embeddings(method, data):
     direct = create_detector(method, **FAST, **settings).fit(train)
     assert spread.info["train_images"] == 24
     np.testing.assert_allclose(spread.predict(x).scores, direct.predict(x).scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["flow", "reconstruction", "selfsup"])
+def test_streamed_fit_embeds_again_each_epoch_and_separates_defects(method, data):
+    """A shard too large to keep embedded (``fit_network_streamed``): begin_training sees the first
+    batch only, every epoch embeds the images again as they stream in, and only the asked number
+    of steps train; the model still separates defects."""
+    from flawline.models.training import fit_network_streamed
+    from flawline.train.context import LocalContext
+
+    train, normal, defect = data
+    det = make(method)
+    batches = embedded_by_workers(method, train, parts=3)  # 3 batches of 8 images
+    epochs_seen = []
+
+    def epoch_inputs(epoch: int):
+        epochs_seen.append(epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(train), 8):
+            e = det.embed(det.prepare(train[order[i:i + 8]]))
+            yield tuple(t.detach() for t in e) if isinstance(e, tuple) else e.detach()
+
+    history = fit_network_streamed(det, batches[0], epoch_inputs, 3, LocalContext("cpu"))
+    det.fitted = True
+    assert epochs_seen == list(range(det.config.epochs)) and len(history) == det.config.epochs
+    assert roc_auc([0] * 8 + [1] * 8, det.predict(torch.cat([normal, defect])).scores) == 1.0

@@ -74,6 +74,9 @@ def submit(
     option: list[str] = typer.Option([], "--option", "-o", help="Detector setting KEY=VALUE (repeatable)."),
     name: Optional[str] = typer.Option(None, help="Model name (default <datasets>-<setting>-<method>)."),
     max_failures: int = typer.Option(2, min=0, help="Worker failures survived by resuming from the last checkpoint."),
+    embedding_cache_mb: float = typer.Option(
+        1024.0, min=0, help="Flow, reconstruction, selfsup: MiB of embeddings each worker keeps in memory; a "
+        "larger shard is embedded again as it streams in every epoch (bounded memory, slower epochs)."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends."),
     in_process: bool = typer.Option(
         False, "--in-process", help="Train from this process instead of submitting a Ray job: for an entrypoint "
@@ -92,7 +95,8 @@ def submit(
                      image_size=image_size, batch_size=batch_size, lr=lr, precision=precision,
                      label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
                      options=_options(option), model_name=name, max_failures=max_failures,
-                     min_workers=min_workers, worker_resources=_resources(worker_resource))
+                     min_workers=min_workers, worker_resources=_resources(worker_resource),
+                     embedding_cache_mb=embedding_cache_mb)
     catalog = open_catalog(settings)
     if in_process:
         from flawline.train.submit import run_in_process

@@ -53,28 +53,68 @@ def rows(embedded: Embedded) -> int:
     return int((embedded[0] if isinstance(embedded, tuple) else embedded).shape[0])
 
 
+def embedded_bytes(embedded: Embedded) -> int:
+    """Bytes held by an embedded batch (a tensor or a tuple of them)."""
+    parts = embedded if isinstance(embedded, tuple) else (embedded,)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
 def fit_network(detector: TrainedDetector, embedded: Embedded, ctx: TrainContext) -> list[dict[str, Any]]:
     """Train ``detector``'s network on this worker's concatenated embeddings (its shard), with
     ``ctx`` deciding rank, DDP, checkpoints and resume; returns the per-epoch metrics. Every rank
     takes the same number of steps per epoch (all ranks' rows / world size / batch size), wrapping
     around its own rows where its shard is smaller."""
-    from flawline.train.loop import OptimConfig, train_network
-
     c = detector.config
     net = detector.begin_training(embedded, ctx.total)
     n = rows(embedded)
     total = int(ctx.total(torch.tensor([float(n)], dtype=torch.float64)).item())
     steps_per_epoch = max(1, -(-total // (ctx.world_size * c.batch_size)))
+
+    def batches(epoch: int, gen: torch.Generator) -> Iterator[Embedded]:
+        order = torch.randperm(n, generator=gen)
+        order = order.repeat(-(-steps_per_epoch * c.batch_size // n))
+        for step in range(steps_per_epoch):
+            yield take(embedded, order[step * c.batch_size:(step + 1) * c.batch_size], ctx.device)
+
+    return _train(detector, net, batches, ctx)
+
+
+def fit_network_streamed(detector: TrainedDetector, sample: Embedded,
+                         epoch_inputs: Callable[[int], Iterator[Embedded]], steps_per_epoch: int,
+                         ctx: TrainContext) -> list[dict[str, Any]]:
+    """``fit_network`` for a shard too large to keep embedded: ``begin_training`` sees ``sample``
+    (the first embedded batches, for its statistics) and each epoch embeds the shard again as it
+    streams in (``epoch_inputs(epoch)``: embedded batches, at least ``steps_per_epoch`` of them,
+    the same count on every rank). Memory stays at one sample and a few batches whatever the
+    shard's size; the price is the backbone's forward pass every epoch, and batch order follows
+    the stream (seeded local shuffling), so a resumed run is not bit-identical to an uninterrupted
+    one."""
+    net = detector.begin_training(sample, ctx.total)
+
+    def batches(epoch: int, gen: torch.Generator) -> Iterator[Embedded]:
+        inputs = epoch_inputs(epoch)
+        for _, batch in zip(range(steps_per_epoch), inputs):
+            yield take(batch, torch.arange(rows(batch)), ctx.device)
+        for _ in inputs:  # the rest of this epoch's stream (the next epoch starts after it)
+            pass
+
+    return _train(detector, net, batches, ctx)
+
+
+def _train(detector: TrainedDetector, net: torch.nn.Module,
+           batches: Callable[[int, torch.Generator], Iterator[Embedded]], ctx: TrainContext) -> list[dict[str, Any]]:
+    """The one gradient loop (``train.loop.train_network``) over ``batches(epoch, generator)``:
+    the generator is seeded by (seed, epoch, rank) and also drives the loss's own draws."""
+    from flawline.train.loop import OptimConfig, train_network
+
+    c = detector.config
     optim = detector.optim()
     cfg = OptimConfig(epochs=optim["epochs"], lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
                       precision=c.precision, seed=c.seed, optimizer="adam", schedule="constant")
 
     def steps(epoch: int, model: torch.nn.Module) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 7_919 * epoch + ctx.rank)
-        order = torch.randperm(n, generator=gen)
-        order = order.repeat(-(-steps_per_epoch * c.batch_size // n))
-        for step in range(steps_per_epoch):
-            batch = take(embedded, order[step * c.batch_size:(step + 1) * c.batch_size], ctx.device)
+        for batch in batches(epoch, gen):
             with detector.autocast():
                 loss = detector.training_loss(model, batch, gen)
             yield loss

@@ -236,7 +236,8 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
     catalog = open_catalog()
     # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing).
     record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement],
-                 fit_seconds=round(time.perf_counter() - started, 2))
+                 fit_seconds=round(time.perf_counter() - started, 2),
+                 **{k: detector.info[k] for k in ("embedding_cache",) if k in detector.info})
     metrics = finish_run(catalog, open_store(), plan, detector, run_id, history if config["keep_history"] else None)
     metrics["finished_on"] = {"node_id": _node_id(), "device": _device_name(ctx.device)}
     # The run's row carries the result to the driver (Ray's Result keeps checkpointed reports only).
@@ -269,11 +270,16 @@ def _train_label(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[di
 def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dict[str, Any]]]:
     """A normal-only setting: embed this worker's streamed shard on its device; a
     ``TrainedDetector`` trains its network under DDP, any other detector's embeddings are gathered
-    and fitted on rank 0. Then rank 0 refines (``mixed``)."""
+    and fitted on rank 0. Then rank 0 refines (``mixed``).
+
+    A ``TrainedDetector`` keeps its shard's embeddings while they fit ``spec.embedding_cache_mb``;
+    beyond that it keeps a sample for ``begin_training`` and embeds the streamed shard again each
+    epoch (``models.training.fit_network_streamed``), so a worker's memory does not grow with the
+    dataset. Every rank takes the same decision (same shapes, same rows per rank)."""
     import ray.train
 
     from flawline.models.base import TrainedDetector
-    from flawline.models.training import collect, concat, fit_network, take
+    from flawline.models.training import concat, embedded_bytes, fit_network, fit_network_streamed, take
 
     spec = plan.spec
     history: list[dict[str, Any]] = []
@@ -282,25 +288,50 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     if detector.uses_backbone:
         detector.extractor  # noqa: B018  (built first, as Detector.fit_embedded does)
     shard = ray.train.get_dataset_shard("normal")
+    trained = isinstance(detector, TrainedDetector)
+    rows_per_rank = -(-len(plan.streams["normal"]) // ctx.world_size)
+    budget = spec.embedding_cache_mb * 2 ** 20
+
+    def embedded(epoch: int | None = None):  # noqa: ANN202  (an iterator of embedded batches)
+        shuffle = {} if epoch is None else {"local_shuffle_buffer_size": 4 * spec.batch_size,
+                                            "local_shuffle_seed": spec.seed * 10_007 + epoch}
+        for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2, **shuffle):
+            if epoch is None:
+                ids.append(batch["image_id"].cpu())
+            with torch.no_grad(), detector.autocast():  # not held across the yield
+                out = detector.embed(detector.prepare(to_model({"image": batch["image"]}, detector.device)["image"]))
+            yield tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+
     ids: list[torch.Tensor] = []
-
-    def batches():  # noqa: ANN202
-        for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2):
-            ids.append(batch["image_id"].cpu())
-            yield to_model({"image": batch["image"]}, detector.device)["image"]
-
-    with torch.no_grad(), detector.autocast():
-        cached, count = collect(lambda x: detector.embed(detector.prepare(x)), batches())
+    cached: list[Any] = []
+    count, streamed, kept = 0, False, 0
+    for y in embedded():
+        n = (y[0] if isinstance(y, tuple) else y).shape[0]
+        count += n
+        size = embedded_bytes(y)
+        if trained and not streamed and size / n * rows_per_rank > budget:
+            streamed = True  # from now on keep only a statistics sample
+        if not streamed or kept + size <= min(budget / 4, 128 * 2 ** 20) or not cached:
+            cached.append(y)
+            kept += size
     total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
     if total == 0:
         raise ValueError(f"{spec.setting}: no normal images reached the workers")
+    if trained and not cached:
+        raise ValueError(f"{spec.setting}: worker {ctx.rank} received no images (fewer images than workers)")
+    if trained and streamed:
+        steps = max(1, (total // ctx.world_size) // spec.batch_size)  # equal shards: the same on every rank
+        history = fit_network_streamed(detector, concat(cached), embedded, steps, ctx)
+        detector.info.update(train_images=total, embedding_cache="streamed: embedded again each epoch "
+                             f"(shard over --embedding-cache-mb {spec.embedding_cache_mb:g})")
+        detector.fitted = True
+        return _refine(plan, ctx, detector, history)
     # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
     mine = (torch.cat(ids), concat(cached)) if cached else None
-    if isinstance(detector, TrainedDetector):
-        if mine is None:
-            raise ValueError(f"{spec.setting}: worker {ctx.rank} received no images (fewer images than workers)")
+    if trained:
         history = fit_network(detector, take(mine[1], torch.argsort(mine[0]), torch.device("cpu")), ctx)
-        detector.info["train_images"] = total
+        detector.info.update(train_images=total,
+                             embedding_cache=f"in memory: {kept / 2 ** 20:.1f} MiB on rank {ctx.rank}")
         detector.fitted = True
     else:  # memory bank, covariance, mixed: one fit on rank 0 over every worker's embeddings
         everyone = [mine] * ctx.world_size
@@ -309,12 +340,19 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
         if ctx.rank == 0:
             parts = [p for p in everyone if p is not None]
             order = torch.argsort(torch.cat([p[0] for p in parts]))
-            embedded = concat([p[1] for p in parts])
+            bank = concat([p[1] for p in parts])
             fit_start = time.perf_counter()
-            detector.fit_embedded(take(embedded, order[i:i + spec.batch_size], torch.device("cpu"))
+            detector.fit_embedded(take(bank, order[i:i + spec.batch_size], torch.device("cpu"))
                                   for i in range(0, len(order), spec.batch_size))
             history = [{"epoch": 1, "epochs": 1, "train_images": total,
                         "fit_seconds": round(time.perf_counter() - fit_start, 2)}]
+    return _refine(plan, ctx, detector, history)
+
+
+def _refine(plan: RunPlan, ctx: RayTrainContext, detector: Detector,
+            history: list[dict[str, Any]]) -> tuple[Detector, list[dict[str, Any]]]:
+    """Rank 0 refines with the setting's small streams (held-back normals, defects; ``mixed``)."""
+    spec = plan.spec
     if ctx.rank == 0 and plan.setting.refine_streams:  # small streams: held-back normals, defects
         from flawline.context import open_store
         from flawline.train.data import decode_all
