@@ -235,8 +235,10 @@ def test_flow_trains_on_the_node_with_its_resource_and_a_killed_worker_resumes(e
     """The second node carries a custom resource standing for a GPU; the head (the driver's node)
     does not. The flow's embedding, its epochs and the finishing all run there; its worker is
     killed mid-run and the run finishes from its last checkpoint."""
-    run = _submit("--dataset", elpv_small, *FLOW, "--epochs", 8, "--worker-resource", "second_node=1",
-                  "--max-failures", 2)
+    # No embedding kept (--embedding-cache-mb 0): every epoch embeds the streamed shard again, the
+    # path a dataset too large for a worker's memory takes.
+    run = _submit("--dataset", elpv_small, *FLOW, "--epochs", 6, "--worker-resource", "second_node=1",
+                  "--max-failures", 2, "--embedding-cache-mb", 0)
     # Two checkpoints reported: Ray Train's controller has registered at least the first by then
     # (a report still in flight when a worker dies is dropped with the failed group).
     row = _wait(run, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 2)
@@ -249,7 +251,8 @@ def test_flow_trains_on_the_node_with_its_resource_and_a_killed_worker_resumes(e
     assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
     progress = row.metrics["progress"]
     assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
-    assert progress["epoch"] == 8
+    assert progress["epoch"] == 6
+    assert row.metrics["embedding_cache"].startswith("streamed: embedded again each epoch"), row.metrics
     (placed,) = row.metrics["placement"]
     assert (placed["node_id"], placed["device"], placed["rank"]) == (second, "cpu", 0)
     assert row.metrics["finished_on"]["node_id"] == second
@@ -257,6 +260,7 @@ def test_flow_trains_on_the_node_with_its_resource_and_a_killed_worker_resumes(e
     assert row.metrics["model"] == "elpv-unsupervised-flow:1" and row.metrics["image_auroc"] > 0.5
     shown = " ".join(_cli("runs", "show", run).stdout.split())
     assert "rank 0 on" in shown and f"node {second[:8]} (cpu)" in shown and "(trained nothing)" in shown, shown
+    assert "embeddings: streamed: embedded again each epoch" in shown, shown
 
 
 def test_cancelled_run_resumed_ends_as_an_uninterrupted_one(elpv_small, ray_cluster):

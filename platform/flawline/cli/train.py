@@ -191,6 +191,8 @@ def _show(run_id: int, as_json: bool) -> None:
                       f"({'also hosts a worker' if same else 'trained nothing'})")
     elif info["worker_nodes"]:
         console.print(f"workers on {len(set(info['worker_nodes']))} node(s)")
+    if info["metrics"].get("embedding_cache"):
+        console.print(f"embeddings: {info['metrics']['embedding_cache']}")
     if len(info["ray_job_ids"]) > 1:
         console.print(f"Ray jobs: {', '.join(info['ray_job_ids'])} (resumed {len(info['ray_job_ids']) - 1}x)")
     for key in ("accuracy", "f1", "image_auroc", "average_precision", "pixel_auroc"):
