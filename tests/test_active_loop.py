@@ -89,7 +89,7 @@ def test_loop_rounds_push_pull_retrain_and_promote(catalog, store, ls_client, cr
         human = s.scalars(select(Annotation).where(Annotation.source == AnnotationSource.human)).all()
         assert len(human) == 8
         for a in human:
-            assert rows[a.image_id]["defect"] is truth[a.image_id].is_defect
+            assert rows[a.image_id].defect is truth[a.image_id].is_defect
     # every task went out with the scoring model's pre-annotation
     from flawline.labelstudio.projects import find_project
 

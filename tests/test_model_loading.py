@@ -21,7 +21,6 @@ from flawline.train.runner import finish_run, plan_run, train_local
 
 
 def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, store, tmp_path):
-    import json
 
     import_dataset(catalog, store, crack_tiles(tmp_path / "t", normal=60, defect=8, unlabelled=0), dataset="t",
                    workers=4)
@@ -48,7 +47,7 @@ def test_a_threshold_set_by_hand_reaches_every_caller(settings_env, catalog, sto
     assert not any(p.is_defect for p in pre_annotations(load_version(catalog, store, ref), store, rows, ref).values())
     assert load_model(catalog, store, ref).detector.threshold.value == 1e9  # what Serve loads
     actor = ScoreRows(row.artifact_uri, SIZE, 1, with_masks=True, threshold=version_threshold(row))
-    out = actor({"row": np.array([json.dumps(r) for r in rows])})
+    out = actor({"record": np.array([r.to_json() for r in rows])})
     assert not out["verdict"].any()  # the cluster's pre-annotations too
     plain = ScoreRows(row.artifact_uri, SIZE, 1, with_masks=True)  # the artifact alone still says otherwise
-    assert plain({"row": np.array([json.dumps(r) for r in rows])})["verdict"].any()
+    assert plain({"record": np.array([r.to_json() for r in rows])})["verdict"].any()
