@@ -70,27 +70,6 @@ def local_env(monkeypatch, tmp_path):
     get_settings.cache_clear()
 
 
-def test_up_status_down(local_env):
-    up = _run("up")
-    assert up.exit_code == 0, up.output
-    assert "S3 server started" in up.stdout and f"schema {head_revision()}" in up.stdout and "Ray started" in up.stdout
-    again = _run("up")
-    assert "S3 server already running" in again.stdout and "Ray already running" in again.stdout
-    status = _run("status", "--json")
-    assert status.exit_code == 0, status.output
-    view = json.loads(status.stdout)
-    states = {r["service"]: r["state"] for r in view["services"]}
-    assert states == {"S3": "ok", "catalog": "ok", "Ray": "ok", "Label Studio": "idle"}
-    assert view["cluster"]["alive"] == 1 and view["jobs"]["jobs"] == [] and view["serve"]["deployments"] == []
-    assert view["queues"]["label_projects"] == [] and not any(view["queues"]["runs"].values())
-    down = _run("down").stdout
-    assert "S3 server stopped" in down and "Ray stopped" in down
-    after = _run("status", "--json")
-    assert after.exit_code == 1
-    states = {r["service"]: r["state"] for r in json.loads(after.stdout)["services"]}
-    assert states["S3"] == "down" and states["Ray"] == "idle"
-
-
 def test_up_refuses_a_busy_port(local_env, s3_server, monkeypatch):
     monkeypatch.setenv("FLAWLINE_S3_ENDPOINT", s3_server.endpoint)
     get_settings.cache_clear()
@@ -133,6 +112,27 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     assert "predicting the held-out test image" in out and "(labelled defect/" in out  # the truth beside the verdict
     overlays = list((data / "reports" / "quickstart").glob("*.overlay.png"))
     assert len(overlays) == 1 and ("DEFECT" in out or " ok " in out) and "magnetic-tile-mixed-padim:" in out
+    assert "S3 server started" in out and f"schema {head_revision()}" in out and "Ray started" in out
+
+    # What quickstart started stays up for the user's next commands: `up` finds it, `status` shows
+    # it, `down` stops it. (This process's Label Studio URL is a dead port, and the session's Label
+    # Studio, linked into the data directory, is unlinked first: `down` must not stop it.)
+    (data / "labelstudio").unlink()
+    again = _run("up")
+    assert "S3 server already running" in again.stdout and "Ray already running" in again.stdout
+    status = _run("status", "--json")
+    assert status.exit_code == 0, status.output
+    view = json.loads(status.stdout)
+    states = {r["service"]: r["state"] for r in view["services"]}
+    assert states == {"S3": "ok", "catalog": "ok", "Ray": "ok", "Label Studio": "idle"}, states
+    assert view["cluster"]["alive"] == 1 and view["serve"]["deployments"]
+    assert view["queues"]["runs"]["succeeded"] >= 2  # the label-free start and the round's retraining
+    down = _run("down").stdout
+    assert "S3 server stopped" in down and "Ray stopped" in down
+    after = _run("status", "--json")
+    assert after.exit_code == 1
+    states = {r["service"]: r["state"] for r in json.loads(after.stdout)["services"]}
+    assert states["S3"] == "down" and states["Ray"] == "idle"
 
 
 def test_data_survives_a_restart(local_env, folder_tree):

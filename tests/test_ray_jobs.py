@@ -32,8 +32,12 @@ from flawline.train.runs import get_run
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     cluster = LocalRayCluster.on_free_ports(num_cpus=2, log_file=tmp_path_factory.mktemp("ray") / "ray.log")
-    cluster.start(resources='{"slot": 1}')  # "slot": one elastic worker per node
-    cluster.add_node(num_cpus=2, resources='{"second_node": 1, "slot": 1}')
+    # A lost node is noticed within seconds (a health check every second, 5 misses; Ray's default
+    # is every 3 s), so the elastic run stops counting on it soon after it is gone.
+    cluster.env = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+    # "slot": one elastic worker per node; "head_node": runs pinned to the head (the driver's node)
+    cluster.start(resources='{"slot": 1, "head_node": 2}')
+    cluster.add_node(num_cpus=2, resources='{"second_node": 2, "slot": 1}')
     yield cluster
     cluster.stop()
 
@@ -224,100 +228,109 @@ def _node_with(cluster: LocalRayCluster, resource: str) -> str:
     return node.node_id
 
 
-def _ray_train_workers(cluster: LocalRayCluster) -> list:
+def _ray_train_workers(cluster: LocalRayCluster, job_id: str) -> list:
+    """The live Ray Train workers of one Ray job (``job_id``: Ray's hex id of the job's driver)."""
     from ray.util.state import list_actors
 
     return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name == "RayTrainWorker"]
+            if a.class_name == "RayTrainWorker" and a.job_id == job_id]
 
 
-def test_flow_trains_on_the_node_with_its_resource_and_a_killed_worker_resumes(elpv_small, ray_cluster):
-    """The second node carries a custom resource standing for a GPU; the head (the driver's node)
-    does not. The flow's embedding, its epochs and the finishing all run there; its worker is
-    killed mid-run and the run finishes from its last checkpoint."""
-    # No embedding kept (--embedding-cache-mb 0): every epoch embeds the streamed shard again, the
-    # path a dataset too large for a worker's memory takes.
-    run = _submit("--dataset", elpv_small, *FLOW, "--epochs", 6, "--worker-resource", "second_node=1",
-                  "--max-failures", 2, "--embedding-cache-mb", 0)
-    # Two checkpoints reported: Ray Train's controller has registered at least the first by then
-    # (a report still in flight when a worker dies is dropped with the failed group).
-    row = _wait(run, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 2)
-    assert row.status.value == "running"
-    (worker,) = _ray_train_workers(ray_cluster)
+def _wait_job(client, job: str, timeout: float = 300) -> str:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while (status := str(client.get_job_status(job)).rsplit(".", 1)[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {job} still {status}"
+        time.sleep(1)
+    return status
+
+
+def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_small, ray_cluster):
+    """Four runs at once, as users share a cluster:
+
+    - ``placed``: a flow run asking for the second node's custom resource (standing for a GPU; the
+      head, the driver's node, lacks it), keeping no embeddings (``--embedding-cache-mb 0``: every
+      epoch embeds the streamed shard again). Its fit runs there; its worker is killed mid-run and
+      it finishes from its last checkpoint.
+    - ``whole`` and ``cut``: the same flow run twice on the head (seed 5); ``cut`` is cancelled after
+      3 checkpoints and continued with ``runs resume``: it ends as ``whole`` does.
+    - what a KubeRay RayJob does (infra/k8s/rayjob-train.yaml): a Ray job whose own entrypoint is
+      ``flawline train submit --in-process``; two workers (on the second node, beside ``placed``)
+      embed their halves and PaDiM fits on rank 0 over both.
+
+    Every run's resources are pinned (the head's two CPUs hold ``whole`` and ``cut``), so none
+    waits for another."""
+    from ray.job_submission import JobSubmissionClient
+
+    from flawline.train.submit import job_env
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
     second = _node_with(ray_cluster, "second_node")
+    placed = _submit("--dataset", elpv_small, *FLOW, "--epochs", 6, "--worker-resource", "second_node=1",
+                     "--max-failures", 2, "--embedding-cache-mb", 0)
+    on_head = ("--dataset", elpv_small, *FLOW, "--epochs", 6, "--seed", 5, "--worker-resource", "head_node=1")
+    whole = _submit(*on_head, "--name", "flow-whole")
+    cut = _submit(*on_head, "--name", "flow-cut")
+    kuberay = client.submit_job(entrypoint=f"flawline train submit --in-process --dataset {elpv_small} --setting "
+                                           "unsupervised --method padim --workers 2 --cpus-per-worker 0.5 "
+                                           "--worker-resource second_node=0.5 --image-size 64 --json",
+                                runtime_env={"env_vars": job_env(get_settings())})
+
+    # placed: two checkpoints reported (Ray Train's controller has registered at least the first by
+    # then; a report still in flight when a worker dies is dropped with the failed group), then kill.
+    row = _wait(placed, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 2)
+    assert row.status.value == "running"
+    (worker,) = _ray_train_workers(ray_cluster, client.get_job_info(row.ray_job_id).job_id)
     assert worker.node_id == second
     os.kill(worker.pid, signal.SIGKILL)
-    row = _wait(run)
-    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
-    progress = row.metrics["progress"]
-    assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
-    assert progress["epoch"] == 6
-    assert row.metrics["embedding_cache"].startswith("streamed: embedded again each epoch"), row.metrics
-    (placed,) = row.metrics["placement"]
-    assert (placed["node_id"], placed["device"], placed["rank"]) == (second, "cpu", 0)
-    assert row.metrics["finished_on"]["node_id"] == second
-    assert row.metrics["driver_node"] != second  # the driver planned and recorded, nothing more
-    assert row.metrics["model"] == "elpv-unsupervised-flow:1" and row.metrics["image_auroc"] > 0.5
-    shown = " ".join(_cli("runs", "show", run).stdout.split())
-    assert "rank 0 on" in shown and f"node {second[:8]} (cpu)" in shown and "(trained nothing)" in shown, shown
-    assert "embeddings: streamed: embedded again each epoch" in shown, shown
 
-
-def test_cancelled_run_resumed_ends_as_an_uninterrupted_one(elpv_small, ray_cluster):
-    whole = _submit("--dataset", elpv_small, *FLOW, "--epochs", 8, "--seed", 5, "--name", "flow-whole")
-    cut = _submit("--dataset", elpv_small, *FLOW, "--epochs", 8, "--seed", 5, "--name", "flow-cut")
-    _wait(cut, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 3)  # the 3rd may be in flight
-    assert get_run(open_catalog(), whole).status.value == "running"  # two runs side by side
+    # cut: cancelled after its 3rd checkpoint (the 3rd may be in flight), while whole goes on
+    _wait(cut, until=lambda r: (r.metrics or {}).get("checkpoints", 0) >= 3)
+    assert get_run(open_catalog(), whole).status.value == "running"  # side by side
     result = _cli("runs", "cancel", cut)
     assert result.exit_code == 0, result.output
     first_job = get_run(open_catalog(), cut).ray_job_id
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    deadline = time.monotonic() + 60
-    while str(client.get_job_status(first_job)).rsplit(".", 1)[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        assert time.monotonic() < deadline, "the cancelled job did not stop"
-        time.sleep(0.5)
+    _wait_job(client, first_job, 60)
     time.sleep(2)  # the stopped driver must not overwrite the verdict
     assert get_run(open_catalog(), cut).status.value == "cancelled"
     again = _cli("runs", "cancel", cut)
     assert again.exit_code == 1 and "already cancelled" in again.output
-    assert _cli("runs", "resume", whole).exit_code == 1  # still running: not resumable
+    if get_run(open_catalog(), whole).status.value == "running":
+        assert _cli("runs", "resume", whole).exit_code == 1  # still running: not resumable
     resumed = _cli("runs", "resume", cut, "--json")
     assert resumed.exit_code == 0, resumed.output
+
+    row = _wait(placed)
+    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", placed).output[-3000:])
+    progress = row.metrics["progress"]
+    assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
+    assert progress["epoch"] == 6
+    assert row.metrics["embedding_cache"].startswith("streamed: embedded again each epoch"), row.metrics
+    (where,) = row.metrics["placement"]
+    assert (where["node_id"], where["device"], where["rank"]) == (second, "cpu", 0)
+    assert row.metrics["finished_on"]["node_id"] == second
+    assert row.metrics["driver_node"] != second  # the driver planned and recorded, nothing more
+    assert row.metrics["model"] == "elpv-unsupervised-flow:1" and row.metrics["image_auroc"] > 0.5
+    shown = " ".join(_cli("runs", "show", placed).stdout.split())
+    assert "rank 0 on" in shown and f"node {second[:8]} (cpu)" in shown and "(trained nothing)" in shown, shown
+    assert "embeddings: streamed: embedded again each epoch" in shown, shown
+
     cut_row, whole_row = _wait(cut), _wait(whole)
     assert (cut_row.status.value, whole_row.status.value) == ("succeeded", "succeeded"), (cut_row.error, whole_row.error)
+    assert {p["node_id"] for p in cut_row.metrics["placement"] + whole_row.metrics["placement"]} != {second}
     shown = json.loads(_cli("runs", "show", cut, "--json").stdout)
     assert shown["ray_job_ids"] == [first_job, json.loads(resumed.stdout)["ray_job_id"]] == [
         first_job, cut_row.ray_job_id]
     assert cut_row.metrics["progress"]["resumed_from_epoch"] >= 2  # continued, not started again
-    assert cut_row.metrics["progress"]["epoch"] == 8
+    assert cut_row.metrics["progress"]["epoch"] == 6
     # Same seed, same data, the same batches each epoch: the resumed model is the uninterrupted one.
     assert cut_row.metrics["progress"]["loss"] == pytest.approx(whole_row.metrics["progress"]["loss"], rel=1e-4)
     assert cut_row.metrics["image_auroc"] == pytest.approx(whole_row.metrics["image_auroc"], abs=1e-6)
     again = _cli("runs", "resume", cut)
     assert again.exit_code == 1 and "only a failed or cancelled run can be resumed" in again.output
 
-
-def test_in_process_training_as_a_ray_jobs_entrypoint(elpv_small, ray_cluster):
-    """What a KubeRay RayJob does (infra/k8s/rayjob-train.yaml): the Ray job's own entrypoint is
-    `flawline train submit --in-process`, which records the run and trains from that driver. Two
-    workers embed their halves; PaDiM fits on rank 0 over both."""
-    from ray.job_submission import JobSubmissionClient
-
-    from flawline.train.submit import job_env
-
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    job = client.submit_job(entrypoint=f"flawline train submit --in-process --dataset {elpv_small} --setting "
-                                       "unsupervised --method padim --workers 2 --image-size 64 --json",
-                            runtime_env={"env_vars": job_env(get_settings())})
-    deadline = time.monotonic() + 240
-    while (status := str(client.get_job_status(job)).rsplit(".", 1)[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, f"job still {status}"
-        time.sleep(1)
-    assert status == "SUCCEEDED", client.get_job_logs(job)[-3000:]
-    (run,) = json.loads(_cli("runs", "list", "--json").stdout)
-    assert (run["status"], run["ray_job_id"], run["metrics"]["model"]) == ("succeeded", job, "elpv-unsupervised-padim:1")
+    assert _wait_job(client, kuberay) == "SUCCEEDED", client.get_job_logs(kuberay)[-3000:]
+    (run,) = [r for r in json.loads(_cli("runs", "list", "--json").stdout) if r["ray_job_id"] == kuberay]
+    assert (run["status"], run["metrics"]["model"]) == ("succeeded", "elpv-unsupervised-padim:1")
     assert len(run["placement"]) == 2 and run["metrics"]["image_auroc"] > 0.5
 
 
@@ -413,22 +426,19 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
 
 
 def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_cluster):
-    """Last in this module: it kills the second node (and starts a new one for what follows)."""
+    """Last in this module: it kills the second node."""
     # Half a CPU per worker: Ray Data's decoding gets what Ray Train leaves of the cluster after
     # reserving --workers (the most) workers, and after the loss only the head's 2 CPUs are left.
     # One "slot" per node: one worker per node.
     run = _submit("--dataset", elpv_small, *FLOW, "--workers", 2, "--min-workers", 1, "--cpus-per-worker", 0.5,
                   "--worker-resource", "slot=1", "--epochs", 8)
-    try:
-        row = _wait(run, until=lambda r: ((r.metrics or {}).get("progress") or {}).get("world_size") == 2
-                    and r.metrics.get("checkpoints", 0) >= 2)
-        assert row.status.value == "running", row.error
-        assert ray_cluster.kill_node(), "no process of the second node found"
-        row = _wait(run, timeout=300)
-        assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
-        progress = row.metrics["progress"]
-        assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
-        (worker,) = row.metrics["placement"]
-        assert worker["node_id"] == row.metrics["driver_node"]  # the head is the node left
-    finally:
-        ray_cluster.add_node(num_cpus=2, resources='{"second_node": 1, "slot": 1}')
+    row = _wait(run, until=lambda r: ((r.metrics or {}).get("progress") or {}).get("world_size") == 2
+                and r.metrics.get("checkpoints", 0) >= 2)
+    assert row.status.value == "running", row.error
+    assert ray_cluster.kill_node(), "no process of the second node found"
+    row = _wait(run, timeout=300)
+    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
+    progress = row.metrics["progress"]
+    assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
+    (worker,) = row.metrics["placement"]
+    assert worker["node_id"] == row.metrics["driver_node"]  # the head is the node left

@@ -43,6 +43,9 @@ class LocalRayCluster:
     log_file: Path | None = None
     nodes: list[dict] = field(default_factory=list)  # extra nodes started by add_node
     metrics_ports: list[int] = field(default_factory=list)  # each node's Prometheus endpoint, head first
+    # Extra environment for every `ray start` (e.g. RAY_health_check_period_ms): Ray's processes
+    # and the workers they start inherit it.
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, num_cpus: int | None = None, log_file: Path | None = None) -> LocalRayCluster:
@@ -70,6 +73,7 @@ class LocalRayCluster:
         # Job entrypoints say `python …`: make that this interpreter (the venv with flawline).
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.update(self.env)
         out = subprocess.run([_ray_bin(), "start", *args], env=env, capture_output=True, text=True, timeout=timeout)
         if self.log_file:
             with open(self.log_file, "a") as log:
