@@ -93,7 +93,7 @@ def wait_run(catalog, settings, run_id: int, timeout: float = 3600) -> Any:  # n
 
 
 def one_run(catalog, settings, dataset: str, method: str, workers: int, image_size: int,  # noqa: ANN001
-            epochs: int | None, embedding_cache_mb: float = 1024.0) -> dict[str, Any]:
+            epochs: int | None, shard_cache_mb: float = 1024.0) -> dict[str, Any]:
     from flawline.train.spec import TrainSpec
     from flawline.train.submit import submit_run
 
@@ -101,8 +101,8 @@ def one_run(catalog, settings, dataset: str, method: str, workers: int, image_si
     spec = TrainSpec(datasets=[dataset], setting=m["setting"], method=m["method"], workers=workers,
                      cpus_per_worker=1.0, image_size=image_size, batch_size=16,
                      epochs=m.get("epochs", epochs), worker_resources={"slot": 1.0},
-                     embedding_cache_mb=embedding_cache_mb,
-                     model_name=f"{dataset}-{method}-w{workers}-{image_size}-c{embedding_cache_mb:g}")
+                     shard_cache_mb=shard_cache_mb,
+                     model_name=f"{dataset}-{method}-w{workers}-{image_size}-c{shard_cache_mb:g}")
     started = time.perf_counter()
     run_id, _ = submit_run(catalog, settings, spec)
     row = wait_run(catalog, settings, run_id)
@@ -116,7 +116,7 @@ def one_run(catalog, settings, dataset: str, method: str, workers: int, image_si
             "nodes": sorted({p["node_id"][:8] for p in mt["placement"]}),
             "driver_peak_rss_mb": mt.get("driver_peak_rss_mb"),
             "worker_peak_rss_mb": [p["peak_rss_mb"] for p in mt["placement"]],
-            "embedding_cache_mb": embedding_cache_mb, "embedding_cache": mt.get("embedding_cache")}
+            "shard_cache_mb": shard_cache_mb, "embedding_cache": mt.get("embedding_cache")}
 
 
 def write_markdown(out: Path, result: dict[str, Any]) -> None:
@@ -139,10 +139,10 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
                      f"{one['images_per_second']:.1f} | {two['fit_seconds']:.1f} | {two['images_per_second']:.1f} | "
                      f"{r['speedup']:.2f}x | {aim} | {one['image_auroc']:.4f} / {two['image_auroc']:.4f} |")
     lines += ["", "## Memory: flow, 2 workers, synthetic 64 px images", "",
-              "| images | --embedding-cache-mb | embeddings | fit s | driver peak MiB | worker peaks MiB |",
+              "| images | --shard-cache-mb | embeddings | fit s | driver peak MiB | worker peaks MiB |",
               "| ---: | ---: | --- | ---: | ---: | --- |"]
     for n, r in result["memory"]["runs"].items():
-        lines.append(f"| {n.split('-')[0]} | {r.get('embedding_cache_mb', 1024):g} | {r.get('embedding_cache') or '?'} | "
+        lines.append(f"| {n.split('-')[0]} | {r.get('shard_cache_mb', 1024):g} | {r.get('embedding_cache') or '?'} | "
                      f"{r['fit_seconds']:.1f} | {r['driver_peak_rss_mb']:.0f} | "
                      f"{', '.join(f'{v:.0f}' for v in r['worker_peak_rss_mb'])} |")
     mem = result["memory"]
@@ -152,7 +152,7 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
                       f"{'met' if abs(mem['growth']) <= AIM_MEMORY else 'not met'}); driver "
                       f"{mem['driver_growth'] * 100:+.1f} %."]
         if mem.get("growth_streamed") is not None:
-            lines += ["", f"With --embedding-cache-mb 0 (every epoch streams) at {mem['largest']} images: "
+            lines += ["", f"With --shard-cache-mb 0 (every epoch streams) at {mem['largest']} images: "
                           f"{mem['growth_streamed'] * 100:+.1f} % against the cached run at {mem['smallest']}."]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     (out / "train_scaling.md").write_text("\n".join(lines))
@@ -166,11 +166,16 @@ def main() -> None:
                    help="images for the memory part (none: keep the last memory measurement)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=None, help="flow/reconstruction epochs (default: theirs)")
-    p.add_argument("--embedding-cache-mb", type=float, default=1024.0,
+    p.add_argument("--shard-cache-mb", type=float, default=1024.0,
                    help="memory part: each worker's embedding cache (the platform's default); the largest "
                         "size also runs with 0 (embedded again every epoch)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite train_scaling.md from the saved train_scaling.json (no runs)")
     args = p.parse_args()
+    if args.markdown_only:
+        write_markdown(args.out, json.loads((args.out / "train_scaling.json").read_text()))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from flawline.catalog import Catalog
@@ -226,10 +231,10 @@ def main() -> None:
                 import_dataset(catalog, store, folder, layout="folder", dataset=name, workers=16)
                 assign_splits(catalog, name, SplitSpec(train=0.8, val=0.0, test=0.2, seed=0))
                 spec_epochs = 2
-                caches = [args.embedding_cache_mb] + ([0.0] if n == max(args.sizes) and args.embedding_cache_mb else [])
+                caches = [args.shard_cache_mb] + ([0.0] if n == max(args.sizes) and args.shard_cache_mb else [])
                 for cache in caches:  # the largest size also with nothing kept: every epoch streams
                     r = one_run(catalog, settings, name, "flow", 2, 64, spec_epochs, cache)
-                    result["memory"]["runs"][str(n) if cache == args.embedding_cache_mb else f"{n}-streamed"] = r
+                    result["memory"]["runs"][str(n) if cache == args.shard_cache_mb else f"{n}-streamed"] = r
                     log(f"memory {n} (cache {cache:g} MiB: {r['embedding_cache']}): driver "
                         f"{r['driver_peak_rss_mb']:.0f} MiB, workers {r['worker_peak_rss_mb']} MiB, "
                         f"fit {r['fit_seconds']:.1f}s")
@@ -254,7 +259,7 @@ def main() -> None:
         f"Gradient detectors' median speed-up with 2 workers: {median(speedups):.2f}x" if speedups else "no speed runs",
         "Both nodes share this machine's 2 cores, and Ray Data's decoding actors run on the same cores.",
         "Flow, reconstruction and selfsup keep each worker's embeddings in memory up to "
-        "--embedding-cache-mb (default 1024 MiB per worker) and beyond it embed the streamed shard again "
+        "--shard-cache-mb (default 1024 MiB per worker) and beyond it embed the streamed shard again "
         "every epoch; PatchCore and PaDiM still gather every embedding on rank 0, which grows with the set.",
     ]
     result["config"] = {"image_size": args.image_size, "epochs": args.epochs, "sizes": args.sizes,

@@ -137,9 +137,10 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
     assert again.exit_code == 0 and "already runs" in again.stdout
     try:
         # Training: 1.5 CPUs each, so two workers cannot share one 2-CPU node and Ray must place
-        # them on both.
+        # them on both. Nothing kept in memory (--shard-cache-mb 0): every epoch streams each
+        # worker's share of the decoded images from Ray's object store.
         run = _submit("--dataset", elpv_small, "--setting", "supervised", "--workers", 2, "--cpus-per-worker", 1.5,
-                      "--epochs", 2)
+                      "--epochs", 2, "--shard-cache-mb", 0)
         row = _wait(run)
         assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
         assert len(set(row.metrics["worker_nodes"])) == 2
@@ -150,6 +151,8 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
         assert shown.exit_code == 0 and "succeeded" in shown.stdout and model in shown.stdout
         assert len({p["node_id"] for p in json.loads(_cli("runs", "show", run, "--json").stdout)["placement"]}) == 2
         assert "rank 1 on" in " ".join(shown.stdout.split())
+        assert row.metrics["shard_cache"].startswith("streamed every epoch: labelled"), row.metrics
+        assert "decoded images: streamed every epoch" in " ".join(shown.stdout.split())
         assert '"status": "succeeded"' in _cli("runs", "list", "--json").stdout
         assert "Reporting training result" in _cli("runs", "logs", run).stdout
         assert _cli("models", "promote", model).exit_code == 0
@@ -248,7 +251,7 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     """Four runs at once, as users share a cluster:
 
     - ``placed``: a flow run asking for the second node's custom resource (standing for a GPU; the
-      head, the driver's node, lacks it), keeping no embeddings (``--embedding-cache-mb 0``: every
+      head, the driver's node, lacks it), keeping no embeddings (``--shard-cache-mb 0``: every
       epoch embeds the streamed shard again). Its fit runs there; its worker is killed mid-run and
       it finishes from its last checkpoint.
     - ``whole`` and ``cut``: the same flow run twice on the head (seed 5); ``cut`` is cancelled after
@@ -266,7 +269,7 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     second = _node_with(ray_cluster, "second_node")
     placed = _submit("--dataset", elpv_small, *FLOW, "--epochs", 6, "--worker-resource", "second_node=1",
-                     "--max-failures", 2, "--embedding-cache-mb", 0)
+                     "--max-failures", 2, "--shard-cache-mb", 0)
     on_head = ("--dataset", elpv_small, *FLOW, "--epochs", 6, "--seed", 5, "--worker-resource", "head_node=1")
     whole = _submit(*on_head, "--name", "flow-whole")
     cut = _submit(*on_head, "--name", "flow-cut")

@@ -74,9 +74,10 @@ def submit(
     option: list[str] = typer.Option([], "--option", "-o", help="Detector setting KEY=VALUE (repeatable)."),
     name: Optional[str] = typer.Option(None, help="Model name (default <datasets>-<setting>-<method>)."),
     max_failures: int = typer.Option(2, min=0, help="Worker failures survived by resuming from the last checkpoint."),
-    embedding_cache_mb: float = typer.Option(
-        1024.0, min=0, help="Flow, reconstruction, selfsup: MiB of embeddings each worker keeps in memory; a "
-        "larger shard is embedded again as it streams in every epoch (bounded memory, slower epochs)."),
+    shard_cache_mb: float = typer.Option(
+        1024.0, min=0, help="MiB of its share of the images each worker keeps in memory across epochs (decoded "
+        "images for label settings; embeddings for flow, reconstruction, selfsup). A larger share streams from "
+        "Ray Data again every epoch: memory stays bounded, epochs get slower."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends."),
     in_process: bool = typer.Option(
         False, "--in-process", help="Train from this process instead of submitting a Ray job: for an entrypoint "
@@ -96,7 +97,7 @@ def submit(
                      label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
                      options=_options(option), model_name=name, max_failures=max_failures,
                      min_workers=min_workers, worker_resources=_resources(worker_resource),
-                     embedding_cache_mb=embedding_cache_mb)
+                     shard_cache_mb=shard_cache_mb)
     catalog = open_catalog(settings)
     if in_process:
         from flawline.train.submit import run_in_process
@@ -191,8 +192,9 @@ def _show(run_id: int, as_json: bool) -> None:
                       f"({'also hosts a worker' if same else 'trained nothing'})")
     elif info["worker_nodes"]:
         console.print(f"workers on {len(set(info['worker_nodes']))} node(s)")
-    if info["metrics"].get("embedding_cache"):
-        console.print(f"embeddings: {info['metrics']['embedding_cache']}")
+    for key, what in (("embedding_cache", "embeddings"), ("shard_cache", "decoded images")):
+        if info["metrics"].get(key):
+            console.print(f"{what}: {info['metrics'][key]}")
     if len(info["ray_job_ids"]) > 1:
         console.print(f"Ray jobs: {', '.join(info['ray_job_ids'])} (resumed {len(info['ray_job_ids']) - 1}x)")
     for key in ("accuracy", "f1", "image_auroc", "average_precision", "pixel_auroc"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +86,57 @@ def rows_dataset(rows: list[ImageRecord], image_size: int, parallelism: int,
     return ds.materialize() if materialize else ds
 
 
-class RayShardBatches(TensorBatches):
-    """This worker's shard of each stream (the whole stream where it was too small to split),
-    read once into memory and then served like ``TensorBatches``: every epoch a seeded shuffle,
-    and a setting may stop reading a stream part-way (streaming splits do not allow that)."""
+def decoded_bytes(image_size: int) -> int:
+    """Bytes one decoded row takes in a worker (``decode_rows``: uint8 image, mask and region, and
+    the per-row scalars)."""
+    return (3 + 1 + 1) * image_size * image_size + 32
 
-    def __init__(self, streams: list[str], batch_size: int, seed: int, rank: int, device: torch.device) -> None:
+
+class RayShardBatches:
+    """This worker's shard of each label-setting stream (the whole stream where it was too small
+    to split), as a ``BatchSource``. A shard that fits ``spec.shard_cache_mb`` (with the others
+    read before it) is read once into memory and served like ``TensorBatches``: every epoch a
+    seeded shuffle. A larger one streams from Ray Data every epoch (a seeded local shuffle), so
+    the worker's memory does not grow with the dataset. A setting may stop reading a stream
+    part-way: what it left of a streamed epoch is read (and dropped) before that stream's next
+    epoch starts, as Ray Data's streaming split wants every split to finish its epoch. Every rank
+    makes the same choices (same sizes), so DDP's ranks take the same number of steps."""
+
+    def __init__(self, plan: RunPlan, split: list[str], rank: int, world: int, device: torch.device) -> None:
         import ray.train
 
-        data = {}
-        for name in streams:
-            parts = list(ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=256))
-            data[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        super().__init__(data, batch_size, seed + 7 * rank, rank=0, world=1, device=device)
+        spec = plan.spec
+        self.batch_size, self.seed, self.device = spec.batch_size, spec.seed + 7 * rank, device
+        self.sizes = {name: len(rows) // world if name in split else len(rows) for name, rows in plan.streams.items()}
+        self.shards = {name: ray.train.get_dataset_shard(name) for name in plan.streams}
+        budget, used, memory = spec.shard_cache_mb * 2 ** 20, 0, {}
+        for name in sorted(plan.streams, key=lambda n: self.sizes[n]):  # small streams first
+            need = self.sizes[name] * decoded_bytes(spec.image_size)
+            if used + need <= budget:
+                parts = list(self.shards[name].iter_torch_batches(batch_size=256))
+                memory[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+                used += need
+        self.memory = TensorBatches(memory, spec.batch_size, self.seed, rank=0, world=1, device=device)
+        self.streamed = sorted(set(plan.streams) - set(memory))
+        self._open: dict[str, Any] = {}
+
+    def size(self, stream: str) -> int:
+        return self.memory.size(stream) if stream not in self.streamed else self.sizes[stream]
+
+    def epoch(self, stream: str, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        if stream not in self.streamed:
+            yield from self.memory.epoch(stream, epoch)
+            return
+        for _ in self._open.pop(stream, ()):  # the rest of this stream's last epoch
+            pass
+        batches = iter(self.shards[stream].iter_torch_batches(
+            batch_size=self.batch_size, prefetch_batches=2, local_shuffle_buffer_size=4 * self.batch_size,
+            local_shuffle_seed=self.seed * 100_003 + epoch))
+        self._open[stream] = batches
+        for batch in batches:
+            yield to_model(batch, self.device)
+        if self._open.get(stream) is batches:
+            del self._open[stream]
 
 
 class RayTrainContext:
@@ -237,7 +276,7 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
     # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing).
     record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement],
                  fit_seconds=round(time.perf_counter() - started, 2),
-                 **{k: detector.info[k] for k in ("embedding_cache",) if k in detector.info})
+                 **{k: detector.info[k] for k in ("embedding_cache", "shard_cache") if k in detector.info})
     metrics = finish_run(catalog, open_store(), plan, detector, run_id, history if config["keep_history"] else None)
     metrics["finished_on"] = {"node_id": _node_id(), "device": _device_name(ctx.device)}
     # The run's row carries the result to the driver (Ray's Result keeps checkpointed reports only).
@@ -262,8 +301,10 @@ def _worker(config: dict[str, Any]) -> None:
 def _train_label(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dict[str, Any]]]:
     """A label setting: its torch loop under DDP on this worker's shards."""
     spec = plan.spec
-    source = RayShardBatches(list(plan.streams), spec.batch_size, spec.seed, ctx.rank, ctx.device)
+    source = RayShardBatches(plan, split_streams(plan), ctx.rank, ctx.world_size, ctx.device)
     detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
+    detector.info["shard_cache"] = (f"streamed every epoch: {', '.join(source.streamed)} (over --shard-cache-mb "
+                                    f"{spec.shard_cache_mb:g})" if source.streamed else "in memory")
     return detector, plan.setting.train(detector, source, spec, ctx, plan.class_counts)
 
 
@@ -272,7 +313,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     ``TrainedDetector`` trains its network under DDP, any other detector's embeddings are gathered
     and fitted on rank 0. Then rank 0 refines (``mixed``).
 
-    A ``TrainedDetector`` keeps its shard's embeddings while they fit ``spec.embedding_cache_mb``;
+    A ``TrainedDetector`` keeps its shard's embeddings while they fit ``spec.shard_cache_mb``;
     beyond that it keeps a sample for ``begin_training`` and embeds the streamed shard again each
     epoch (``models.training.fit_network_streamed``), so a worker's memory does not grow with the
     dataset. Every rank takes the same decision (same shapes, same rows per rank)."""
@@ -290,7 +331,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     shard = ray.train.get_dataset_shard("normal")
     trained = isinstance(detector, TrainedDetector)
     rows_per_rank = -(-len(plan.streams["normal"]) // ctx.world_size)
-    budget = spec.embedding_cache_mb * 2 ** 20
+    budget = spec.shard_cache_mb * 2 ** 20
 
     def embedded(epoch: int | None = None):  # noqa: ANN202  (an iterator of embedded batches)
         shuffle = {} if epoch is None else {"local_shuffle_buffer_size": 4 * spec.batch_size,
@@ -323,7 +364,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
         steps = max(1, (total // ctx.world_size) // spec.batch_size)  # equal shards: the same on every rank
         history = fit_network_streamed(detector, concat(cached), embedded, steps, ctx)
         detector.info.update(train_images=total, embedding_cache="streamed: embedded again each epoch "
-                             f"(shard over --embedding-cache-mb {spec.embedding_cache_mb:g})")
+                             f"(shard over --shard-cache-mb {spec.shard_cache_mb:g})")
         detector.fitted = True
         return _refine(plan, ctx, detector, history)
     # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
@@ -366,6 +407,12 @@ def _refine(plan: RunPlan, ctx: RayTrainContext, detector: Detector,
     return detector, history
 
 
+def split_streams(plan: RunPlan) -> list[str]:
+    """The label-setting streams Ray Train splits over the workers (each worker reads its share);
+    a stream smaller than one batch per worker goes whole to every worker."""
+    return [name for name, rows in plan.streams.items() if len(rows) >= plan.spec.workers * plan.spec.batch_size]
+
+
 def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
                 settings: Settings | None = None):  # noqa: ANN201
     """The run's TorchTrainer: its worker function, streams, scaling (fixed or elastic), resources,
@@ -377,10 +424,9 @@ def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
     settings = settings or get_settings()
     spec = plan.spec
     if plan.setting.gradient:
-        streams = dict(plan.streams)
-        # Label settings read every stream each epoch and may stop a stream part-way: materialised.
-        datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in streams.items()}
-        split = [name for name, rows in streams.items() if len(rows) >= spec.workers * spec.batch_size]
+        # Label settings read every stream each epoch: decoded once into Ray's object store.
+        datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in plan.streams.items()}
+        split = split_streams(plan)
     else:
         datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False)}
         split = ["normal"]

@@ -35,10 +35,11 @@ class TrainSpec:
     # Custom Ray resources each worker asks for besides CPU/GPU (e.g. {"inspection_gpu": 1}):
     # pins the run to the nodes that advertise them.
     worker_resources: dict[str, float] = field(default_factory=dict)
-    # Per worker: a gradient-trained normal-only detector (flow, reconstruction, selfsup) keeps its
-    # shard's embeddings in memory up to this many MiB and embeds the streamed shard again each
-    # epoch beyond it, so memory does not grow with the dataset.
-    embedding_cache_mb: float = 1024.0
+    # MiB of its shard each Ray Train worker keeps in memory across epochs: decoded images for the
+    # label settings, embeddings for gradient-trained normal-only detectors (flow, reconstruction,
+    # selfsup). A larger shard streams from Ray Data again every epoch (embedded again, for the
+    # latter), so a worker's memory does not grow with the dataset.
+    shard_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
@@ -54,8 +55,8 @@ class TrainSpec:
                 raise ConfigError(f"worker resource {key!r}: use --cpus-per-worker / --gpus-per-worker for it")
             if not isinstance(amount, (int, float)) or amount <= 0:
                 raise ConfigError(f"worker resource {key!r} must ask for an amount > 0, got {amount!r}")
-        if self.embedding_cache_mb < 0:
-            raise ConfigError(f"embedding-cache-mb must be >= 0, got {self.embedding_cache_mb}")
+        if self.shard_cache_mb < 0:
+            raise ConfigError(f"shard-cache-mb must be >= 0, got {self.shard_cache_mb}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("cpus-per-worker must be > 0 and gpus-per-worker >= 0")
         if not 0.0 < self.label_fraction <= 1.0:
