@@ -61,11 +61,12 @@ AIM_MEMORY = 0.25
 
 
 def synthetic_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` 64 px gray textures in good/ and defect/scratch/ (8 % defective: a bright scratch)."""
+    """``n`` 64 px gray textures in normal/ and defect/scratch/ (the folder layout; 8 % defective: a
+    bright scratch)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for sub in ("good", "defect/scratch"):
+    for sub in ("normal", "defect/scratch"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         small = rng.integers(60, 200, (8, 8), dtype=np.uint8)
@@ -74,7 +75,7 @@ def synthetic_folder(root: Path, n: int, seed: int = 0) -> Path:
         if defect:
             r = int(rng.integers(8, 56))
             img[r:r + 2, 8:56] = 255
-        Image.fromarray(img).save(root / ("defect/scratch" if defect else "good") / f"t{i:05d}.png")
+        Image.fromarray(img).save(root / ("defect/scratch" if defect else "normal") / f"t{i:05d}.png")
     return root
 
 
@@ -212,32 +213,36 @@ def main() -> None:
             def log(msg: str) -> None:
                 print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
-            if args.methods:
-                import_dataset(catalog, store, MAGNETIC_TILE, layout="magnetic-tile", dataset="mt", workers=16)
-                split = assign_splits(catalog, "mt", SplitSpec(train=0.75, val=0.0, test=0.25, seed=0))
-                log(f"Magnetic Tile imported and split {split}")
-            for method in args.methods:
-                runs = {}
-                for workers in (1, 2):
-                    runs[str(workers)] = one_run(catalog, settings, "mt", method, workers, args.image_size, args.epochs)
-                    r = runs[str(workers)]
-                    log(f"{method} x{workers}: {r['train_images']} images, fit {r['fit_seconds']:.1f}s "
-                        f"({r['images_per_second']:.1f}/s), nodes {r['nodes']}, AUROC {r['image_auroc']:.4f}")
-                runs["speedup"] = round(runs["2"]["images_per_second"] / runs["1"]["images_per_second"], 3)
-                result["speed"][method] = runs
-            for n in args.sizes:
-                name = f"synthetic-{n}"
-                folder = synthetic_folder(tmp / name, n)
-                import_dataset(catalog, store, folder, layout="folder", dataset=name, workers=16)
-                assign_splits(catalog, name, SplitSpec(train=0.8, val=0.0, test=0.2, seed=0))
-                spec_epochs = 2
-                caches = [args.shard_cache_mb] + ([0.0] if n == max(args.sizes) and args.shard_cache_mb else [])
-                for cache in caches:  # the largest size also with nothing kept: every epoch streams
-                    r = one_run(catalog, settings, name, "flow", 2, 64, spec_epochs, cache)
-                    result["memory"]["runs"][str(n) if cache == args.shard_cache_mb else f"{n}-streamed"] = r
-                    log(f"memory {n} (cache {cache:g} MiB: {r['embedding_cache']}): driver "
-                        f"{r['driver_peak_rss_mb']:.0f} MiB, workers {r['worker_peak_rss_mb']} MiB, "
-                        f"fit {r['fit_seconds']:.1f}s")
+            try:  # a failure keeps what was measured before it (written below, with the error)
+                if args.methods:
+                    import_dataset(catalog, store, MAGNETIC_TILE, layout="magnetic-tile", dataset="mt", workers=16)
+                    split = assign_splits(catalog, "mt", SplitSpec(train=0.75, val=0.0, test=0.25, seed=0))
+                    log(f"Magnetic Tile imported and split {split}")
+                for method in args.methods:
+                    runs = {}
+                    for workers in (1, 2):
+                        runs[str(workers)] = one_run(catalog, settings, "mt", method, workers, args.image_size, args.epochs)
+                        r = runs[str(workers)]
+                        log(f"{method} x{workers}: {r['train_images']} images, fit {r['fit_seconds']:.1f}s "
+                            f"({r['images_per_second']:.1f}/s), nodes {r['nodes']}, AUROC {r['image_auroc']:.4f}")
+                    runs["speedup"] = round(runs["2"]["images_per_second"] / runs["1"]["images_per_second"], 3)
+                    result["speed"][method] = runs
+                for n in args.sizes:
+                    name = f"synthetic-{n}"
+                    folder = synthetic_folder(tmp / name, n)
+                    import_dataset(catalog, store, folder, layout="folder", dataset=name, workers=16)
+                    assign_splits(catalog, name, SplitSpec(train=0.8, val=0.0, test=0.2, seed=0))
+                    spec_epochs = 2
+                    caches = [args.shard_cache_mb] + ([0.0] if n == max(args.sizes) and args.shard_cache_mb else [])
+                    for cache in caches:  # the largest size also with nothing kept: every epoch streams
+                        r = one_run(catalog, settings, name, "flow", 2, 64, spec_epochs, cache)
+                        result["memory"]["runs"][str(n) if cache == args.shard_cache_mb else f"{n}-streamed"] = r
+                        log(f"memory {n} (cache {cache:g} MiB: {r['embedding_cache']}): driver "
+                            f"{r['driver_peak_rss_mb']:.0f} MiB, workers {r['worker_peak_rss_mb']} MiB, "
+                            f"fit {r['fit_seconds']:.1f}s")
+            except Exception as err:  # noqa: BLE001
+                result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log(f"stopped: {result['error']}")
             catalog.dispose()
         finally:
             cluster.stop()
@@ -255,7 +260,7 @@ def main() -> None:
             result["memory"]["growth_streamed"] = round(
                 max(streamed["worker_peak_rss_mb"]) / max(runs[small]["worker_peak_rss_mb"]) - 1, 4)
     speedups = [r["speedup"] for m, r in result["speed"].items() if m not in ("patchcore", "measured")]
-    result["notes"] = [
+    result["notes"] = ([f"The run stopped early: {result['error']}"] if result.get("error") else []) + [
         f"Gradient detectors' median speed-up with 2 workers: {median(speedups):.2f}x" if speedups else "no speed runs",
         "Both nodes share this machine's 2 cores, and Ray Data's decoding actors run on the same cores.",
         "Flow, reconstruction and selfsup keep each worker's embeddings in memory up to "
@@ -278,6 +283,8 @@ def main() -> None:
     (args.out / "train_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out, result)
     print(f"wrote {args.out / 'train_scaling.json'} and .md", flush=True)
+    if result.get("error"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
