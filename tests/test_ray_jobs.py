@@ -1,134 +1,24 @@
 """The platform on a real local Ray cluster of two nodes (a head plus a second raylet on this
 machine) with PostgreSQL as the catalog: the whole flow (monitor, 2-worker DDP training across both
 nodes, promotion, pre-annotation on the cluster, Label Studio round trip, serving, metrics,
-`flawline status`), a flow run placed by a custom resource on the node that has it (the driver
-trains nothing) whose killed worker resumes from its checkpoint, a cancelled run resumed to the
-model an uninterrupted one gives, an elastic run that loses a node, runs side by side, cancel, and
-bad configurations that never reach the cluster. Uses a slice of the real ELPV set, the real S3
-server and a real Label Studio."""
+`flawline status`), pool scoring as a Ray job, and bad configurations that never reach the
+cluster. Uses a slice of the real ELPV set, the real S3 server and a real Label Studio. Placement,
+resume and elastic runs: test_ray_resume.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import write
-from flawline.catalog.db import make_engine, upgrade
-from flawline.cli.main import app
-from flawline.cluster.local_ray import LocalRayCluster, free_ports
+from flawline.cluster.local_ray import free_ports
 from flawline.config import get_settings
 from flawline.context import open_catalog
 from flawline.labelstudio import LabelStudioClient
-from flawline.train.runs import get_run
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    cluster = LocalRayCluster.on_free_ports(num_cpus=2, log_file=tmp_path_factory.mktemp("ray") / "ray.log")
-    # A lost node is noticed within seconds (a health check every second, 5 misses; Ray's default
-    # is every 3 s), so the elastic run stops counting on it soon after it is gone.
-    cluster.env = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
-    # "slot": one elastic worker per node; "head_node": runs pinned to the head (the driver's node)
-    cluster.start(resources='{"slot": 1, "head_node": 2}')
-    cluster.add_node(num_cpus=2, resources='{"second_node": 2, "slot": 1}')
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture
-def catalog_url(pg_url):
-    """This module's catalog is PostgreSQL, as in production."""
-    upgrade(make_engine(pg_url))
-    return pg_url
-
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture
-def elpv_small(settings_env, monkeypatch, ray_cluster, tmp_path):
-    """40 ELPV cells (16 defective), split 60/0/40 and catalogued; the CLI points at the cluster."""
-    monkeypatch.setenv("FLAWLINE_RAY_DASHBOARD_URL", ray_cluster.dashboard_url)
-    get_settings.cache_clear()
-    from flawline.data.importers.elpv import packaged_elpv_dir
-
-    src = packaged_elpv_dir()
-    rows = [line.split() for line in (src / "labels.csv").read_text().splitlines() if line.strip()]
-    picked = [r for r in rows if float(r[1]) >= 0.5][:16] + [r for r in rows if float(r[1]) == 0.0][:24]
-    root = tmp_path / "elpv"
-    for rel, _, _ in picked:
-        write(root / rel, (src / rel).read_bytes())
-    (root / "labels.csv").write_text("\n".join(" ".join(r) for r in picked) + "\n")
-    assert _cli("data", "import", root, "--layout", "elpv", "--dataset", "elpv").exit_code == 0
-    result = _cli("data", "split", "elpv", "--train", "0.6", "--val", "0", "--test", "0.4", "--stratify-by", "cell_type")
-    assert result.exit_code == 0, result.output
-    yield "elpv"
-    get_settings.cache_clear()
-
-
-def _submit(*args):
-    result = _cli("train", "submit", "--json", "--image-size", 64, "--batch-size", 4, *args)
-    assert result.exit_code == 0, result.output
-    import json
-
-    return json.loads(result.stdout)["run"]
-
-
-def _wait(run_id: int, timeout: float = 240, until=None):
-    """Poll the run's row (the job updates it) until it ends, or ``until(row)`` holds."""
-    from flawline.train.submit import refresh
-
-    settings = get_settings()
-    catalog = open_catalog(settings)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        refresh(catalog, settings, [run_id])
-        row = get_run(catalog, run_id)
-        if (until is not None and until(row)) or row.status.value in ("succeeded", "failed", "cancelled"):
-            return row
-        time.sleep(0.5)
-    logs = _cli("runs", "logs", run_id).output[-3000:]
-    pytest.fail(f"run {run_id} still {row.status.value} after {timeout} s; logs:\n{logs}")
-
-
-def _row(run_id: int):  # noqa: ANN202
-    """The run's row, reconciled with Ray."""
-    from flawline.train.submit import refresh
-
-    settings = get_settings()
-    catalog = open_catalog(settings)
-    refresh(catalog, settings, [run_id])
-    return get_run(catalog, run_id)
-
-
-def _scrape(cluster: LocalRayCluster) -> str:
-    """Every node's Prometheus endpoint, concatenated (what Prometheus would scrape)."""
-    out = []
-    for port in cluster.metrics_ports:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                out.append(resp.read().decode())
-        except OSError:
-            pass
-    return "\n".join(out)
-
-
-def _series(text: str, name: str, **tags: str) -> list[float]:
-    """Values of ``name`` whose labels include ``tags``."""
-    values = []
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in tags.items()):
-            values.append(float(line.rsplit(" ", 1)[1]))
-    return values
-
+from ray_support import _cli, _scrape, _series, _submit, _wait, catalog_url, elpv_small, ray_cluster  # noqa: F401
 
 def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstudio, monkeypatch):
     """The platform end to end on a two-node cluster with PostgreSQL as the catalog: the monitor
@@ -230,132 +120,6 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
     assert "stopped flawline-monitor-" in stopped.stdout, stopped.output
 
 
-FLOW = ("--setting", "unsupervised", "--method", "flow")
-
-
-def _node_with(cluster: LocalRayCluster, resource: str) -> str:
-    from ray.util.state import list_nodes
-
-    nodes = list_nodes(address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True)
-    (node,) = [n for n in nodes if resource in (n.resources_total or {})]
-    return node.node_id
-
-
-def _ray_train_workers(cluster: LocalRayCluster, job_id: str) -> list:
-    """The live Ray Train workers of one Ray job (``job_id``: Ray's hex id of the job's driver)."""
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name == "RayTrainWorker" and a.job_id == job_id]
-
-
-def _wait_job(client, job: str, timeout: float = 300) -> str:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while (status := str(client.get_job_status(job)).rsplit(".", 1)[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, f"job {job} still {status}"
-        time.sleep(1)
-    return status
-
-
-def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_small, ray_cluster):
-    """Four runs at once, as users share a cluster:
-
-    - ``placed``: a flow run asking for the second node's custom resource (standing for a GPU; the
-      head, the driver's node, lacks it), keeping no embeddings (``--shard-cache-mb 0``: every
-      epoch embeds the streamed shard again). Its fit runs there; its worker is killed mid-run and
-      it finishes from its last checkpoint.
-    - ``whole`` and ``cut``: the same flow run twice on the head (seed 5); ``cut`` is cancelled after
-      3 checkpoints and continued with ``runs resume``: it ends as ``whole`` does.
-    - what a KubeRay RayJob does (infra/k8s/rayjob-train.yaml): a Ray job whose own entrypoint is
-      ``flawline train submit --in-process``; two workers (on the second node, beside ``placed``)
-      embed their halves and PaDiM fits on rank 0 over both.
-
-    Every run's resources are pinned (the head's two CPUs hold ``whole`` and ``cut``), so none
-    waits for another."""
-    from ray.job_submission import JobSubmissionClient
-
-    from flawline.train.submit import job_env
-
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    second = _node_with(ray_cluster, "second_node")
-    placed = _submit("--dataset", elpv_small, *FLOW, "--epochs", 6, "--worker-resource", "second_node=1",
-                     "--max-failures", 2, "--shard-cache-mb", 0)
-    on_head = ("--dataset", elpv_small, *FLOW, "--epochs", 6, "--seed", 5, "--worker-resource", "head_node=1")
-    whole = _submit(*on_head, "--name", "flow-whole")
-    cut = _submit(*on_head, "--name", "flow-cut")
-    kuberay = client.submit_job(entrypoint=f"flawline train submit --in-process --dataset {elpv_small} --setting "
-                                           "unsupervised --method padim --workers 2 --cpus-per-worker 0.5 "
-                                           "--worker-resource second_node=0.5 --image-size 64 --json",
-                                runtime_env={"env_vars": job_env(get_settings())})
-
-    # Watch both at once: ``placed`` is killed once two checkpoints are reported (Ray Train's
-    # controller has registered at least the first by then; a report still in flight when a worker
-    # dies is dropped with the failed group); ``cut`` is cancelled after its 3rd (which may be in
-    # flight), while ``whole`` goes on.
-    killed = cancelled = False
-    deadline = time.monotonic() + 480  # four runs starting at once share two cores with the other test process
-    while not (killed and cancelled):
-        assert time.monotonic() < deadline, "the runs did not reach their checkpoints"
-        time.sleep(0.5)
-        if not killed and ((row := _row(placed)).metrics or {}).get("checkpoints", 0) >= 2:
-            assert row.status.value == "running", row.error
-            (worker,) = _ray_train_workers(ray_cluster, client.get_job_info(row.ray_job_id).job_id)
-            assert worker.node_id == second
-            os.kill(worker.pid, signal.SIGKILL)
-            killed = True
-        if not cancelled and ((row := _row(cut)).metrics or {}).get("checkpoints", 0) >= 3:
-            assert row.status.value == "running", row.error
-            assert _row(whole).status.value == "running"  # side by side
-            result = _cli("runs", "cancel", cut)
-            assert result.exit_code == 0, result.output
-            cancelled = True
-    first_job = get_run(open_catalog(), cut).ray_job_id
-    _wait_job(client, first_job, 60)
-    time.sleep(2)  # the stopped driver must not overwrite the verdict
-    assert get_run(open_catalog(), cut).status.value == "cancelled"
-    again = _cli("runs", "cancel", cut)
-    assert again.exit_code == 1 and "already cancelled" in again.output
-    if get_run(open_catalog(), whole).status.value == "running":
-        assert _cli("runs", "resume", whole).exit_code == 1  # still running: not resumable
-    resumed = _cli("runs", "resume", cut, "--json")
-    assert resumed.exit_code == 0, resumed.output
-
-    row = _wait(placed)
-    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", placed).output[-3000:])
-    progress = row.metrics["progress"]
-    assert progress.get("resumed_from_epoch", 0) >= 1, row.metrics  # resumed, not restarted from scratch
-    assert progress["epoch"] == 6
-    assert row.metrics["embedding_cache"].startswith("streamed: embedded again each epoch"), row.metrics
-    (where,) = row.metrics["placement"]
-    assert (where["node_id"], where["device"], where["rank"]) == (second, "cpu", 0)
-    assert row.metrics["finished_on"]["node_id"] == second
-    assert row.metrics["driver_node"] != second  # the driver planned and recorded, nothing more
-    assert row.metrics["model"] == "elpv-unsupervised-flow:1" and row.metrics["image_auroc"] > 0.5
-    shown = " ".join(_cli("runs", "show", placed).stdout.split())
-    assert "rank 0 on" in shown and f"node {second[:8]} (cpu)" in shown and "(trained nothing)" in shown, shown
-    assert "embeddings: streamed: embedded again each epoch" in shown, shown
-
-    cut_row, whole_row = _wait(cut), _wait(whole)
-    assert (cut_row.status.value, whole_row.status.value) == ("succeeded", "succeeded"), (cut_row.error, whole_row.error)
-    for r in (cut_row, whole_row):  # pinned to the head, the node their drivers run on
-        assert [p["node_id"] for p in r.metrics["placement"]] == [r.metrics["driver_node"]]
-    shown = json.loads(_cli("runs", "show", cut, "--json").stdout)
-    assert shown["ray_job_ids"] == [first_job, json.loads(resumed.stdout)["ray_job_id"]] == [
-        first_job, cut_row.ray_job_id]
-    assert cut_row.metrics["progress"]["resumed_from_epoch"] >= 2  # continued, not started again
-    assert cut_row.metrics["progress"]["epoch"] == 6
-    # Same seed, same data, the same batches each epoch: the resumed model is the uninterrupted one.
-    assert cut_row.metrics["progress"]["loss"] == pytest.approx(whole_row.metrics["progress"]["loss"], rel=1e-4)
-    assert cut_row.metrics["image_auroc"] == pytest.approx(whole_row.metrics["image_auroc"], abs=1e-6)
-    again = _cli("runs", "resume", cut)
-    assert again.exit_code == 1 and "only a failed or cancelled run can be resumed" in again.output
-
-    assert _wait_job(client, kuberay) == "SUCCEEDED", client.get_job_logs(kuberay)[-3000:]
-    (run,) = [r for r in json.loads(_cli("runs", "list", "--json").stdout) if r["ray_job_id"] == kuberay]
-    assert (run["status"], run["metrics"]["model"]) == ("succeeded", "elpv-unsupervised-padim:1")
-    assert len(run["placement"]) == 2 and run["metrics"]["image_auroc"] > 0.5
-
-
 @pytest.mark.parametrize("args, message", [
     (["--setting", "supervised", "--method", "patchcore"], "trains classifier, segmenter; not 'patchcore'"),
     (["--setting", "telepathy"], "unknown training setting 'telepathy'"),
@@ -445,22 +209,3 @@ def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):
         assert (other.mask is None) == (pred.mask is None) and other.readable == pytest.approx(pred.readable)
         if pred.mask is not None:
             assert (other.mask == pred.mask).mean() > 0.999
-
-
-def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_cluster):
-    """Last in this module: it kills the second node."""
-    # Half a CPU per worker: Ray Data's decoding gets what Ray Train leaves of the cluster after
-    # reserving --workers (the most) workers, and after the loss only the head's 2 CPUs are left.
-    # One "slot" per node: one worker per node.
-    run = _submit("--dataset", elpv_small, *FLOW, "--workers", 2, "--min-workers", 1, "--cpus-per-worker", 0.5,
-                  "--worker-resource", "slot=1", "--epochs", 8)
-    row = _wait(run, until=lambda r: ((r.metrics or {}).get("progress") or {}).get("world_size") == 2
-                and r.metrics.get("checkpoints", 0) >= 2)
-    assert row.status.value == "running", row.error
-    assert ray_cluster.kill_node(), "no process of the second node found"
-    row = _wait(run, timeout=300)
-    assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
-    progress = row.metrics["progress"]
-    assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
-    (worker,) = row.metrics["placement"]
-    assert worker["node_id"] == row.metrics["driver_node"]  # the head is the node left

@@ -20,6 +20,7 @@ import numpy as np
 from flawline.active.scoring import (
     annotate_on_ray,
     load_scores,
+    model_tag,
     predictions_from_masks,
     save_scores,
     score_on_ray,
@@ -60,6 +61,9 @@ def run_scoring(rows_key: str, out_key: str, artifact_uri: str, image_size: int,
                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                             threshold_info=threshold_info)
         save_scores(store, pool, "", "", key=out_key)
+    from flawline.monitoring.metrics import add_to_counter
+
+    add_to_counter("flawline_images_scored", len(rows), {"model": model_tag(artifact_uri)})
     print(f"scored {len(rows)} images on {workers} actor(s) in {time.perf_counter() - started:.1f} s -> "
           f"{store.uri(out_key)}", flush=True)
     return out_key

@@ -103,8 +103,6 @@ class ScoreRows:
         self.detector = load_detector(self.store, self.store.key_from_uri(artifact_uri))
         if threshold:  # the catalog's (catalog.model_versions.version_threshold): it may postdate the artifact
             self.detector.set_threshold(Threshold.from_dict(threshold))
-        parts = artifact_uri.split("/")  # .../models/<model name>/<run>/model.pt: the metric's model tag
-        self.model = parts[parts.index("models") + 1] if "models" in parts[:-1] else "unknown"
         self.image_size = image_size
         self.with_masks = with_masks
 
@@ -112,9 +110,6 @@ class ScoreRows:
         rows = [ImageRecord.from_json(r) for r in batch["record"]]
         x = decode_images(self.store, rows, self.image_size, self.detector.config.white)
         ids = np.array([r.image_id for r in rows], dtype=np.int64)
-        from flawline.monitoring.metrics import metric
-
-        metric("flawline_images_scored").inc(len(rows), tags={"model": self.model})
         if self.with_masks:
             pred = self.detector.predict(x)
             verdicts, masks = verdicts_and_masks(self.detector, pred)
@@ -122,6 +117,12 @@ class ScoreRows:
                     "readable": readable_scores(self.detector, pred.scores)}
         scores, embs = score_batch(self.detector, x)
         return {"image_id": ids, "score": scores, "embedding": embs}
+
+
+def model_tag(artifact_uri: str) -> str:
+    """The metrics' ``model`` tag of an artifact at ``.../models/<model name>/<run>/model.pt``."""
+    parts = artifact_uri.split("/")
+    return parts[parts.index("models") + 1] if "models" in parts[:-1] else "unknown"
 
 
 def score_on_ray(artifact_uri: str, rows: list[ImageRecord], image_size: int, threshold: float | None,

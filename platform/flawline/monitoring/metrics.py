@@ -40,7 +40,7 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("flawline_score_to_threshold", "histogram", "Served image score divided by the model's threshold.",
                ("model",), SCORE_RATIO),
     MetricSpec("flawline_batch_size", "histogram", "Images per forward pass in the model server.", (), BATCH),
-    # Batch scoring of the unlabelled pool (recorded by the Ray Data scoring actors).
+    # Batch scoring of the unlabelled pool (recorded once per scoring job, see add_to_counter).
     MetricSpec("flawline_images_scored", "counter", "Pool images scored by batch-scoring jobs.", ("model",)),
     # The catalog, published by the monitor job (`flawline monitor start`) every few seconds.
     # Training progress is read there too: rank 0 records each epoch in the run's row, and a gauge
@@ -83,6 +83,33 @@ def metric(name: str) -> Any:
             else:
                 _objects[name] = ray_metrics.Histogram(spec.name, boundaries=list(spec.boundaries), **kwargs)
     return _objects[name]
+
+
+class _CounterHolder:
+    """A detached Ray actor (no CPU) holding counters for processes that end soon after counting."""
+
+    def inc(self, name: str, value: float, tags: dict[str, str]) -> None:
+        metric(name).inc(value, tags=tags)
+
+
+COUNTER_HOLDER = "flawline-counters"
+
+
+def add_to_counter(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Add ``value`` to counter ``name`` from a short-lived process (a job driver, a Ray Data actor).
+
+    Ray's metrics agent stops exporting a process's series once the process has exited, so a
+    counter recorded in a scoring job's actors could vanish before Prometheus scrapes it. This
+    adds the count in one detached actor, ``flawline-counters`` in namespace ``flawline`` (created
+    on first use, 0 CPUs), which lives as long as the cluster. Ray must be initialised. Blocks
+    until the count is recorded."""
+    if METRICS[name].kind != "counter":
+        raise ValueError(f"{name} is a {METRICS[name].kind}, not a counter")
+    import ray
+
+    holder = ray.remote(_CounterHolder).options(name=COUNTER_HOLDER, namespace="flawline", lifetime="detached",
+                                                get_if_exists=True, num_cpus=0).remote()
+    ray.get(holder.inc.remote(name, float(value), dict(tags or {})))
 
 
 def prometheus_names(spec: MetricSpec) -> list[str]:
