@@ -141,10 +141,10 @@ def test_data_survives_a_restart(local_env, folder_tree):
     from flawline.catalog import Image
     from flawline.context import open_catalog, open_store
 
-    assert _run("up", "--no-ray").exit_code == 0
-    assert _run("data", "import", str(folder_tree), "--dataset", "kept").exit_code == 0
-    assert _run("down", "--no-ray").exit_code == 0
-    assert _run("up", "--no-ray").exit_code == 0
+    for args in (["up", "--no-ray"], ["data", "import", str(folder_tree), "--dataset", "kept"], ["down", "--no-ray"],
+                 ["up", "--no-ray"]):
+        result = _run(*args)
+        assert result.exit_code == 0, (args, result.output)
     with open_catalog().session() as s:
         keys = list(s.scalars(select(Image.object_key)))
     store = open_store()
