@@ -21,6 +21,9 @@ Protocol:
   (2 workers, 2 epochs) per size. Peak resident memory (ru_maxrss) of the job's driver and of each
   worker process as the run records them (``driver_peak_rss_mb``, ``placement[].peak_rss_mb``;
   the worker's peak is taken when training ends).
+- ``--object-store-mb N``: each node's Ray object store (Ray's minimum is 75 MiB), so that the
+  largest memory-part dataset, decoded, is several times the cluster's object store; the Markdown
+  gives the ratio.
 - This machine has 2 cores: the two "nodes" share them, so 2 workers can at best double a
   1-worker run that uses one core, and Ray Data's decoding competes with the workers for the
   same cores.
@@ -155,6 +158,11 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
         if mem.get("growth_streamed") is not None:
             lines += ["", f"With --shard-cache-mb 0 (every epoch streams) at {mem['largest']} images: "
                           f"{mem['growth_streamed'] * 100:+.1f} % against the cached run at {mem['smallest']}."]
+    if mem.get("object_store_mb"):
+        largest = max(mem["decoded_mb"], key=int)
+        lines += ["", f"The cluster's object store: {mem['object_store_mb']:.0f} MiB (both nodes); the {largest} images "
+                      f"decoded: {mem['decoded_mb'][largest]:.0f} MiB "
+                      f"({mem['decoded_mb'][largest] / mem['object_store_mb']:.1f}x the store)."]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     (out / "train_scaling.md").write_text("\n".join(lines))
 
@@ -170,6 +178,8 @@ def main() -> None:
     p.add_argument("--shard-cache-mb", type=float, default=1024.0,
                    help="memory part: each worker's embedding cache (the platform's default); the largest "
                         "size also runs with 0 (embedded again every epoch)")
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="each node's Ray object store in MiB (default: Ray's, 30 %% of memory; minimum 75)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite train_scaling.md from the saved train_scaling.json (no runs)")
@@ -195,6 +205,7 @@ def main() -> None:
         server = LocalS3Server.on_free_ports(tmp / "s3")
         server.start(timeout=90)
         cluster = LocalRayCluster.on_free_ports(num_cpus=2, log_file=tmp / "ray.log")
+        cluster.object_store_mb = args.object_store_mb
         try:
             cluster.start(resources='{"slot": 1}')
             cluster.add_node(num_cpus=2, resources='{"slot": 1}')
@@ -227,6 +238,16 @@ def main() -> None:
                             f"({r['images_per_second']:.1f}/s), nodes {r['nodes']}, AUROC {r['image_auroc']:.4f}")
                     runs["speedup"] = round(runs["2"]["images_per_second"] / runs["1"]["images_per_second"], 3)
                     result["speed"][method] = runs
+                if args.sizes:
+                    import ray
+
+                    from flawline.train.distributed import decoded_bytes
+
+                    with ray.init(address=cluster.address):
+                        store_mb = ray.cluster_resources()["object_store_memory"] / 2**20
+                    result["memory"].update(object_store_mb=round(store_mb, 1), decoded_mb={
+                        str(n): round(n * decoded_bytes(64) / 2**20, 1) for n in args.sizes})
+                    log(f"the cluster's object store: {store_mb:.0f} MiB")
                 for n in args.sizes:
                     name = f"synthetic-{n}"
                     folder = synthetic_folder(tmp / name, n)

@@ -270,7 +270,7 @@ def ls_client(labelstudio: LocalLabelStudio) -> LabelStudioClient:
 # The two longest files first (the two-node Ray cluster's runs; quickstart's whole main job): with
 # two test processes taking whole files (pyproject: -n 2 --dist loadfile), each starts on one of
 # them and the short files fill in around them, instead of one long file starting last.
-FIRST = ("test_ray_resume.py", "test_ray_jobs.py", "test_cli.py")
+FIRST = ("test_ray_jobs.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

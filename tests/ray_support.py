@@ -1,7 +1,6 @@
-"""What the two Ray test modules share: a two-node local Ray cluster per module (a head plus a
-second raylet on this machine; each module gets its own, so the two modules run side by side in
-the two test processes), PostgreSQL as the catalog, a slice of the real ELPV set, and helpers that
-submit runs and watch their rows."""
+"""What the Ray test module (test_ray_jobs.py) uses: a two-node local Ray cluster (a head plus a
+second raylet on this machine), PostgreSQL as the catalog, a slice of the real ELPV set, and
+helpers that submit runs and watch their rows."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from flawline.train.runs import get_run
 def ray_cluster(tmp_path_factory):
     cluster = LocalRayCluster.on_free_ports(num_cpus=2, log_file=tmp_path_factory.mktemp("ray") / "ray.log")
     # Ray's own health checks (every 3 s, a node is dead after 5 misses): faster checks declared
-    # nodes dead that were only slow while both Ray modules and the other tests shared 2 cores.
+    # nodes dead that were only slow while the other test process shared the 2 cores.
     # Worker processes (job drivers, Ray Train's controller) inherit the raylets' environment. An
     # elastic run that lost a node first asks again for its largest group (Ray's view of the
     # cluster is stale for a moment): that request is given up after 15 s instead of Ray Train's

@@ -95,7 +95,7 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
              image_size: int, threshold: float | None, workers: int, cpus_per_worker: float, gpus_per_worker: float,
              timeout_s: float, poll_s: float, masks: bool, progress: Callable[[str], None] | None) -> str:
     """Submit one scoring job for ``rows``, wait for it, and return the S3 key of what it stored."""
-    from flawline.train.submit import job_client, job_env, jobs_dir
+    from flawline.train.submit import job_client, submit_job
 
     ref = f"{model.name}:{model.version}"
     out_key = scores_key(ref, dataset)
@@ -109,9 +109,8 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
             + (" --masks" if masks else "")
             + (f" --threshold-json {shlex.quote(json.dumps(info))}" if (info := version_threshold(model)) else ""))
     try:
-        client.submit_job(entrypoint=f"python score.py {args}", submission_id=job_id,
-                          runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},
-                          metadata={"flawline_scoring": ref, "dataset": dataset})
+        submit_job(client, settings, job_id, "flawline.active.score_job", args,
+                   {"flawline_scoring": ref, "dataset": dataset})
     except Exception as err:
         raise ServiceError(f"could not submit the scoring job to {settings.ray_dashboard_url}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -160,3 +159,7 @@ def submit_scoring(settings: Settings, store: ObjectStore, model: ModelVersion, 
     return PoolScores(image_ids=pool.image_ids[idx], scores=pool.scores[idx],
                       embeddings=pool.embeddings[idx] if pool.embeddings is not None else None,
                       threshold=pool.threshold)
+
+
+if __name__ == "__main__":  # what the Ray job runs: python -m flawline.active.score_job
+    sys.exit(main())

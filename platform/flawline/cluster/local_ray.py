@@ -46,6 +46,8 @@ class LocalRayCluster:
     # Extra environment for every `ray start` (e.g. RAY_health_check_period_ms): Ray's processes
     # and the workers they start inherit it.
     env: dict[str, str] = field(default_factory=dict)
+    # Each node's object store (MiB; Ray's minimum is 75); None: Ray's default (30 % of memory).
+    object_store_mb: int | None = None
 
     @classmethod
     def on_free_ports(cls, num_cpus: int | None = None, log_file: Path | None = None) -> LocalRayCluster:
@@ -64,9 +66,10 @@ class LocalRayCluster:
         agent, grpc, metrics, runtime_env, manager, objects, client = free_ports(7)
         self.metrics_ports.append(metrics)
         self._last_manager_port = manager
+        store = [f"--object-store-memory={self.object_store_mb * 1024 * 1024}"] if self.object_store_mb else []
         return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
+                f"--node-manager-port={manager}", f"--object-manager-port={objects}", *store]
 
     def _run(self, args: list[str], timeout: float) -> None:
         env = dict(os.environ)

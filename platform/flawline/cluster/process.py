@@ -120,6 +120,10 @@ def stop_pid_file(pid_file: Path, timeout: float) -> bool:
             kill(signal.SIGKILL)
         except ProcessLookupError:
             pass
-        reap(pid)
+        # Gone before returning: a `start` right after must not find its ports still held.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pid_alive(pid):
+            reap(pid)
+            time.sleep(0.05)
     pid_file.unlink(missing_ok=True)
     return True

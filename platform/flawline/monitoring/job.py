@@ -33,7 +33,7 @@ def monitor_jobs(settings: Settings, active_only: bool = True) -> list[Any]:
 
 def start_monitor(settings: Settings, interval_s: float = 15.0) -> tuple[str, bool]:
     """Submit the monitor job unless one is already running; returns (submission id, started)."""
-    from flawline.train.submit import job_client, job_env, jobs_dir
+    from flawline.train.submit import job_client, submit_job
 
     running = monitor_jobs(settings)
     if running:
@@ -41,11 +41,8 @@ def start_monitor(settings: Settings, interval_s: float = 15.0) -> tuple[str, bo
     job_id = f"flawline-monitor-{secrets.token_hex(3)}"
     try:
         # num_cpus 0: it sleeps most of the time and must never hold a slot training needs.
-        job_client(settings).submit_job(
-            entrypoint=f"python monitor.py --interval {interval_s}", submission_id=job_id,
-            entrypoint_num_cpus=0,
-            runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},
-            metadata={MONITOR_METADATA: "1"})
+        submit_job(job_client(settings), settings, job_id, "flawline.monitoring.job", f"--interval {interval_s}",
+                   {MONITOR_METADATA: "1"}, entrypoint_num_cpus=0)
     except Exception as err:
         raise ServiceError(f"could not submit the monitor job to {settings.ray_dashboard_url}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -84,3 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_monitor(catalog, a.interval, a.rounds, on_error=warn)
     return 0
+
+
+if __name__ == "__main__":  # what the Ray job runs: python -m flawline.monitoring.job
+    sys.exit(main())

@@ -71,3 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # what the Ray job runs: python -m flawline.train.job
+    sys.exit(main())

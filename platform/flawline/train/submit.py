@@ -9,24 +9,16 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from flawline.catalog import Catalog, RunStatus
 from flawline.config import Settings
-from flawline.errors import ConfigError, InvalidInput, ServiceError
+from flawline.errors import InvalidInput, ServiceError
 from flawline.train.runner import plan_run
 from flawline.train.runs import FINAL, create_run, get_run, list_runs, run_spec, update_run
 from flawline.train.spec import TrainSpec
 
 RAY_FINAL = {"SUCCEEDED": RunStatus.succeeded, "FAILED": RunStatus.failed, "STOPPED": RunStatus.cancelled}
-
-
-def jobs_dir(settings: Settings) -> Path:
-    folder = settings.jobs_dir or Path(__file__).resolve().parents[3] / "jobs"
-    if not (folder / "train.py").is_file():
-        raise ConfigError(f"no job entrypoints in {folder} (set FLAWLINE_JOBS_DIR to the repository's jobs/ folder)")
-    return folder
 
 
 def job_env(settings: Settings) -> dict[str, str]:
@@ -39,6 +31,21 @@ def job_env(settings: Settings) -> dict[str, str]:
     if settings.s3_region:
         env["FLAWLINE_S3_REGION"] = settings.s3_region
     return env
+
+
+def submit_job(client: Any, settings: Settings, job_id: str, module: str, args: str, metadata: dict[str, str],
+               **options: Any) -> None:
+    """Submit one flawline Ray job through ``client`` (a ``JobSubmissionClient``): its entrypoint
+    is ``python -m <module> <args>`` (``flawline.train.job``, ``flawline.active.score_job``,
+    ``flawline.monitoring.job``: the functions jobs/*.py call), with the catalog/S3 settings in its
+    ``runtime_env``. ``options``: more ``submit_job`` arguments. Raises what the client raises.
+
+    No working_dir: flawline is installed on every node (the workers import it), so a job needs
+    no package. Shipping jobs/ as a working_dir package made every job's workers download it from
+    the GCS on their node, and under load those downloads failed ("Failed to download runtime_env
+    file package") or a driver found its folder half unpacked ("can't open file 'train.py'")."""
+    client.submit_job(entrypoint=f"python -m {module} {args}".rstrip(), submission_id=job_id, metadata=metadata,
+                      runtime_env={"env_vars": job_env(settings)}, **options)
 
 
 def job_client(settings: Settings):  # noqa: ANN201  (ray.job_submission.JobSubmissionClient)
@@ -61,15 +68,12 @@ def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec) -> tuple[i
 
 
 def _submit_job(catalog: Catalog, settings: Settings, client: Any, run_id: int, spec: TrainSpec, method: str) -> str:
-    """Submit the run's Ray job (``jobs/train.py --run-id``) and record its id; every job a run
+    """Submit the run's Ray job (``flawline.train.job --run-id``) and record its id; every job a run
     had stays listed in its config (``ray_job_ids``: the first submission, then each resume)."""
     job_id = f"flawline-run-{run_id}-{secrets.token_hex(3)}"
     try:
-        client.submit_job(
-            entrypoint=f"python train.py --run-id {run_id}", submission_id=job_id,
-            runtime_env={"working_dir": str(jobs_dir(settings)), "env_vars": job_env(settings)},
-            metadata={"flawline_run_id": str(run_id), "setting": spec.setting, "method": method},
-        )
+        submit_job(client, settings, job_id, "flawline.train.job", f"--run-id {run_id}",
+                   {"flawline_run_id": str(run_id), "setting": spec.setting, "method": method})
     except Exception as err:
         update_run(catalog, run_id, status=RunStatus.failed, error=f"submission failed: {err}".splitlines()[0])
         raise ServiceError(f"could not submit run {run_id} to {settings.ray_dashboard_url}: "
