@@ -78,13 +78,12 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
         assert "decoded images: streamed every epoch" in " ".join(shown.stdout.split())
         assert '"status": "succeeded"' in _cli("runs", "list", "--json").stdout
         assert "Reporting training result" in _cli("runs", "logs", run).stdout
-        # Each job has its own copy of jobs/ (jobs sharing one package raced while Ray unpacked it).
+        # Jobs run the installed package's modules: no working_dir package to ship to every worker.
         from ray.job_submission import JobSubmissionClient
 
-        jobs = JobSubmissionClient(ray_cluster.dashboard_url)
-        monitor_job = started.stdout.split("started as Ray job ")[1].split()[0]
-        packages = [jobs.get_job_info(j).runtime_env["working_dir"] for j in (monitor_job, row.ray_job_id)]
-        assert all(p.startswith("gcs://_ray_pkg_") for p in packages) and packages[0] != packages[1], packages
+        info = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(row.ray_job_id)
+        assert info.entrypoint == f"python -m flawline.train.job --run-id {run}", info.entrypoint
+        assert "working_dir" not in (info.runtime_env or {}), info.runtime_env
         assert _cli("models", "promote", model).exit_code == 0
 
         # Labelling: pre-annotations from a Ray job, answered and pulled back.

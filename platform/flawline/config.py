@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     local_ray_port: int = 6390
     local_ray_cpus: int | None = Field(default=None, description="Logical CPUs of the local Ray head.")
     jobs_dir: Path | None = Field(
-        default=None, description="Folder with the Ray job entrypoints (default: the repository's jobs/)."
+        default=None, description="Folder with the jobs/ entry scripts, for running a job by hand or from "
+        "another scheduler; flawline's own submissions run the installed package's modules and do not read it."
     )
 
     # Ray Serve's HTTP proxy (`flawline serve up`; `flawline predict` calls it). Set explicitly: Serve's

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,15 @@ class LocalRayCluster:
     # Each node's object store (MiB; Ray's minimum is 75); None: Ray's default (30 % of memory).
     object_store_mb: int | None = None
 
+    @property
+    def temp_dir(self) -> Path:
+        """This cluster's own Ray temp dir (``--temp-dir`` of every node), not the machine-wide
+        /tmp/ray. A Ray job's supervisor points the job's driver at the cluster named in
+        ``<temp dir>/ray_current_cluster``, which the last head started there writes: with a
+        shared temp dir, a job submitted to one local cluster ran its driver on another one
+        started after it (and failed when that one stopped)."""
+        return Path(tempfile.gettempdir()) / f"ray-{self.port}"
+
     @classmethod
     def on_free_ports(cls, num_cpus: int | None = None, log_file: Path | None = None) -> LocalRayCluster:
         gcs, dash = free_ports(2)
@@ -67,7 +77,7 @@ class LocalRayCluster:
         self.metrics_ports.append(metrics)
         self._last_manager_port = manager
         store = [f"--object-store-memory={self.object_store_mb * 1024 * 1024}"] if self.object_store_mb else []
-        return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+        return [f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                 f"--node-manager-port={manager}", f"--object-manager-port={objects}", *store]
 
