@@ -5,9 +5,7 @@ import os
 import sys
 import tempfile
 
-# Ray unpacks this folder (the job's working_dir) once per package and may unpack it again while the
-# job runs, when another job's driver starts with the same package: a driver standing in the old
-# folder then fails on its next relative path (its own __file__ is relative). Stand elsewhere first.
+# Stand outside this folder: a relative path must not depend on where the script lies.
 os.chdir(tempfile.gettempdir())
 
 from flawline.monitoring.job import main  # noqa: E402  (after the chdir above)

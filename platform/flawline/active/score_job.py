@@ -43,7 +43,7 @@ def run_scoring(rows_key: str, out_key: str, artifact_uri: str, image_size: int,
 
     from flawline.context import open_store
 
-    scratch = get_settings().data_dir.expanduser() / "jobs" / "scoring"  # see flawline.train.job: working dirs vanish
+    scratch = get_settings().data_dir.expanduser() / "jobs" / "scoring"  # a folder of our own, as in flawline.train.job
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
     store = open_store()

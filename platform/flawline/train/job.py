@@ -23,8 +23,7 @@ def run_training_job(run_id: int) -> dict:
     from flawline.train.distributed import run_on_ray
     from flawline.train.runs import record_facts
 
-    # Ray unpacks the job's working_dir under its runtime-env cache and may garbage-collect it once
-    # the trainer's actors are gone; a driver standing in a deleted folder breaks later imports.
+    # A scratch folder of the run's own (the job's working directory is Ray's, not ours).
     scratch = get_settings().data_dir.expanduser() / "jobs" / f"run-{run_id}"
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
