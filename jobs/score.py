@@ -1,5 +1,5 @@
 """Ray job entrypoint: score an image pool with a registered model (submitted by the active-learning
-loop, with this folder as the job's working directory)."""
+loop; flawline itself runs the same code as `python -m flawline.active.score_job`)."""
 
 import os
 import sys
