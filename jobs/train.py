@@ -1,5 +1,5 @@
-"""Ray job entrypoint for one training run: `python train.py --run-id N` (submitted by
-`flawline train submit` runs the same code as `python -m flawline.train.job`)."""
+"""Ray job entrypoint for one training run: `python train.py --run-id N` (`flawline train submit`
+runs the same code as `python -m flawline.train.job`)."""
 
 import os
 import sys
