@@ -24,9 +24,17 @@ Protocol:
 - ``--object-store-mb N``: each node's Ray object store (Ray's minimum is 75 MiB), so that the
   largest memory-part dataset, decoded, is several times the cluster's object store; the Markdown
   gives the ratio.
+- Where the time goes: each run's ``fit_phases`` (rank 0's seconds: ``model`` building the
+  detector and backbone, ``embed`` the first pass over the stream, ``epochs`` the gradient
+  epochs, ``report`` per-epoch checkpoints and Ray Train's reports); ``epoch images/s`` = training
+  images x epochs / epoch seconds, the steady-state rate without the fixed costs.
+- The bound (measured with flow unless ``--no-ddp-bound``): the flow's training step (batch 16,
+  image size as above, embeddings of random images) timed in one process, and in two processes
+  under torch DDP (gloo) with nothing else running, each with one thread; the speed-up two
+  workers could reach on this machine's cores for that step is 2 x one / two.
 - This machine has 2 cores: the two "nodes" share them, so 2 workers can at best double a
-  1-worker run that uses one core, and Ray Data's decoding competes with the workers for the
-  same cores.
+  1-worker run that uses one core, and Ray Data's decoding, Ray's own processes and the S3
+  server compete with the workers for the same cores.
 
     python bench/train_scaling_bench.py [--image-size 128] [--methods flow reconstruction patchcore classifier]
                                         [--sizes 1000 4000 16000] [--epochs N] [--out DIR]
@@ -116,11 +124,72 @@ def one_run(catalog, settings, dataset: str, method: str, workers: int, image_si
     images = sum(plan["streams"].values())
     return {"run": run_id, "workers": workers, "train_images": images, "epochs": (mt.get("progress") or {}).get("epochs", 1),
             "fit_seconds": mt["fit_seconds"], "images_per_second": round(images / mt["fit_seconds"], 2),
+            "fit_phases": mt.get("fit_phases"),
             "job_seconds": round(time.perf_counter() - started, 1), "image_auroc": mt.get("image_auroc"),
             "nodes": sorted({p["node_id"][:8] for p in mt["placement"]}),
             "driver_peak_rss_mb": mt.get("driver_peak_rss_mb"),
             "worker_peak_rss_mb": [p["peak_rss_mb"] for p in mt["placement"]],
             "shard_cache_mb": shard_cache_mb, "embedding_cache": mt.get("embedding_cache")}
+
+
+def _ddp_step(rank: int, world: int, image_size: int, port: int, steps: int, out: Any) -> None:
+    """One process of the DDP bound: median seconds of the flow's training step (see the docstring)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if world > 1:
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    from flawline.models.flow import FlowDetector
+
+    torch.manual_seed(0)
+    detector = FlowDetector(image_size=image_size, device="cpu")
+    with torch.no_grad():
+        embedded = detector.embed(detector.prepare(torch.rand(16, 3, image_size, image_size)))
+    net = detector.begin_training(embedded, lambda t: t)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = detector.training_loss(model, embedded, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    if rank == 0:
+        out.put(median(times[3:]))
+
+
+def ddp_bound(image_size: int, steps: int = 25) -> dict[str, float]:
+    """The flow step's median seconds in 1 process and in 2 DDP processes, and the speed-up bound."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    seconds = {}
+    for world in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_ddp_step, args=(r, world, image_size, port, steps, queue)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        seconds[str(world)] = round(queue.get(timeout=600), 4)
+        for proc in procs:
+            proc.join(60)
+    return {"step_seconds": seconds, "speedup_bound": round(2 * seconds["1"] / seconds["2"], 3)}
+
+
+def epoch_rate(r: dict[str, Any]) -> float | None:
+    """Training images x epochs per second of gradient epochs (None without epoch timings)."""
+    epochs_s = (r.get("fit_phases") or {}).get("epochs")
+    return round(r["train_images"] * r["epochs"] / epochs_s, 1) if epochs_s else None
 
 
 def write_markdown(out: Path, result: dict[str, Any]) -> None:
@@ -133,15 +202,34 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
              "| detector | images | epochs | 1 worker: fit s | images/s | 2 workers: fit s | images/s | speed-up | "
              f"aim ≥ {AIM_SPEEDUP} | image ROC-AUC (1 / 2) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for method, r in result["speed"].items():
-        if method == "measured":
-            continue
+    methods = {m: r for m, r in result["speed"].items() if m not in ("measured", "ddp_bound")}
+    for method, r in methods.items():
         one, two = r["1"], r["2"]
         gradient = method != "patchcore"
         aim = ("met" if r["speedup"] >= AIM_SPEEDUP else "not met") if gradient else "(not a gradient detector)"
         lines.append(f"| {method} | {one['train_images']} | {one['epochs']} | {one['fit_seconds']:.1f} | "
                      f"{one['images_per_second']:.1f} | {two['fit_seconds']:.1f} | {two['images_per_second']:.1f} | "
                      f"{r['speedup']:.2f}x | {aim} | {one['image_auroc']:.4f} / {two['image_auroc']:.4f} |")
+    if any(r["1"].get("fit_phases") for r in methods.values()):
+        lines += ["", "Where the fit time went (rank 0's seconds, 1 worker → 2 workers), and the steady-state rate of "
+                      "the gradient epochs:", "",
+                  "| detector | model | embed | epochs | report | epoch images/s (1 / 2) | epochs speed-up |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for method, r in methods.items():
+            p1, p2 = r["1"].get("fit_phases") or {}, r["2"].get("fit_phases") or {}
+            cells = [f"{p1.get(k, 0):.1f} → {p2.get(k, 0):.1f}" if k in p1 or k in p2 else "–"
+                     for k in ("model", "embed", "epochs", "report")]
+            e1, e2 = epoch_rate(r["1"]), epoch_rate(r["2"])
+            rate = f"{e1:.0f} / {e2:.0f} | {e2 / e1:.2f}x" if e1 and e2 else "– | –"
+            lines.append(f"| {method} | {' | '.join(cells)} | {rate} |")
+    bound = result["speed"].get("ddp_bound")
+    if bound:
+        s1, s2 = bound["step_seconds"]["1"], bound["step_seconds"]["2"]
+        lines += ["", f"The bound on these cores: the flow's training step (batch 16) alone takes {s1 * 1000:.0f} ms "
+                      f"in one process and {s2 * 1000:.0f} ms in each of two torch DDP processes (gloo, one thread "
+                      f"each, nothing else running), so two workers can at most be {bound['speedup_bound']:.2f}x as "
+                      "fast as one in the gradient epochs here, before Ray, decoding and the S3 server take their "
+                      "share of the same two cores."]
     lines += ["", "## Memory: flow, 2 workers, synthetic 64 px images", "",
               "| images | --shard-cache-mb | embeddings | fit s | driver peak MiB | worker peaks MiB |",
               "| ---: | ---: | --- | ---: | ---: | --- |"]
@@ -180,6 +268,8 @@ def main() -> None:
                         "size also runs with 0 (embedded again every epoch)")
     p.add_argument("--object-store-mb", type=int, default=None,
                    help="each node's Ray object store in MiB (default: Ray's, 30 %% of memory; minimum 75)")
+    p.add_argument("--no-ddp-bound", dest="ddp_bound", action="store_false",
+                   help="skip timing the flow's step under bare torch DDP (the bound on this machine)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite train_scaling.md from the saved train_scaling.json (no runs)")
@@ -234,7 +324,7 @@ def main() -> None:
                     for workers in (1, 2):
                         runs[str(workers)] = one_run(catalog, settings, "mt", method, workers, args.image_size, args.epochs)
                         r = runs[str(workers)]
-                        log(f"{method} x{workers}: {r['train_images']} images, fit {r['fit_seconds']:.1f}s "
+                        log(f"{method} x{workers}: {r['train_images']} images, fit {r['fit_seconds']:.1f}s {r['fit_phases']} "
                             f"({r['images_per_second']:.1f}/s), nodes {r['nodes']}, AUROC {r['image_auroc']:.4f}")
                     runs["speedup"] = round(runs["2"]["images_per_second"] / runs["1"]["images_per_second"], 3)
                     result["speed"][method] = runs
@@ -280,14 +370,8 @@ def main() -> None:
         if streamed:
             result["memory"]["growth_streamed"] = round(
                 max(streamed["worker_peak_rss_mb"]) / max(runs[small]["worker_peak_rss_mb"]) - 1, 4)
-    speedups = [r["speedup"] for m, r in result["speed"].items() if m not in ("patchcore", "measured")]
-    result["notes"] = ([f"The run stopped early: {result['error']}"] if result.get("error") else []) + [
-        f"Gradient detectors' median speed-up with 2 workers: {median(speedups):.2f}x" if speedups else "no speed runs",
-        "Both nodes share this machine's 2 cores, and Ray Data's decoding actors run on the same cores.",
-        "Flow, reconstruction and selfsup keep each worker's embeddings in memory up to "
-        "--shard-cache-mb (default 1024 MiB per worker) and beyond it embed the streamed shard again "
-        "every epoch; PatchCore and PaDiM still gather every embedding on rank 0, which grows with the set.",
-    ]
+    if args.methods and "flow" in args.methods and args.ddp_bound and not result.get("error"):
+        result["speed"]["ddp_bound"] = ddp_bound(args.image_size)
     result["config"] = {"image_size": args.image_size, "epochs": args.epochs, "sizes": args.sizes,
                         "machine": f"{os.cpu_count()} CPUs, {std_platform.machine()}",
                         "seconds": round(time.perf_counter() - started, 1)}
@@ -301,6 +385,15 @@ def main() -> None:
                 result[part] = dict(old[part], measured=old[part].get("measured", old.get("measured")))
     for part in ("speed", "memory"):
         result[part].setdefault("measured", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    speedups = [r["speedup"] for m, r in result["speed"].items() if m not in ("patchcore", "measured", "ddp_bound")]
+    result["notes"] = ([f"The run stopped early: {result['error']}"] if result.get("error") else []) + [
+        f"Gradient detectors' median speed-up with 2 workers: {median(speedups):.2f}x" if speedups else "no speed runs",
+        "Both nodes share this machine's 2 cores; Ray Data's decoding actors, Ray's own processes and the S3 "
+        "server run on the same cores.",
+        "Flow, reconstruction and selfsup keep each worker's embeddings in memory up to "
+        "--shard-cache-mb (default 1024 MiB per worker) and beyond it embed the streamed shard again "
+        "every epoch; PatchCore and PaDiM gather every embedding on rank 0, which grows with the set.",
+    ]
     (args.out / "train_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out, result)
     print(f"wrote {args.out / 'train_scaling.json'} and .md", flush=True)

@@ -151,6 +151,14 @@ class RayTrainContext:
         self.device = ray.train.torch.get_device()  # this worker's GPU (by local rank), or the CPU
         self.run_id = run_id
         self.resumed_from_epoch: int | None = None
+        # Where this worker's time went (seconds): "setup" (process start to training), "model"
+        # (building the detector and its backbone), "embed" (normal-only: the first embedding
+        # pass), "epochs" (gradient epochs), "report" (per-epoch checkpoints and Ray Train's
+        # reports, which wait for every rank).
+        self.phases: dict[str, float] = {}
+
+    def timed(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -176,19 +184,23 @@ class RayTrainContext:
     def report(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
 
+        started = time.perf_counter()
+        if "epoch_seconds" in metrics:
+            self.timed("epochs", metrics["epoch_seconds"])
         metrics = dict(metrics, node_id=_node_id(), world_size=self.world_size)
         if self.resumed_from_epoch is not None:
             metrics["resumed_from_epoch"] = self.resumed_from_epoch
         if self.rank != 0:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if self.run_id is not None:
-            from flawline.train.runs import record_progress
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(state, Path(tmp) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if self.run_id is not None:
+                from flawline.train.runs import record_progress
 
-            record_progress(self.run_id, metrics)
+                record_progress(self.run_id, metrics)
+        self.timed("report", time.perf_counter() - started)
 
     def resume(self) -> dict[str, Any] | None:
         import ray.train
@@ -273,9 +285,10 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
         (Path(tmp) / DETECTOR_FILE).write_bytes(detector_to_bytes(detector))
         ray.train.report(dict(final, stage="trained"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
     catalog = open_catalog()
-    # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing).
+    # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing);
+    # fit_phases: where rank 0's share of it went.
     record_facts(run_id, catalog, placement=placement, worker_nodes=[p["node_id"] for p in placement],
-                 fit_seconds=round(time.perf_counter() - started, 2),
+                 fit_seconds=round(time.perf_counter() - started, 2), fit_phases=ctx.phases,
                  **{k: detector.info[k] for k in ("embedding_cache", "shard_cache") if k in detector.info})
     metrics = finish_run(catalog, open_store(), plan, detector, run_id, history if config["keep_history"] else None)
     metrics["finished_on"] = {"node_id": _node_id(), "device": _device_name(ctx.device)}
@@ -293,6 +306,7 @@ def _worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(plan.spec.cpus_per_worker)))
     placement = _placement(ctx)
     detector, history = _finished_detector(), []
+    ctx.timed("setup", time.perf_counter() - started)
     if detector is None:
         detector, history = (_train_label if plan.setting.gradient else _fit_normal)(plan, ctx)
     _finish(config, ctx, detector, history, placement, started)
@@ -324,10 +338,12 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
 
     spec = plan.spec
     history: list[dict[str, Any]] = []
+    build_start = time.perf_counter()
     detector = plan.setting.build(spec, plan.data, device=str(ctx.device))
     torch.manual_seed(spec.seed)
     if detector.uses_backbone:
         detector.extractor  # noqa: B018  (built first, as Detector.fit_embedded does)
+    ctx.timed("model", time.perf_counter() - build_start)
     shard = ray.train.get_dataset_shard("normal")
     trained = isinstance(detector, TrainedDetector)
     rows_per_rank = -(-len(plan.streams["normal"]) // ctx.world_size)
@@ -346,6 +362,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     ids: list[torch.Tensor] = []
     cached: list[Any] = []
     count, streamed, kept = 0, False, 0
+    embed_start = time.perf_counter()
     for y in embedded():
         n = (y[0] if isinstance(y, tuple) else y).shape[0]
         count += n
@@ -355,6 +372,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
         if not streamed or kept + size <= min(budget / 4, 128 * 2 ** 20) or not cached:
             cached.append(y)
             kept += size
+    ctx.timed("embed", time.perf_counter() - embed_start)
     total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
     if total == 0:
         raise ValueError(f"{spec.setting}: no normal images reached the workers")
