@@ -28,6 +28,17 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _auth_token() -> str | None:
+    """Ray's token when RAY_AUTH_MODE=token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token names; None otherwise."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _cmdline_has(entry: Path, flag: bytes) -> bool:
     try:
         return flag in (entry / "cmdline").read_bytes().split(b"\x00")
@@ -86,6 +97,12 @@ class LocalRayCluster:
         # Job entrypoints say `python …`: make that this interpreter (the venv with flawline).
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray 2.60 turns token authentication on for `ray start` whenever ~/.ray/auth_token exists
+        # (any earlier local `ray.init()` writes one), so the same command made a cluster with or
+        # without auth depending on that file. A local cluster is made without it unless
+        # RAY_AUTH_MODE says otherwise (then the token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+        # that file is used, as Ray's clients do).
+        env.setdefault("RAY_AUTH_MODE", "disabled")
         env.update(self.env)
         out = subprocess.run([_ray_bin(), "start", *args], env=env, capture_output=True, text=True, timeout=timeout)
         if self.log_file:
@@ -150,14 +167,23 @@ class LocalRayCluster:
         return sorted(family)
 
     def _wait_dashboard(self, timeout: float) -> None:
+        import urllib.error
         import urllib.request
 
+        headers = {"Authorization": f"Bearer {token}"} if (token := _auth_token()) else {}
+        request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=headers)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                with urllib.request.urlopen(request, timeout=2) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403):
+                    raise ServiceError(f"the Ray dashboard at {self.dashboard_url} refused this token-less request "
+                                       f"(HTTP {err.code}): the cluster uses token authentication; set "
+                                       "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE=disabled") from None
+                time.sleep(0.5)
             except OSError:
                 time.sleep(0.5)
         raise ServiceError(f"Ray dashboard did not answer at {self.dashboard_url} within {timeout:.0f} s")
