@@ -56,7 +56,7 @@ def prediction_version(model: str, threshold: Any) -> str:
 
 def _regions(mask: np.ndarray) -> list[dict[str, Any]]:
     """Each connected region's outer polygon and box, in pixels (the same as Serve answers)."""
-    from flawline.serving.response import regions
+    from flawline.evaluate.regions import regions
 
     h, w = mask.shape
     return regions(mask.astype(np.float32), mask, (w, h))

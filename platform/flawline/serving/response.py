@@ -1,5 +1,6 @@
 """Outcome → the JSON a client gets: verdict, and on request the anomaly heatmap and mask as PNG
-(base64) and the defect regions as polygons; and the overlay images ``flawline predict`` writes.
+(base64) and the defect regions as polygons (``evaluate.regions``: every post-processing step
+lives there); and the overlay images ``flawline predict`` writes.
 
 Maps are at the model's input size (S x S). Heatmap PNGs are 8-bit gray at that size with the
 scale given next to them (value = lo + (hi - lo) * pixel / 255; hi is twice the threshold, so
@@ -15,12 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flawline.evaluate.regions import defect_mask
+from flawline.evaluate.regions import defect_mask, regions
 from flawline.serving.models import ModelRef
 from flawline.serving.pipeline import Outcome
-
-MAX_REGIONS = 50
-
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -38,56 +36,6 @@ def heatmap_png(amap: np.ndarray, threshold: float | None) -> tuple[bytes, dict[
     lo, hi = heatmap_scale(amap, threshold)
     gray = np.clip((amap - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return _png(gray), {"lo": lo, "hi": hi}
-
-
-def _simplify(points: np.ndarray, eps: float) -> np.ndarray:
-    """Ramer-Douglas-Peucker on an open polyline."""
-    if len(points) < 3:
-        return points
-    start, end = points[0], points[-1]
-    seg = end - start
-    norm = float(np.hypot(*seg))
-    rel = points - start
-    dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / norm if norm > 0 else np.hypot(rel[:, 0], rel[:, 1])
-    i = int(np.argmax(dist))
-    if dist[i] <= eps:
-        return np.stack([start, end])
-    return np.concatenate([_simplify(points[:i + 1], eps)[:-1], _simplify(points[i:], eps)])
-
-
-def regions(amap: np.ndarray, mask: np.ndarray, image_size: tuple[int, int], eps: float = 0.75
-            ) -> list[dict[str, Any]]:
-    """Connected defect regions of ``mask``: outer polygon, box, area and peak score, in the
-    original image's pixels (largest peak first, at most ``MAX_REGIONS``)."""
-    if not mask.any():
-        return []
-    import contourpy
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    peaks = ndimage.maximum(amap, labels, index=np.arange(1, n + 1))
-    order = np.argsort(-np.asarray(peaks))[:MAX_REGIONS]
-    slices = ndimage.find_objects(labels)
-    sx, sy = image_size[0] / amap.shape[1], image_size[1] / amap.shape[0]
-    out = []
-    for k in order:
-        label = int(k) + 1
-        ys, xs = slices[k]
-        sub = np.pad((labels[ys, xs] == label).astype(np.float32), 1)
-        lines = contourpy.contour_generator(z=sub, line_type=contourpy.LineType.Separate).lines(0.5)
-        outer = max(lines, key=len)
-        # closed ring: simplify it as two halves so both ends stay fixed
-        half = len(outer) // 2
-        ring = np.concatenate([_simplify(outer[:half + 1], eps)[:-1], _simplify(outer[half:], eps)])
-        ring = ring + np.array([xs.start - 1, ys.start - 1])  # back to map pixels (undo crop and pad)
-        polygon = [[round((x + 0.5) * sx, 1), round((y + 0.5) * sy, 1)] for x, y in ring[:-1]]
-        out.append({
-            "polygon": polygon,
-            "bbox": [round(xs.start * sx, 1), round(ys.start * sy, 1), round(xs.stop * sx, 1), round(ys.stop * sy, 1)],
-            "area_px": round(float((labels[ys, xs] == label).sum()) * sx * sy, 1),
-            "peak_score": float(peaks[k]),
-        })
-    return out
 
 
 def build_response(outcome: Outcome, ref: ModelRef, image_size: tuple[int, int], latency_ms: float, *,
