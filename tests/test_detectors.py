@@ -10,7 +10,7 @@ import torch
 from flawline.errors import ConfigError, InvalidInput
 from flawline.evaluate.metrics import roc_auc
 from flawline.evaluate.thresholds import manual, quantile
-from flawline.models import create_detector, detector_names
+from flawline.models import create_detector, detector_names, normal_only_detectors
 from flawline.models.artifacts import (
     detector_from_bytes,
     detector_to_bytes,
@@ -46,6 +46,17 @@ def with_defects(x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def data():
     return textures(24, 0), textures(8, 1), with_defects(textures(8, 2))
+
+
+def test_normal_only_detectors_are_those_that_fit_on_normal_images(data):
+    """What the Magnetic Tile benchmark runs by default. The others need labelled defects: the
+    label-trained ones refuse ``fit``; ``mixed`` fits its base there and its head in the mixed setting."""
+    assert set(ALL) <= set(normal_only_detectors())
+    label_trained = sorted(set(detector_names()) - set(normal_only_detectors()))
+    assert {"classifier", "fewshot", "segmenter", "mixed"} <= set(label_trained)
+    for name in set(label_trained) - {"mixed"}:
+        with pytest.raises(ConfigError):
+            create_detector(name, **FAST).fit(data[0][:4])
 
 
 @pytest.mark.parametrize("method", ALL)

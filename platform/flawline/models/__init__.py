@@ -2,6 +2,7 @@
 
 from flawline.models import (  # noqa: F401  (registration)
     classifier, fewshot, flow, mixed, padim, patchcore, reconstruction, segmenter, selfsup)
-from flawline.models.base import Detector, DetectorConfig, Prediction, create_detector, detector_names
+from flawline.models.base import (Detector, DetectorConfig, Prediction, create_detector, detector_names,
+                                  normal_only_detectors)
 
-__all__ = ["Detector", "DetectorConfig", "Prediction", "create_detector", "detector_names"]
+__all__ = ["Detector", "DetectorConfig", "Prediction", "create_detector", "detector_names", "normal_only_detectors"]

@@ -77,6 +77,9 @@ class Detector(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     uses_backbone: ClassVar[bool] = True
+    # True for detectors that need labelled defects (``flawline train``'s label settings train
+    # them); False: they fit on normal images alone (``fit``, the unsupervised and selfsup settings).
+    learns_from_labels: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         base = config or self.Config()
@@ -235,6 +238,11 @@ DETECTORS: Registry[type[Detector]] = Registry("detector", ConfigError)
 register_detector = DETECTORS.register  # class decorator
 detector_names = DETECTORS.names
 detector_class = DETECTORS.get
+
+
+def normal_only_detectors() -> list[str]:
+    """Names of the registered detectors that fit on normal images alone (not ``learns_from_labels``)."""
+    return [n for n in detector_names() if not detector_class(n).learns_from_labels]
 
 
 def create_detector(name: str, **settings: Any) -> Detector:
