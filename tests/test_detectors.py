@@ -245,3 +245,30 @@ def test_streamed_fit_embeds_again_each_epoch_and_separates_defects(method, data
     det.fitted = True
     assert epochs_seen == list(range(det.config.epochs)) and len(history) == det.config.epochs
     assert roc_auc([0] * 8 + [1] * 8, det.predict(torch.cat([normal, defect])).scores) == 1.0
+
+
+def test_validflow_components_switch_off_and_models_saved_before_them_load(data):
+    """ValidFlow's published components are on by default and each can be switched off (the
+    ablation); a flow saved before they existed (no architecture record) loads as it was built."""
+    from flawline.models.flow import LEGACY_ARCH, CBAM, ActNorm
+
+    train, normal, defect = data
+    x = torch.cat([normal, defect])
+    published = create_detector("flow", **FAST, epochs=2).fit(train)
+    modules = list(published.flow.modules())
+    assert len(published.flow.blocks) == 6 and any(isinstance(m, ActNorm) for m in modules)
+    assert sum(isinstance(m, CBAM) for m in modules) == 6 * 2 * 3  # both subnets of every block, every scale
+    fb = published.flow.blocks[1].net1
+    assert sorted(fb.down) == ["01", "02", "12"]  # strided convolutions, scale 1 -> 3 included
+    assert fb.down["02"].stride == (4, 4)
+
+    legacy = create_detector("flow", **FAST, epochs=2, **LEGACY_ARCH).fit(train)
+    assert len(legacy.flow.blocks) == 4 and not any(isinstance(m, (ActNorm, CBAM)) for m in legacy.flow.modules())
+    state = legacy.state_dict()
+    del state["arch"]  # as flawline wrote it before ValidFlow's components
+    old = create_detector("flow", **FAST)  # today's defaults: the published architecture
+    old.load_state_dict(state)
+    assert old.config.blocks == 4 and not old.config.actnorm
+    np.testing.assert_allclose(old.predict(x).scores, legacy.predict(x).scores, rtol=1e-5, atol=1e-6)
+    restored = detector_from_bytes(detector_to_bytes(published))
+    np.testing.assert_allclose(restored.predict(x).scores, published.predict(x).scores, rtol=1e-5, atol=1e-6)
