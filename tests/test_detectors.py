@@ -272,3 +272,36 @@ def test_validflow_components_switch_off_and_models_saved_before_them_load(data)
     np.testing.assert_allclose(old.predict(x).scores, legacy.predict(x).scores, rtol=1e-5, atol=1e-6)
     restored = detector_from_bytes(detector_to_bytes(published))
     np.testing.assert_allclose(restored.predict(x).scores, published.predict(x).scores, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_reconstruction_as_published_and_models_saved_before_it_load(data):
+    """FRAD's network (three bottleneck modules each way, skip connections, GFE over a K x K grid)
+    and loss weight are the defaults; the earlier compact network stays an option, and models saved
+    before ``arch`` existed load as it, with the loss weight they were trained with."""
+    from flawline.models.reconstruction import Bottleneck, GlobalFeature, ReconstructionNet
+
+    gfe = GlobalFeature(32, grid=4)
+    t = torch.zeros(1, 32, 8, 8)
+    t[0, :, :2, :2] = 1.0  # only the top-left region is non-zero
+    with torch.no_grad():
+        gfe.fc.weight.fill_(1.0)
+        gfe.fc.bias.zero_()
+        out = gfe(t)
+    assert out.shape == (1, 64, 8, 8) and gfe.fc.out_features == 2  # C / K^2 per region
+    g = out[0, 32:, 0, 0]
+    assert g[:2].tolist() == [32.0, 32.0] and not g[2:].any()  # region 1's mean, summed by the fc; others 0
+
+    train, normal, defect = data
+    x = torch.cat([normal, defect])
+    paper = create_detector("reconstruction", **FAST, epochs=2).fit(train)
+    assert isinstance(paper.net, ReconstructionNet) and paper.config.ssl_weight == 0.1
+    assert sum(isinstance(m, Bottleneck) for m in paper.net.modules()) == 18
+    compact = create_detector("reconstruction", **FAST, epochs=2, arch="compact", ssl_weight=1.0).fit(train)
+    state = compact.state_dict()
+    del state["arch"]  # as flawline wrote it before FRAD's network
+    old = create_detector("reconstruction", **FAST)
+    old.load_state_dict(state)
+    assert (old.config.arch, old.config.ssl_weight) == ("compact", 1.0)
+    np.testing.assert_allclose(old.predict(x).scores, compact.predict(x).scores, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="arch 'unet' must be one of paper, compact"):
+        create_detector("reconstruction", arch="unet")
