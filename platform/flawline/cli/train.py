@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
@@ -13,23 +12,10 @@ from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
 from flawline.context import open_catalog
 from flawline.errors import InvalidInput
+from flawline.options import parse_options
 
 app = FlawlineTyper(help="Train detectors as Ray jobs in every label setting.")
 runs_app = FlawlineTyper(help="Training runs: list, show, logs, cancel, resume.")
-
-
-def _options(pairs: list[str]) -> dict:
-    """``key=value`` pairs → detector settings; values parse as JSON where they can (1e-3, true, [1,2])."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"--option {pair!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _resources(pairs: list[str]) -> dict[str, float]:
@@ -95,7 +81,7 @@ def submit(
                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
                      image_size=image_size, batch_size=batch_size, lr=lr, precision=precision,
                      label_fraction=label_fraction, shots=shots, seed=seed, backbone=backbone,
-                     options=_options(option), model_name=name, max_failures=max_failures,
+                     options=parse_options(option), model_name=name, max_failures=max_failures,
                      min_workers=min_workers, worker_resources=_resources(worker_resource),
                      shard_cache_mb=shard_cache_mb)
     catalog = open_catalog(settings)
