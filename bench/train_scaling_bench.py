@@ -230,7 +230,10 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
                       f"each, nothing else running), so two workers can at most be {bound['speedup_bound']:.2f}x as "
                       "fast as one in the gradient epochs here, before Ray, decoding and the S3 server take their "
                       "share of the same two cores."]
+    measured = result["memory"].get("measured")
     lines += ["", "## Memory: flow, 2 workers, synthetic 64 px images", "",
+              *([f"Measured {measured} (the flow as it was built then).", ""] if measured
+                and measured != result["speed"].get("measured") else []),
               "| images | --shard-cache-mb | embeddings | fit s | driver peak MiB | worker peaks MiB |",
               "| ---: | ---: | --- | ---: | ---: | --- |"]
     for n, r in result["memory"]["runs"].items():
