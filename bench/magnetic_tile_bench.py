@@ -156,9 +156,11 @@ def main() -> None:
 
 
 def _row(label: str, r: dict) -> str:
+    seeds = r.get("seeds") or [run["seed"] for run in r.get("runs", [])]
+    fit_rate = f"{r['fit_images_per_s']:.1f}" if r.get("fit_images_per_s") else "–"
     return (f"| {label} | {r['image_auroc_mean']:.4f} ± {r['image_auroc_std']:.4f} | {r['pixel_auroc_mean']:.4f} | "
-            f"{r['aupro_mean']:.4f} | {r['fit_seconds']:.0f} | {r.get('fit_images_per_s', float('nan')):.1f} | "
-            f"{r['predict_images_per_s']:.1f} | {r.get('seeds', '')} | {str(r.get('measured', ''))[:10]} |")
+            f"{r['aupro_mean']:.4f} | {r['fit_seconds']:.0f} | {fit_rate} | "
+            f"{r['predict_images_per_s']:.1f} | {seeds} | {str(r.get('measured', ''))[:10]} |")
 
 
 HEADER = ["| detector | image AUROC (mean ± std) | pixel AUROC | AUPRO | fit s (median) | fit img/s | predict img/s "
@@ -177,10 +179,11 @@ def markdown(out: dict) -> str:
     lines += [_row(n, r) for n, r in results.items() if n not in variants]
     lines += ["", "Published image AUROC on MTD: " + ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED.items())]
     for key, names in out.get("ablations", {}).items():
-        if len(names) < 2:
+        if not names:
             continue
         lines += ["", f"## Ablation: {key}", "", *HEADER]
         lines += [_row("as published" if n == key else n.split(":", 1)[1], results[n]) for n in names]
+        lines += [f"\n{n}: {results[n]['note']}." for n in names if results[n].get("note")]
     return "\n".join(lines) + "\n"
 
 
