@@ -36,7 +36,7 @@ architecture record load as that).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -46,10 +46,6 @@ from torch import nn
 from flawline.models.base import DetectorConfig, TrainedDetector, register_detector
 from flawline.models.features import upsample_map
 
-ARCH_FIELDS = ("blocks", "actnorm", "cbam", "far_branches", "strided_down", "separable_out")
-# What a saved flow without an architecture record was built as (flawline before ValidFlow).
-LEGACY_ARCH = {"blocks": 4, "actnorm": False, "cbam": False, "far_branches": False, "strided_down": False,
-               "separable_out": False}
 
 
 class CBAM(nn.Module):
@@ -93,13 +89,18 @@ class Arch:
     separable_out: bool = True
 
 
+ARCH_FIELDS = ("blocks", *(f.name for f in fields(Arch)))  # what a saved flow records of its build
+# What a saved flow without an architecture record was built as (flawline before ValidFlow).
+LEGACY_ARCH = {"blocks": 4, **{f.name: False for f in fields(Arch)}}
+
+
 class _Subnet(nn.Module):
     """(s, t) for one half of the channels at every scale, from the other half: ValidFlow's r1
     (``fuse`` False: FA flow) or r2 (``fuse`` True: FB flow)."""
 
     def __init__(self, c_in: int, c_out: int, hidden: int, fuse: bool, scales: int, arch: Arch) -> None:
         super().__init__()
-        self.fuse, self.scales, self.arch = fuse, scales, arch
+        self.fuse, self.arch = fuse, arch
         if fuse:
             self.inp = nn.ModuleList(nn.Conv2d(c_in, hidden, 3, padding=1) for _ in range(scales))
             # down[i][j]: scale i's hidden map brought to the coarser scale j > i (strided convolution)
@@ -293,8 +294,7 @@ class FlowDetector(TrainedDetector):
 
     def _make_flow(self, channels: int) -> CrossScaleFlow:
         c: FlowConfig = self.config
-        arch = Arch(actnorm=c.actnorm, cbam=c.cbam, far_branches=c.far_branches, strided_down=c.strided_down,
-                    separable_out=c.separable_out)
+        arch = Arch(**{f.name: getattr(c, f.name) for f in fields(Arch)})
         return CrossScaleFlow(channels, c.blocks, c.hidden, c.scales, c.clamp, c.seed, arch).to(self.device)
 
     def scorer(self, chunked: bool = True) -> FlowScorer:
