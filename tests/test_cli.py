@@ -157,3 +157,38 @@ def test_data_survives_a_restart(local_env, folder_tree):
         keys = list(s.scalars(select(Image.object_key)))
     store = open_store()
     assert len(keys) == 8 and all(store.exists(k) for k in keys)
+
+
+def test_a_process_is_alive_until_its_last_thread_has_exited():
+    """A multi-threaded process whose main thread has exited shows its leader as a zombie while
+    the other threads run on (and hold its sockets): `down` must wait for them, or an `up` right
+    after finds the S3 ports still taken (it did, two times in three)."""
+    import time
+    from pathlib import Path
+
+    from flawline.cluster.process import pid_alive, reap
+
+    code = ("import ctypes, threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); "
+            "ctypes.CDLL(None).pthread_exit(None)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        stat = Path(f"/proc/{proc.pid}/stat")
+        while stat.read_text().split(")")[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the main thread did not exit"
+            time.sleep(0.05)
+        assert pid_alive(proc.pid)  # the leader is a zombie, a thread still runs
+    finally:
+        proc.kill()
+        proc.wait(10)
+    reap(proc.pid)
+    assert not pid_alive(proc.pid)
+
+
+def test_a_stopped_s3_server_has_released_its_ports(tmp_path):
+    from flawline.cluster.process import port_in_use
+
+    server = LocalS3Server.on_free_ports(tmp_path)
+    server.start()
+    assert server.stop()
+    assert [name for name, port in server.ports().items() if port_in_use(server.host, port)] == []

@@ -71,10 +71,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (exited child not yet reaped) counts as dead.
+    # A zombie (exited child not yet reaped) counts as dead, but only once all its threads are
+    # gone: a multi-threaded process (SeaweedFS, Go) shows its leader as a zombie while the other
+    # threads are still exiting, and its sockets stay open until the last one has (seen: `up` right
+    # after `down` found the S3 ports still taken).
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
+            if fh.read().split(")")[-1].split()[0] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except FileNotFoundError:  # gone (reaped) meanwhile
+        return False
     except OSError:
         return True
 
