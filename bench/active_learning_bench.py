@@ -65,12 +65,13 @@ from flawline.active.strategies import PoolScores, make_strategy, strategy_names
 from flawline.catalog import Catalog, upgrade  # noqa: E402
 from flawline.catalog.db import make_engine  # noqa: E402
 from flawline.data.ingest import import_dataset  # noqa: E402
-from flawline.data.records import ImageRecord, decode_rows, image_records  # noqa: E402
+from flawline.data.records import ImageRecord, image_records  # noqa: E402
 from flawline.data.split import SplitSpec, assign_splits  # noqa: E402
 from flawline.models import create_detector  # noqa: E402
 from flawline.models.mixed import HeadInputs, MixedDetector  # noqa: E402
 from flawline.storage import ObjectStore  # noqa: E402
 from flawline.storage.local_s3 import LocalS3Server  # noqa: E402
+from flawline.train.data import decode_all, to_model  # noqa: E402
 from flawline.train.mixed import head_threshold  # noqa: E402
 
 METRIC = "image_auroc"
@@ -129,23 +130,12 @@ def stratified_subset(rows: list[ImageRecord], n: int, rng: np.random.Generator)
     return sorted(out, key=lambda r: r.image_id)
 
 
-def decode(store: ObjectStore, rows: list[ImageRecord], size: int) -> dict[str, np.ndarray]:
-    """Images, masks and has_mask of ``rows`` decoded from S3 with the platform's ``decode_rows``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pieces = [rows[i:i + 32] for i in range(0, len(rows), 32)]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        parts = list(pool.map(lambda p: decode_rows(store, p, size), pieces))
-    return {k: np.concatenate([d[k] for d in parts]) for k in ("image", "mask", "has_mask")}
-
-
 def head_inputs(det: MixedDetector, decoded: dict[str, np.ndarray], idx: np.ndarray, batch: int = 32) -> HeadInputs:
     parts = []
     for b in range(0, len(idx), batch):
         sel = idx[b:b + batch]
-        x = torch.from_numpy(decoded["image"][sel]).float() / 255.0
-        parts.append(det.head_inputs(x, torch.from_numpy(decoded["mask"][sel]).float(),
-                                     torch.from_numpy(decoded["has_mask"][sel])))
+        batch = to_model({k: decoded[k][sel] for k in ("image", "mask", "has_mask")})
+        parts.append(det.head_inputs(batch["image"], batch["mask"], batch["has_mask"]))
     return HeadInputs.concat(parts)
 
 
@@ -160,7 +150,7 @@ def prepare_seed(decoded: dict[str, np.ndarray], y: np.ndarray, train: np.ndarra
     det = create_detector("mixed", base_method=cfg["base"], backbone=cfg["backbone"], weights=cfg["weights"],
                           image_size=cfg["image_size"], batch_size=32, seed=seed, trim=cfg["trim"])
     t0 = time.perf_counter()
-    det.fit(torch.from_numpy(decoded["image"][fit]).float() / 255.0)
+    det.fit(to_model({"image": decoded["image"][fit]})["image"])
     h_held = head_inputs(det, decoded, held)
     det.set_normal_stats(h_held.scores, h_held.patch_map)
     h_pool, h_test = head_inputs(det, decoded, pool), head_inputs(det, decoded, test)
@@ -227,7 +217,7 @@ def prepare(store: ObjectStore, catalog: Catalog, key: str, cfg: dict[str, Any],
         train = stratified_subset(train, QUICK["subset"]["train"], rng)
         test = stratified_subset(test, QUICK["subset"]["test"], rng)
     t0 = time.perf_counter()
-    decoded = decode(store, train + test, cfg["image_size"])
+    decoded = decode_all(store, train + test, cfg["image_size"], workers=8)
     y = np.array([bool(r.defect) for r in train + test])
     return {"decoded": decoded, "y": y, "train": np.arange(len(train)),
             "test": np.arange(len(train), len(train) + len(test)),

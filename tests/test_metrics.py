@@ -139,3 +139,24 @@ def test_youden_threshold_maximises_balanced_accuracy_and_ignores_the_defect_sha
     assert many.value == t.value
     with pytest.raises(InvalidInput, match="needs both normal and defect images"):
         youden(np.ones(3), np.arange(3.0))
+
+
+def test_per_class_metrics_by_hand():
+    """Pooled pixel ROC-AUC weighs a class by its defect area; per class it is each against the
+    normals (hand-computed: the large region's pixels at 0.4 beat 39 of 40 normal pixels, those
+    at 0 tie with 39 of them)."""
+    from flawline.evaluate.metrics import per_class
+
+    maps, masks = np.zeros((4, 4, 4)), np.zeros((4, 4, 4), dtype=bool)
+    maps[1, 0, 0] = 0.5  # one bright normal pixel
+    masks[2, 3, 3], maps[2, 3, 3] = True, 1.0  # "spot": one pixel, found
+    masks[3, :2, :] = True  # "patch": 8 pixels, half of them at 0.4
+    maps[3, 0, :] = 0.4
+    labels = np.array([False, False, True, True])
+    out = per_class(labels, [None, None, "spot", "patch"], np.array([0.1, 0.2, 0.9, 0.15]), masks, maps)
+    assert out["image_auroc_per_class"] == {"patch": 0.5, "spot": 1.0}
+    assert out["pixel_auroc_per_class"]["spot"] == pytest.approx(1.0)
+    assert out["pixel_auroc_per_class"]["patch"] == pytest.approx((39 + 19.5) / 80)
+    assert out["defect_pixel_share_per_class"] == pytest.approx({"spot": 1 / 9, "patch": 8 / 9})
+    assert set(per_class(labels, [None, None, "spot", "patch"], np.array([0.1, 0.2, 0.9, 0.15]))) == {
+        "image_auroc_per_class"}

@@ -77,6 +77,30 @@ def pixel_roc_auc(masks: np.ndarray, maps: np.ndarray) -> float:
     return roc_auc(masks.ravel() > 0, maps.ravel())
 
 
+def per_class(labels: np.ndarray, classes: list[str | None], scores: np.ndarray,
+              masks: np.ndarray | None = None, maps: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Each defect class against the normals: ``image_auroc_per_class`` and, given ``masks`` and
+    ``maps`` [N, H, W], ``pixel_auroc_per_class`` and ``defect_pixel_share_per_class`` (the class's
+    share of all defect pixels). Pooled over every pixel, ``pixel_roc_auc`` weighs classes by their
+    defect area, so one class of large regions can decide it alone; these say which.
+    ``labels`` [N] (true = defective), ``classes`` [N] (None for normals)."""
+    labels = np.asarray(labels).astype(bool)
+    normal = ~labels
+    out: dict[str, dict[str, float]] = {"image_auroc_per_class": {}}
+    pixel, share = {}, {}
+    total = float(np.count_nonzero(masks)) if masks is not None else 0.0
+    for cls in sorted({c for c in classes if c}):
+        mine = np.array([c == cls for c in classes])
+        sel = normal | mine
+        out["image_auroc_per_class"][cls] = roc_auc(labels[sel], np.asarray(scores)[sel])
+        if masks is not None and maps is not None and total and np.asarray(masks)[mine].any():
+            pixel[cls] = pixel_roc_auc(np.asarray(masks)[sel], np.asarray(maps)[sel])
+            share[cls] = float(np.count_nonzero(np.asarray(masks)[mine])) / total
+    if pixel:
+        out["pixel_auroc_per_class"], out["defect_pixel_share_per_class"] = pixel, share
+    return out
+
+
 def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresholds: int = 200) -> float:
     """Area under the per-region-overlap curve for false-positive rates up to ``max_fpr``,
     normalised to [0, 1]. Each connected defect region counts equally, whatever its size."""

@@ -115,8 +115,12 @@ def _markdown(path: Path, payload: dict[str, Any], files: dict[str, Path]) -> Pa
         if "confusion" in m:
             lines.append("Confusion at the threshold: " + ", ".join(f"{k} {v}" for k, v in m["confusion"].items()))
     if m.get("image_auroc_per_class"):
-        lines += ["", "| defect class | image AUROC vs normals |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in m["image_auroc_per_class"].items()]
+        pixel, share = m.get("pixel_auroc_per_class") or {}, m.get("defect_pixel_share_per_class") or {}
+        lines += ["", "| defect class | image AUROC vs normals | pixel AUROC vs normals | share of defect pixels |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {_fmt(pixel.get(k, '–'))} | "
+                  f"{f'{share[k] * 100:.1f} %' if k in share else '–'} |"
+                  for k, v in m["image_auroc_per_class"].items()]
     lines += ["", f"![ROC]({files['roc'].name})"]
     if "false_negatives" in files:
         lines += ["", "## Worst missed defects", "", f"![missed]({files['false_negatives'].name})"]

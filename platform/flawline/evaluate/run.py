@@ -37,10 +37,7 @@ def evaluate(detector: Detector, data: LabelledImages, threshold: Threshold | No
         if threshold is not None:
             out["iou"] = M.iou(pred.maps >= threshold.value, data.masks)
     if data.classes:
-        per_class = {}
-        normal = ~data.labels.astype(bool)
-        for cls in sorted({c for c in data.classes if c}):
-            sel = normal | np.array([c == cls for c in data.classes])
-            per_class[cls] = M.roc_auc(data.labels[sel], pred.scores[sel])
-        out["image_auroc_per_class"] = per_class
+        with_masks = pixel_metrics and data.masks.any()
+        out.update(M.per_class(data.labels, data.classes, pred.scores, data.masks if with_masks else None,
+                               pred.maps if with_masks else None))
     return out, pred
