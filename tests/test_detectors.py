@@ -21,8 +21,9 @@ from flawline.models.artifacts import (
 
 SIZE = 64
 FAST = {"image_size": SIZE, "batch_size": 8}
-ALL = ["patchcore", "padim", "flow", "reconstruction", "selfsup"]
-SHORT = {"flow": {"epochs": 6}, "reconstruction": {"epochs": 6}, "selfsup": {"epochs": 3}}
+ALL = ["patchcore", "padim", "flow", "reconstruction", "selfsup", "ndpnet"]
+SHORT = {"flow": {"epochs": 6}, "reconstruction": {"epochs": 6}, "selfsup": {"epochs": 3},
+         "ndpnet": {"epochs": 8, "phase1_epochs": 2, "lr": 1e-2}}
 
 
 def make(method: str):
@@ -305,3 +306,82 @@ def test_feature_reconstruction_as_published_and_models_saved_before_it_load(dat
     np.testing.assert_allclose(old.predict(x).scores, compact.predict(x).scores, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="arch 'unet' must be one of paper, compact"):
         create_detector("reconstruction", arch="unet")
+
+
+def test_ndpnet_reference_phases_and_resume(data):
+    """NDP-Net (../shared/seeds/002): the fixed reference is one of the training images, saved and
+    restored with the model; phase 2 leaves the encoder exactly as phase 1 left it while RBAM,
+    decoder and segmentation train; a run resumed from a checkpoint lands in the right phase and
+    ends where an uninterrupted one does; RBFRM repairs from reference patches only; the detector
+    outlines artificial defects on held-out normals better than chance."""
+    import copy
+
+    from flawline.data.synthetic import SyntheticDefects
+    from flawline.models.ndpnet import repair
+    from flawline.models.training import concat, fit_network
+    from flawline.train.context import LocalContext
+
+    class Recording(LocalContext):
+        def __init__(self, **kw) -> None:
+            super().__init__("cpu", **kw)
+            self.checkpoints: list[dict] = []
+
+        def report(self, metrics, state) -> None:
+            super().report(metrics, state)
+            self.checkpoints.append(copy.deepcopy(state))
+
+    # RBFRM: with the reference's own map as input and a sharp softmax, each patch comes back
+    # (nearly) itself; any input is repaired into a mix of reference patches (padding: 5 -> 8).
+    ref = torch.rand(1, 6, 5, 5)
+    assert torch.allclose(repair(ref, ref, 2, scale=200.0), ref, atol=1e-3)
+    out = repair(torch.rand(3, 6, 5, 5), ref, 4)
+    assert out.shape == (3, 6, 5, 5) and out.min() >= ref.min() - 1e-6 and out.max() <= ref.max() + 1e-6
+
+    train, normal, defect = data
+    settings = {**FAST, **SHORT["ndpnet"]}
+    det = create_detector("ndpnet", **settings)
+    det.extractor  # noqa: B018  (built first, as fit does)
+    torch.manual_seed(det.config.seed)
+    embedded = concat([det.embed(det.prepare(b)) for b in train.split(8)])
+    ctx = Recording()
+    fit_network(det, embedded, ctx)
+    det.fitted = True
+    p1 = det.config.phase1_epochs
+    states = [c["net"] for c in ctx.checkpoints]
+    assert len(states) == det.config.epochs and p1 >= 2
+
+    def part(state: dict, prefix: str) -> dict:
+        return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    first, end1, last = states[0], states[p1 - 1], states[-1]
+    assert not same(part(first, "encoder."), part(end1, "encoder."))  # phase 1 trains the encoder ...
+    assert same(part(first, "segmenters."), part(end1, "segmenters."))  # ... and leaves MSDSM alone
+    assert same(part(end1, "encoder."), part(last, "encoder."))  # phase 2: encoder frozen, exactly
+    for prefix in ("fusion.", "decoder.", "segmenters."):
+        assert not same(part(end1, prefix), part(last, prefix)), prefix
+
+    # Resumed after phase 1's last checkpoint: phase 2 from the epoch number, same end weights.
+    again = create_detector("ndpnet", **settings)
+    again.extractor  # noqa: B018
+    torch.manual_seed(again.config.seed)
+    history = fit_network(again, embedded, LocalContext("cpu", start_from=ctx.checkpoints[p1 - 1]))
+    assert again.phase == 2 and [h["epoch"] for h in history] == list(range(p1 + 1, det.config.epochs + 1))
+    for k, v in again.net.state_dict().items():
+        torch.testing.assert_close(v, last[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    # The reference: a training image (as embedded, fp16), kept through save and load.
+    prepared = det.prepare(train).half().float()
+    assert min(float((det.reference - p).abs().max()) for p in prepared) == 0.0
+    loaded = detector_from_bytes(detector_to_bytes(det))
+    assert torch.equal(loaded.reference, det.reference)
+    x = torch.cat([normal, defect])
+    np.testing.assert_array_equal(loaded.predict(x).scores, det.predict(x).scores)
+
+    # Better than chance on artificial defects (Perlin blobs of foreign texture) on unseen normals.
+    held_out = textures(64, 7).expand(-1, 3, -1, -1)
+    bad, _ = SyntheticDefects(cutpaste_prob=0.0)(held_out[32:], torch.Generator().manual_seed(3))
+    scores = det.predict(torch.cat([held_out[:32], bad])).scores
+    assert roc_auc([0] * 32 + [1] * 32, scores) >= 0.7  # 0.78 when written

@@ -215,6 +215,11 @@ class TrainedDetector(Detector):
         through ``model``: the network ``begin_training`` returned, DDP-wrapped when several workers
         train. ``generator`` seeds the step's random draws (shuffles, synthetic defects)."""
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch (0-based), before its first loss, also on
+        the epoch a resumed run starts at: detectors that train in phases switch here, from the
+        epoch number alone. Default: nothing."""
+
     def optim(self) -> dict[str, float]:
         """epochs, lr and weight_decay for the loop (the config's)."""
         c = self.config

@@ -114,6 +114,7 @@ def _train(detector: TrainedDetector, net: torch.nn.Module,
 
     def steps(epoch: int, model: torch.nn.Module) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 7_919 * epoch + ctx.rank)
+        detector.begin_epoch(epoch)
         for batch in batches(epoch, gen):
             with detector.autocast():
                 loss = detector.training_loss(model, batch, gen)

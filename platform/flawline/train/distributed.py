@@ -165,7 +165,9 @@ class RayTrainContext:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        # A network whose steps leave some parameters out (a detector's training phases) says so.
+        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=bool(getattr(model, "ddp_find_unused", False)))
 
     def mean(self, value: float) -> float:
         if self.world_size == 1:

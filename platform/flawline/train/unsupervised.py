@@ -44,4 +44,4 @@ class Unsupervised(NormalOnly):
 class SelfSupervised(NormalOnly):
     name = "selfsup"
     description = "normal images only, with synthetic defects (CutPaste, Perlin blobs) as positives"
-    methods = ("selfsup",)
+    methods = ("selfsup", "ndpnet")
