@@ -350,12 +350,14 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
 
 
 def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_cluster):
-    """Last in this module: it kills the second node."""
+    """Last in this module: it kills the second node. The run is NDP-Net's: its second phase
+    (from epoch 1 here) freezes the encoder, so DDP must let parameters go unused in a step."""
     # Half a CPU per worker: Ray Data's decoding gets what Ray Train leaves of the cluster after
     # reserving --workers (the most) workers, and after the loss only the head's 2 CPUs are left.
     # One "slot" per node: one worker per node.
-    run = _submit("--dataset", elpv_small, *FLOW, "--workers", 2, "--min-workers", 1, "--cpus-per-worker", 0.5,
-                  "--worker-resource", "slot=1", "--epochs", 8)
+    run = _submit("--dataset", elpv_small, "--setting", "selfsup", "--method", "ndpnet", "--option", "phase1_epochs=1",
+                  "--workers", 2, "--min-workers", 1, "--cpus-per-worker", 0.5, "--worker-resource", "slot=1",
+                  "--epochs", 8)
     row = _wait(run, until=lambda r: ((r.metrics or {}).get("progress") or {}).get("world_size") == 2
                 and r.metrics.get("checkpoints", 0) >= 2)
     assert row.status.value == "running", row.error
@@ -364,5 +366,6 @@ def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_
     assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
     progress = row.metrics["progress"]
     assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
+    assert row.metrics["model"] == "elpv-selfsup-ndpnet:1"
     (worker,) = row.metrics["placement"]
     assert worker["node_id"] == row.metrics["driver_node"]  # the head is the node left
