@@ -110,7 +110,9 @@ def main() -> None:
                    "fit_seconds": fit_s, **{k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro",
                                                                  "average_precision", "f1",
                                                                  "predict_images_per_s")},
-                   "image_auroc_per_class": m["image_auroc_per_class"], "fit_info": det.info}
+                   "image_auroc_per_class": m["image_auroc_per_class"],
+                   "pixel_auroc_per_class": m.get("pixel_auroc_per_class"),
+                   "defect_pixel_share_per_class": m.get("defect_pixel_share_per_class"), "fit_info": det.info}
             runs.append(run)
             print(f"{name} seed {seed}: image AUROC {run['image_auroc']:.4f} pixel {run['pixel_auroc']:.4f} "
                   f"AUPRO {run['aupro']:.4f} fit {fit_s:.0f}s predict {run['predict_images_per_s']:.1f} img/s",
@@ -126,6 +128,9 @@ def main() -> None:
             "fit_seconds": agg("fit_seconds", statistics.median),
             "fit_images_per_s": statistics.median([r["train_images"] / r["fit_seconds"] for r in runs]),
             "predict_images_per_s": agg("predict_images_per_s", statistics.median),
+            "pixel_auroc_per_class_mean": {c: statistics.mean(r["pixel_auroc_per_class"][c] for r in runs)
+                                           for c in runs[0]["pixel_auroc_per_class"] or {}},
+            "defect_pixel_share_per_class": runs[0]["defect_pixel_share_per_class"],
             "seeds": args.seeds, "image_size": args.size,
             "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": runs,
@@ -178,6 +183,18 @@ def markdown(out: dict) -> str:
              "date are its own. Script: `bench/magnetic_tile_bench.py`.", "", *HEADER]
     lines += [_row(n, r) for n, r in results.items() if n not in variants]
     lines += ["", "Published image AUROC on MTD: " + ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED.items())]
+    per_class = {n: r for n, r in results.items() if r.get("pixel_auroc_per_class_mean") and n not in variants}
+    if per_class:
+        share = next(iter(per_class.values()))["defect_pixel_share_per_class"]
+        classes = sorted(share)
+        lines += ["", "## Pixel ROC-AUC per defect class", "",
+                  "Pooled over every pixel, pixel ROC-AUC weighs each defect class by its area. Each class against "
+                  "the test normals (mean over the row's seeds); the last line is each class's share of all defect "
+                  "pixels in the test set:", "",
+                  "| detector | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        lines += [f"| {n} | " + " | ".join(f"{r['pixel_auroc_per_class_mean'].get(c, float('nan')):.4f}"
+                                             for c in classes) + " |" for n, r in per_class.items()]
+        lines.append("| share of defect pixels | " + " | ".join(f"{share[c] * 100:.1f} %" for c in classes) + " |")
     for key, names in out.get("ablations", {}).items():
         if not names:
             continue
