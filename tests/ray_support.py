@@ -79,7 +79,7 @@ def _submit(*args):
     return json.loads(result.stdout)["run"]
 
 
-def _wait(run_id: int, timeout: float = 240, until=None):
+def _wait(run_id: int, timeout: float = 480, until=None):
     """Poll the run's row (the job updates it) until it ends, or ``until(row)`` holds."""
     from flawline.train.submit import refresh
 
@@ -156,7 +156,7 @@ def _ray_train_workers(cluster: LocalRayCluster, job_id: str) -> list:
             if a.class_name == "RayTrainWorker" and a.job_id == job_id]
 
 
-def _wait_job(client, job: str, timeout: float = 300) -> str:  # noqa: ANN001
+def _wait_job(client, job: str, timeout: float = 600) -> str:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while (status := str(client.get_job_status(job)).rsplit(".", 1)[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, f"job {job} still {status}"

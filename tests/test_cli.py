@@ -99,12 +99,12 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     (tmp_path / "auth_token").write_text("0" * 64)
     env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url, FLAWLINE_SERVE_PORT=str(free_ports(1)[0]),
                RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
-    try:  # within pytest-timeout's 600 s, so that what it printed is shown
+    try:  # within pytest-timeout's 1200 s, so that what it printed is shown
         proc = subprocess.run([sys.executable, "-m", "flawline.cli", "quickstart", "--source", str(root), "--rounds",
                                "1", "--budget", "3", "--retrain-after", "3", "--image-size", "64"],
-                              env=env, capture_output=True, text=True, timeout=540)
+                              env=env, capture_output=True, text=True, timeout=1100)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"quickstart still running after 540 s; it printed:\n{(err.stdout or b'')[-3000:]!s}\n"
+        pytest.fail(f"quickstart still running after 1100 s; it printed:\n{(err.stdout or b'')[-3000:]!s}\n"
                     f"{(err.stderr or b'')[-3000:]!s}")
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stderr + proc.stdout

@@ -276,7 +276,7 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     # dies is dropped with the failed group); ``cut`` is cancelled after its 3rd (which may be in
     # flight), while ``whole`` goes on.
     killed = cancelled = False
-    deadline = time.monotonic() + 480  # four runs starting at once share two cores with the other test process
+    deadline = time.monotonic() + 900  # four runs starting at once share two cores with the other test process
     while not (killed and cancelled):
         ids = {"placed": placed, "whole": whole, "cut": cut}
         rows = {name: _row(run_id) for name, run_id in ids.items()}
@@ -362,7 +362,7 @@ def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_
                 and r.metrics.get("checkpoints", 0) >= 2)
     assert row.status.value == "running", row.error
     assert ray_cluster.kill_node(), "no process of the second node found"
-    row = _wait(run, timeout=300)
+    row = _wait(run, timeout=600)
     assert row.status.value == "succeeded", (row.error, _cli("runs", "logs", run).output[-3000:])
     progress = row.metrics["progress"]
     assert progress["world_size"] == 1 and progress["epoch"] == 8 and progress["resumed_from_epoch"] >= 1
