@@ -219,6 +219,26 @@ def epoch_rate(r: dict[str, Any]) -> float | None:
     return round(r["train_images"] * r["epochs"] / epochs_s, 1) if epochs_s else None
 
 
+def busy_cores(seconds: float = 20.0) -> float:
+    """Cores' worth of CPU the whole machine used over ``seconds`` (from /proc/stat), e.g. with the
+    cluster up and idle: what Ray's own processes and this machine's other services take."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return round((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1), 3)
+
+
+def core_share(r: dict[str, Any]) -> float | None:
+    """Rank 0's CPU seconds / wall seconds in the gradient epochs (None without both timings)."""
+    phases = r.get("fit_phases") or {}
+    return phases["epochs_cpu"] / phases["epochs"] if phases.get("epochs") and phases.get("epochs_cpu") else None
+
+
 def write_markdown(out: Path, result: dict[str, Any]) -> None:
     cfg = result["config"]
     lines = ["# Training placement and scaling", "",
@@ -229,7 +249,8 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
              "| detector | images | epochs | 1 worker: fit s | images/s | 2 workers: fit s | images/s | speed-up | "
              f"aim ≥ {AIM_SPEEDUP} | image ROC-AUC (1 / 2) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    methods = {m: r for m, r in result["speed"].items() if m not in ("measured", "ddp_bound", "ddp_bound_measured")}
+    methods = {m: r for m, r in result["speed"].items() if m not in ("measured", "ddp_bound", "ddp_bound_measured",
+                                                                         "idle_busy_cores")}
     for method, r in methods.items():
         one, two = r["1"], r["2"]
         gradient = method in GRADIENT
@@ -240,15 +261,27 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
     if any(r["1"].get("fit_phases") for r in methods.values()):
         lines += ["", "Where the fit time went (rank 0's seconds, 1 worker → 2 workers), and the steady-state rate of "
                       "the gradient epochs:", "",
-                  "| detector | model | embed | epochs | report | epoch images/s (1 / 2) | epochs speed-up |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| detector | model | embed | epochs | report | epoch images/s (1 / 2) | epochs speed-up | "
+                  "rank 0's core share in epochs (1 / 2) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for method, r in methods.items():
             p1, p2 = r["1"].get("fit_phases") or {}, r["2"].get("fit_phases") or {}
             cells = [f"{p1.get(k, 0):.1f} → {p2.get(k, 0):.1f}" if k in p1 or k in p2 else "–"
                      for k in ("model", "embed", "epochs", "report")]
             e1, e2 = epoch_rate(r["1"]), epoch_rate(r["2"])
             rate = f"{e1:.0f} / {e2:.0f} | {e2 / e1:.2f}x" if e1 and e2 else "– | –"
-            lines.append(f"| {method} | {' | '.join(cells)} | {rate} |")
+            c1, c2 = core_share(r["1"]), core_share(r["2"])
+            share = f"{c1:.0%} / {c2:.0%}" if c1 is not None and c2 is not None else "–"
+            lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {share} |")
+        if any(core_share(r["2"]) is not None for r in methods.values()):
+            lines += ["", "Core share: the worker process's CPU seconds over the wall seconds of its gradient epochs "
+                          "(every thread of it; 100 % = one core to itself). With 2 workers the two cores also run "
+                          "Ray's own processes and this machine's other services, and each DDP step waits for the "
+                          "slower worker."]
+            idle = result["speed"].get("idle_busy_cores")
+            if idle is not None:
+                lines[-1] += (f" Before the runs, with the cluster up and idle, the machine kept {idle:.2f} of its "
+                              f"{cfg['machine'].split()[0]} cores busy.")
     bounds = result["speed"].get("ddp_bound")
     if bounds and "step_seconds" in bounds:  # measured before every detector had one: the flow's
         bounds = {"flow": bounds}
@@ -368,6 +401,8 @@ def main() -> None:
                     import_dataset(catalog, store, MAGNETIC_TILE, layout="magnetic-tile", dataset="mt", workers=16)
                     split = assign_splits(catalog, "mt", SplitSpec(train=0.75, val=0.0, test=0.25, seed=0))
                     log(f"Magnetic Tile imported and split {split}")
+                    result["speed"]["idle_busy_cores"] = busy_cores()
+                    log(f"with the cluster idle, the machine keeps {result['speed']['idle_busy_cores']:.2f} cores busy")
                 for method in args.methods:
                     runs = {}
                     for workers in (1, 2):

@@ -154,7 +154,8 @@ class RayTrainContext:
         # Where this worker's time went (seconds): "setup" (process start to training), "model"
         # (building the detector and its backbone), "embed" (normal-only: the first embedding
         # pass), "epochs" (gradient epochs), "report" (per-epoch checkpoints and Ray Train's
-        # reports, which wait for every rank).
+        # reports, which wait for every rank); "epochs_cpu": this process's CPU seconds in the
+        # gradient epochs (against "epochs": the share of a core the loop got).
         self.phases: dict[str, float] = {}
 
     def timed(self, phase: str, seconds: float) -> None:
@@ -189,6 +190,7 @@ class RayTrainContext:
         started = time.perf_counter()
         if "epoch_seconds" in metrics:
             self.timed("epochs", metrics["epoch_seconds"])
+            self.timed("epochs_cpu", metrics.get("epoch_cpu_seconds", 0.0))
         metrics = dict(metrics, node_id=_node_id(), world_size=self.world_size)
         if self.resumed_from_epoch is not None:
             metrics["resumed_from_epoch"] = self.resumed_from_epoch

@@ -60,7 +60,7 @@ def train_network(net: nn.Module, steps: Steps, cfg: OptimConfig, ctx: TrainCont
     for epoch in range(start, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(epoch, cfg)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         net.train()
         total, count = 0.0, 0
         for loss in steps(epoch, model):
@@ -78,7 +78,10 @@ def train_network(net: nn.Module, steps: Steps, cfg: OptimConfig, ctx: TrainCont
             count += 1
         net.eval()
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": ctx.mean(total / max(count, 1)),
-                   "steps": count, "epoch_seconds": round(time.perf_counter() - started, 2)}
+                   "steps": count, "epoch_seconds": round(time.perf_counter() - started, 2),
+                   # this process's CPU time in the epoch (every thread): against epoch_seconds, the
+                   # share of a core the loop got (a worker starved by other processes shows it)
+                   "epoch_cpu_seconds": round(time.process_time() - cpu_started, 2)}
         if extra_metrics is not None:
             metrics.update(extra_metrics(epoch))
         history.append(metrics)
