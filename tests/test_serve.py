@@ -2,7 +2,7 @@
 free port), small PaDiM models fitted on real Magnetic Tile images are registered in a real
 catalog with artifacts in the real S3 server, and requests go over loopback HTTP.
 
-Covers: raw, multipart and s3:// requests; heatmap, mask and region polygons on request; the model
+Covers: raw, multipart and s3:// requests; batch inspection requests answered per image; heatmap, mask and region polygons on request; the model
 list and health endpoints; promotion and rollback switching predictions without a redeploy; bad
 input answered 4xx while the server keeps serving; a broken artifact answering 503 for that model
 only; `flawline predict` over HTTP and --local writing overlays; Ray metrics; `serve status|down`.
@@ -279,6 +279,57 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(served):
     assert _predict(served, data=good).status_code == 200  # still serving
 
 
+def test_batch_request_answers_each_image_in_order_with_its_own_status(served):
+    """A batch inspection request: many images in one request, one answer per image in order; a bad
+    image gets its own status, the others their verdicts, scored as one image at a time would be."""
+    good = [served["free"][i].read_bytes() for i in (25, 26, 27)]
+    files = [("image", ("a.jpg", good[0], "image/jpeg")), ("image", ("junk.jpg", b"not an image", "image/jpeg")),
+             ("image", ("b.jpg", good[1], "image/jpeg")), ("image", ("c.jpg", good[2], "image/jpeg"))]
+    batch_url = f"{served['url']}/v1/models/tiles/predict/batch"
+    r = requests.post(batch_url, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["model"], body["model_version"], body["images"], body["errors"]) == ("tiles", 1, 4, 1)
+    assert [x["image"] for x in body["results"]] == ["a.jpg", "junk.jpg", "b.jpg", "c.jpg"]
+    bad = body["results"][1]
+    assert bad["status"] == 400 and bad["error"].startswith("junk.jpg: not an image") and "score" not in bad
+    for x, data in zip([body["results"][i] for i in (0, 2, 3)], good):
+        assert x["status"] == 200 and x["score"] == pytest.approx(_expected(served["v1"], data), rel=1e-4)
+        assert x["is_defect"] == (x["score"] >= x["threshold"]) and "heatmap_png" not in x
+        assert x["batch_size"] == 3  # the three good images in one forward pass
+
+    maps = requests.post(batch_url + "?heatmap=true&regions=true", files=files[:1], timeout=60)
+    assert maps.status_code == 200, maps.text
+    assert {"heatmap_png", "regions", "map_size"} <= set(maps.json()["results"][0])
+
+    served["store"].put_bytes("incoming/batch-a.jpg", good[0])
+    uris = [served["store"].uri("incoming/batch-a.jpg"), served["store"].uri("incoming/missing.jpg"),
+            "s3://elsewhere/key.jpg"]
+    by_key = requests.post(batch_url, json={"uris": uris}, timeout=60)
+    assert by_key.status_code == 200, by_key.text
+    results = by_key.json()["results"]
+    assert [x["status"] for x in results] == [200, 404, 400] and [x["image"] for x in results] == uris
+    assert results[0]["score"] == pytest.approx(body["results"][0]["score"], rel=1e-6)
+    assert "does not exist" in results[1]["error"] and "this server reads images from s3://t-" in results[2]["error"]
+
+    # bad as a whole: one answer for the request
+    too_many = [("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(65)]
+    cases = [
+        ({"data": good[0], "headers": {"Content-Type": "image/jpeg"}}, 415, "a batch request is multipart"),
+        ({"files": {"note": (None, "hi")}}, 400, "carries no image"),
+        ({"files": too_many}, 413, "65 images, more than the limit of 64"),
+        ({"json": {"uris": "s3://x"}}, 400, '{"uris": ['),
+        ({"files": files, "model": "nope"}, 404, "no model 'nope'"),
+        ({"files": files, "query": "?mask=perhaps"}, 400, "mask"),
+    ]
+    for kwargs, status, message in cases:
+        model, query = kwargs.pop("model", "tiles"), kwargs.pop("query", "")
+        r = requests.post(f"{served['url']}/v1/models/{model}/predict/batch{query}", timeout=60, **kwargs)
+        assert r.status_code == status, (message, r.status_code, r.text)
+        assert r.json()["status"] == status and message in r.json()["error"], r.json()
+    assert requests.post(batch_url, files=files[:1], timeout=60).status_code == 200  # still serving
+
+
 def test_a_broken_artifact_answers_503_for_that_model_only(served):
     good = served["free"][23].read_bytes()
     for _ in range(2):  # the second answer comes from the remembered failure
@@ -296,6 +347,7 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
     local = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "local", "--json", "--local")
     assert local.exit_code == 0, local.output
     here = json.loads(local.stdout)
+    assert [a["batch_size"] for a in remote] == [2, 2]  # several files: one batch request, one forward pass
     for a, b, path in zip(remote, here, images):
         assert a["model_version"] == b["model_version"] == 1
         assert a["score"] == pytest.approx(b["score"], rel=1e-4)
@@ -305,6 +357,10 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
 
     text = _cli("predict", images[0], "--model", "tiles")
     assert text.exit_code == 0 and "tiles:1" in text.stdout and "score" in text.stdout
+    single = json.loads(_cli("predict", *images, "--model", "tiles", "--batch", 1, "--json").stdout)
+    assert [a["score"] for a in single] == pytest.approx([a["score"] for a in remote], rel=1e-5)
+    many = _cli("predict", *images, "--model", "nope")  # a batch for a model that is not there: one line
+    assert many.exit_code == 1 and "no model 'nope'" in many.output and len(many.output.strip().splitlines()) == 1
 
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not a jpeg")

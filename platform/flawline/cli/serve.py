@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
@@ -185,9 +186,37 @@ class _ModelLevel(ServiceError):
     """The model cannot answer at all (unknown, cannot be loaded): stop, it holds for every image."""
 
 
-def _post(url: str, data: bytes, timeout: float) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+BATCH_BYTES = 24 * 2**20  # one batch request's images, under the server's 32 MiB request bound
+
+
+def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data request with one ``image`` part per file."""
+    boundary = f"flawline-{uuid.uuid4().hex}"
+    chunks = []
+    for name, data in files:
+        safe = name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        chunks += [f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{safe}\"\r\n"
+                   "Content-Type: application/octet-stream\r\n\r\n".encode(), data, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _batches(paths: list[Path], size: int, max_bytes: int = BATCH_BYTES) -> list[list[Path]]:
+    """``paths`` in order, in groups of at most ``size`` files and ``max_bytes`` bytes (a larger file alone)."""
+    groups: list[list[Path]] = [[]]
+    total = 0
+    for path in paths:
+        n = path.stat().st_size
+        if groups[-1] and (len(groups[-1]) >= size or total + n > max_bytes):
+            groups.append([])
+            total = 0
+        groups[-1].append(path)
+        total += n
+    return groups
+
+
+def _post(url: str, data: bytes, timeout: float, content_type: str = "application/octet-stream") -> dict[str, Any]:
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -215,6 +244,9 @@ def predict(
                                        "regions over the image) into this folder."),
     url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each answer."),
+    batch: int = typer.Option(32, "--batch", min=1, max=64, help="Images per request to the server: several "
+                              "files go as batch inspection requests of up to this many images (and 24 MiB), "
+                              "paying the HTTP cost once per batch; 1 sends one request per image."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (maps and PNGs left out)."),
 ) -> None:
     """Score images with a registered model: verdict, score and threshold per image; with --out,
@@ -241,17 +273,37 @@ def predict(
             raise ConfigError(f"--url {base!r}: expected http://host:port")
         query = "?heatmap=true&regions=true" if want_maps else ""
         endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict{query}"
+        batch_endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict/batch{query}"
+
+    def answers():  # noqa: ANN202 — (path, its bytes, its answer or the error it alone gets), in order
+        if local or batch == 1 or len(images) == 1:
+            for path in images:
+                data = path.read_bytes()
+                try:
+                    yield path, data, (predictor.predict(model, data, path.name, heatmap=want_maps,
+                                                         regions=want_maps) if local else _post(endpoint, data, timeout))
+                except (InvalidInput, RequestError) as err:
+                    yield path, data, err
+            return
+        for group in _batches(images, batch):
+            files = [(path, path.read_bytes()) for path in group]
+            body, content_type = _multipart([(path.name, data) for path, data in files])
+            try:
+                answer = _post(batch_endpoint, body, timeout * len(group), content_type)
+            except InvalidInput as err:  # the request as a whole (e.g. too large): each of its images
+                yield from ((path, data, err) for path, data in files)
+                continue
+            for (path, data), result in zip(files, answer["results"]):
+                if result["status"] != 200:
+                    yield path, data, InvalidInput(f"{result['error']} (HTTP {result['status']})")
+                else:
+                    yield path, data, {k: v for k, v in result.items() if k != "status"}
+
     results, failures, used = [], 0, set()
-    for path in images:
-        data = path.read_bytes()
-        try:
-            if local:
-                result = predictor.predict(model, data, path.name, heatmap=want_maps, regions=want_maps)
-            else:
-                result = _post(endpoint, data, timeout)
-        except (InvalidInput, RequestError) as err:
+    for path, data, result in answers():
+        if isinstance(result, Exception):
             failures += 1
-            typer.echo(f"error: {path}: {err}", err=True)
+            typer.echo(f"error: {path}: {result}", err=True)
             continue
         result["image"] = str(path)
         if out is not None:

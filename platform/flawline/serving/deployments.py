@@ -5,6 +5,11 @@
   the newest; a cheap catalog query cached ``resolve_ttl_s``), and calls the model server with that
   id as the multiplexed model id. Promotion and rollback therefore take effect within
   ``resolve_ttl_s`` without a restart.
+- ``POST /v1/models/{model}/predict/batch``: a batch inspection request, many images (multipart
+  parts or ``{"uris": [...]}``) in one request, answered per image in order: one HTTP exchange and
+  one hop to the model server for all of them, forward passes of up to ``max_batch_size``. A bad
+  image gets its own status in ``results``; the request fails as a whole only when it is bad as a
+  whole (no image, over ``max_batch_images``, unknown model).
 - ``ModelServer`` loads versions from S3 on demand (``@serve.multiplexed``, an LRU of
   ``max_models_per_replica`` models per replica; Serve routes a model id to replicas that hold it)
   and batches requests for one model id (``@serve.batch``; size and wait in ``user_config``,
@@ -33,13 +38,21 @@ from flawline.data.images import MAX_PIXELS
 from flawline.errors import FlawlineError
 from flawline.monitoring.metrics import metric
 from flawline.serving.errors import ModelUnavailable, PayloadTooLarge, RequestError, http_status, one_line
-from flawline.serving.inputs import MAX_REQUEST_BYTES, Limits, check_image, image_from_request, parse_flag
+from flawline.serving.inputs import (
+    MAX_REQUEST_BYTES,
+    CheckedImage,
+    Limits,
+    check_image,
+    image_from_request,
+    images_from_batch_request,
+    parse_flag,
+)
 from flawline.serving.models import ModelResolver, list_models, load_model
 from flawline.serving.pipeline import Item, Outcome, predict_items
 from flawline.serving.response import build_response
 
 GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
-                                    "max_image_pixels": MAX_PIXELS}
+                                    "max_image_pixels": MAX_PIXELS, "max_batch_images": 64}
 SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None}
 APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto"}
 LOAD_RETRY_AFTER_S = 10.0  # a failed load is answered from memory this long (no S3 fetch per request)
@@ -112,7 +125,8 @@ class ModelServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         c = _settings(config, SERVER_DEFAULTS, "ModelServer user_config")
-        self.predict_batch.set_max_batch_size(int(c["max_batch_size"]))
+        self.max_batch_size = int(c["max_batch_size"])
+        self.predict_batch.set_max_batch_size(self.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(float(c["batch_wait_timeout_s"]))
         if c["torch_threads"]:
             import torch
@@ -144,6 +158,16 @@ class ModelServer:
     async def predict(self, item: Item) -> Outcome:
         return await self.predict_batch(item)
 
+    async def predict_many(self, items: list[Item]) -> list[Outcome]:
+        """A batch inspection request's images, in order: forward passes of up to max_batch_size."""
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        loop, outcomes = asyncio.get_running_loop(), []
+        for start in range(0, len(items), self.max_batch_size):
+            chunk = items[start:start + self.max_batch_size]
+            self._batch_sizes.observe(len(chunk))
+            outcomes += await loop.run_in_executor(self._torch, predict_items, model, chunk)
+        return outcomes
+
     def ping(self) -> str:
         return "ok"
 
@@ -174,6 +198,7 @@ class Gateway:
     def reconfigure(self, config: dict[str, Any]) -> None:
         c = _settings(config, GATEWAY_DEFAULTS, "Gateway user_config")
         self.limits = Limits(int(c["max_request_bytes"]), int(c["max_image_pixels"]))
+        self.max_batch_images = int(c["max_batch_images"])
         self.resolver = ModelResolver(self.catalog, float(c["resolve_ttl_s"]))
 
     def _fetch(self, uri: str) -> bytes:
@@ -186,6 +211,30 @@ class Gateway:
         ref = self.resolver.resolve(model)
         data, name = image_from_request(content_type, body, self._fetch, limits=self.limits)
         return ref, check_image(data, name, limits=self.limits)
+
+    def _prepare_batch(self, model: str, content_type: str | None, body: bytes):  # noqa: ANN202
+        """(model reference, [(name, CheckedImage or the error that image answers with)])."""
+        ref = self.resolver.resolve(model)  # an unknown model fails the whole request first
+        images: list[tuple[str, CheckedImage | Exception]] = []
+        for name, data in images_from_batch_request(content_type, body, self._fetch, limits=self.limits,
+                                                    max_images=self.max_batch_images):
+            if isinstance(data, Exception):
+                images.append((name, data))
+                continue
+            try:
+                images.append((name, check_image(data, name, limits=self.limits)))
+            except Exception as err:  # noqa: BLE001 — this image only
+                images.append((name, err))
+        return ref, images
+
+    def _failure(self, err: BaseException, tag: str) -> tuple[int, str]:
+        """An error → (HTTP status, one-line message), counted in the error metric."""
+        cause = _cause(err)
+        status = http_status(cause)
+        self.metrics.errors.inc(tags={"model": tag, "status": str(status)})
+        message = one_line(cause) if status < 500 or isinstance(cause, FlawlineError) else \
+            f"internal error ({type(cause).__name__}: {one_line(cause)})"
+        return status, message
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -213,15 +262,18 @@ class Gateway:
         except FlawlineError as err:
             return _error(http_status(err), one_line(err))
 
+    async def _read(self, request: Request) -> tuple[tuple[bool, bool, bool], bytes]:
+        """The query's (heatmap, mask, regions) flags and the bounded body (4xx errors on bad ones)."""
+        query = request.query_params
+        flags = tuple(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions"))
+        return flags, await _read_body(request, self.limits.max_request_bytes)  # type: ignore[return-value]
+
     @api.post("/v1/models/{model}/predict")
     async def predict(self, model: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         tag = "unresolved"
         try:
-            query = request.query_params
-            heatmap, mask = parse_flag(query.get("heatmap"), "heatmap"), parse_flag(query.get("mask"), "mask")
-            with_regions = parse_flag(query.get("regions"), "regions")
-            body = await _read_body(request, self.limits.max_request_bytes)
+            (heatmap, mask, with_regions), body = await self._read(request)
             ref, image = await asyncio.to_thread(self._prepare, model, request.headers.get("content-type"), body)
             tag = ref.name
             item = Item(image.data, image.name, ref.threshold, heatmap or mask or with_regions)
@@ -235,12 +287,51 @@ class Gateway:
             self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
             return JSONResponse(response)
         except Exception as err:  # noqa: BLE001 — every failure is one answer; the server keeps serving
-            cause = _cause(err)
-            status = http_status(cause)
-            self.metrics.errors.inc(tags={"model": tag, "status": str(status)})
-            message = one_line(cause) if status < 500 or isinstance(cause, FlawlineError) else \
-                f"internal error ({type(cause).__name__}: {one_line(cause)})"
-            return _error(status, message)
+            return _error(*self._failure(err, tag))
+
+    @api.post("/v1/models/{model}/predict/batch")
+    async def predict_many(self, model: str, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        tag = "unresolved"
+        try:
+            (heatmap, mask, with_regions), body = await self._read(request)
+            ref, images = await asyncio.to_thread(self._prepare_batch, model, request.headers.get("content-type"),
+                                                  body)
+            tag = ref.name
+            want_map = heatmap or mask or with_regions
+            good = [(i, image) for i, (_, image) in enumerate(images) if isinstance(image, CheckedImage)]
+            outcomes: dict[int, Outcome] = {}
+            if good:
+                answered = await self.server.options(multiplexed_model_id=ref.model_id).predict_many.remote(
+                    [Item(image.data, image.name, ref.threshold, want_map) for _, image in good])
+                outcomes = {i: outcome for (i, _), outcome in zip(good, answered)}
+            latency_ms = (time.perf_counter() - started) * 1e3
+            build = functools.partial(self._batch_results, images, outcomes, ref, latency_ms, heatmap=heatmap,
+                                      mask=mask, with_regions=with_regions)
+            results = await asyncio.to_thread(build) if want_map else build()
+            return JSONResponse({"model": ref.name, "model_version": ref.version, "images": len(results),
+                                 "errors": sum(r["status"] != 200 for r in results),
+                                 "latency_ms": round(latency_ms, 3), "results": results})
+        except Exception as err:  # noqa: BLE001 — the request as a whole is bad: one answer
+            return _error(*self._failure(err, tag))
+
+    def _batch_results(self, images: list[tuple[str, CheckedImage | Exception]], outcomes: dict[int, Outcome],
+                       ref: Any, latency_ms: float, **flags: bool) -> list[dict[str, Any]]:
+        """One answer per image, in the request's order: its verdict, or its own error and status."""
+        results = []
+        for i, (name, image) in enumerate(images):
+            outcome = outcomes.get(i)
+            if not isinstance(image, CheckedImage) or outcome is None or outcome.error:
+                status, message = (outcome.status, outcome.error) if outcome is not None and outcome.error else \
+                    self._failure(image if isinstance(image, Exception) else RuntimeError("no answer"), ref.name)
+                if outcome is not None and outcome.error:
+                    self.metrics.errors.inc(tags={"model": ref.name, "status": str(status)})
+                results.append({"image": name, "status": status, "error": message})
+                continue
+            body = build_response(outcome, ref, (image.width, image.height), latency_ms, **flags)
+            self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
+            results.append({"image": name, "status": 200, **body})
+        return results
 
 
 def build_app(args: dict[str, Any] | None = None):  # noqa: ANN201 — serve.Application

@@ -6,6 +6,9 @@ the first part with a file name), or a JSON body ``{"uri": "s3://bucket/key"}`` 
 flawline's bucket. Everything is bounded: the body size, and the pixel count read from the image
 header before a pixel is decoded (a 100,000 x 100,000 PNG is a few hundred bytes). A bad request
 raises a ``RequestError`` with the HTTP status it answers with and a one-line message.
+
+A batch inspection request (``images_from_batch_request``) carries many images, each answered on
+its own: a bad one gets its own status and the others their verdicts.
 """
 
 from __future__ import annotations
@@ -84,6 +87,13 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[str | None, st
     return parts
 
 
+def _json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(f"JSON body does not parse ({err.__class__.__name__}: {err})") from None
+
+
 def image_from_request(content_type: str | None, body: bytes, fetch: Callable[[str], bytes], *,
                        limits: Limits = Limits()) -> tuple[bytes, str]:
     """The image bytes a request carries and a name for messages (file name, s3 URI or "image")."""
@@ -102,15 +112,52 @@ def image_from_request(content_type: str | None, body: bytes, fetch: Callable[[s
         _, filename, data = named[0]
         return data, filename or "image"
     if kind == "application/json":
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(f"JSON body does not parse ({err.__class__.__name__}: {err})") from None
+        doc = _json(body)
         uri = doc.get("uri") if isinstance(doc, dict) else None
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise RequestError('JSON body must be {"uri": "s3://bucket/key"}')
         return fetch(uri), uri
     raise UnsupportedMediaType(f"Content-Type {kind} is not accepted; send {ACCEPTED}")
+
+
+BATCH_ACCEPTED = "multipart/form-data (one part per image, each with a file name or named 'image'/'file') or " \
+                 "application/json {\"uris\": [\"s3://...\", ...]}"
+
+
+def images_from_batch_request(content_type: str | None, body: bytes, fetch: Callable[[str], bytes], *,
+                              limits: Limits = Limits(), max_images: int = 64) -> list[tuple[str, bytes | Exception]]:
+    """The images a batch inspection request carries, in order: [(name, bytes, or the error that
+    image alone answers with)]. An image S3 cannot give (a missing key, another bucket) fails
+    alone. The request as a whole fails (``RequestError`` 400, ``PayloadTooLarge`` 413,
+    ``UnsupportedMediaType`` 415) only when it is not one of ``BATCH_ACCEPTED``, carries no image,
+    more than ``max_images``, or more than ``limits.max_request_bytes``."""
+    if len(body) > limits.max_request_bytes:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limits.max_request_bytes}")
+    kind = media_type(content_type)
+    if kind == "multipart/form-data":
+        parts = [(filename or name or "image", data) for name, filename, data in parse_multipart(body, content_type or "")
+                 if filename or name in ("image", "file", "images")]
+    elif kind == "application/json":
+        doc = _json(body)
+        uris = doc.get("uris") if isinstance(doc, dict) else None
+        if not isinstance(uris, list) or not all(isinstance(u, str) and u.startswith("s3://") for u in uris):
+            raise RequestError('JSON body must be {"uris": ["s3://bucket/key", ...]}')
+        parts = uris
+    else:
+        raise UnsupportedMediaType(f"a batch request is {BATCH_ACCEPTED}, not {kind or 'a body without Content-Type'}")
+    if not parts:
+        raise RequestError(f"the batch request carries no image; send {BATCH_ACCEPTED}")
+    if len(parts) > max_images:
+        raise PayloadTooLarge(f"the batch request carries {len(parts)} images, more than the limit of {max_images}")
+    if kind == "multipart/form-data":
+        return parts
+    found: list[tuple[str, bytes | Exception]] = []
+    for uri in parts:  # fetched once the request as a whole is accepted
+        try:
+            found.append((uri, fetch(uri)))
+        except Exception as err:  # noqa: BLE001 — this image only (a missing key, another bucket)
+            found.append((uri, err))
+    return found
 
 
 def check_image(data: bytes, name: str = "image", *, limits: Limits = Limits()) -> CheckedImage:
