@@ -41,19 +41,21 @@ def test_evaluate_report_and_model_lifecycle(mt_split, tmp_path):
         assert (out / name).is_file()
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["metrics"]["image_auroc"] <= 1.0
-    assert report["metrics"]["threshold"]["method"] == "quantile"
-    assert report["metrics"]["threshold"]["data"]["split"] == "val"
+    # the default (auto) uses the val split's labelled defects: best F1, and it says so
+    chosen = report["metrics"]["threshold"]
+    assert chosen["method"] == "best-f1" and chosen["data"]["split"] == "val"
+    assert chosen["params"]["rule"].startswith("auto: best F1, as ") and "auto: best F1" in result.stdout
     assert "aupro" in report["metrics"] and "pixel_auroc" in report["metrics"]
     md = (out / "report.md").read_text()
     assert "![ROC](roc.png)" in md and "Threshold" in md
 
     listed = json.loads(_run("models", "list", "--json").stdout)
-    assert listed[0]["model"] == "mt-patchcore:1" and listed[0]["threshold_method"] == "quantile"
+    assert listed[0]["model"] == "mt-patchcore:1" and listed[0]["threshold_method"] == "best-f1"
 
     assert _run("models", "threshold", "mt-patchcore", "--value", 123.5, "--note", "trial").exit_code == 0
     shown = json.loads(_run("models", "show", "mt-patchcore:1", "--json").stdout)
     assert shown["threshold"]["value"] == 123.5 and shown["threshold"]["method"] == "manual"
-    assert shown["threshold_history"][0]["method"] == "quantile"  # the calibrated one is kept
+    assert shown["threshold_history"][0]["method"] == "best-f1"  # the calibrated one is kept
 
     onnx = tmp_path / "m.onnx"
     exported = _run("models", "export", "mt-patchcore", "--format", "onnx", "--out", onnx)

@@ -109,6 +109,20 @@ def test_best_f1():
     assert t.value == pytest.approx(0.6) and t.params["f1"] == 1.0
 
 
+def test_auto_threshold_uses_labelled_defects_when_there_are_some():
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.2, 0.7, 0.8, 0.3, 0.6]
+    with_defects = th.compute("auto", scores=np.array(scores), labels=np.array(labels))
+    assert (with_defects.method, with_defects.value) == ("best-f1", pytest.approx(0.6))  # as test_best_f1
+    assert with_defects.params["rule"].startswith("auto: best F1, as 3 of the 6 calibration images")
+    normals_only = th.compute("auto", scores=NORMAL, labels=np.zeros(NORMAL.size))
+    assert (normals_only.method, normals_only.value) == ("quantile", th.quantile(NORMAL, 0.99).value)
+    assert "none of the 5 calibration images is a labelled defect" in normals_only.describe()
+    # a label-free method given labels takes the normal images only
+    assert th.compute("max", scores=np.array(scores), labels=np.array(labels)).value == pytest.approx(0.3)
+    with pytest.raises(InvalidInput, match="every calibration image is a defect"):
+        th.auto(np.ones(3), np.arange(3.0))
+
+
 def test_threshold_errors_and_description():
     with pytest.raises(InvalidInput, match="at least one"):
         th.max_score(np.array([]))

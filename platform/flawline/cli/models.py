@@ -32,9 +32,10 @@ def evaluate(
                                                                   "every one)."),
     backbone: str = typer.Option("efficientnet_lite0", help="Feature backbone."),
     image_size: int = typer.Option(256, min=32, max=1024, help="Images are resized to this square size."),
-    threshold: str = typer.Option("quantile", help="How to choose the threshold from normal validation "
-                                  "images: max, quantile, k-sigma, max-area; or best-f1 / youden (balanced accuracy; "
-                                  "both need labelled val)."),
+    threshold: str = typer.Option("auto", help="How to choose the threshold on the validation images: auto "
+                                  "(best-f1 when val holds labelled defects, else quantile; the report says which); "
+                                  "from normal images alone: max, quantile, k-sigma, max-area; or best-f1 / youden "
+                                  "(balanced accuracy; both need labelled defects in val)."),
     p: float = typer.Option(0.99, help="quantile: the p-quantile of normal scores."),
     k: float = typer.Option(3.0, help="k-sigma: mean + k * std."),
     max_area: int = typer.Option(64, help="max-area: largest tolerated anomalous region (pixels)."),
@@ -42,9 +43,10 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Report folder (default: <data dir>/reports/<dataset>-<method>-<time>)."),
     save: bool = typer.Option(True, help="Save the fitted model to S3 and register it in the catalog."),
 ) -> None:
-    """Fit a detector on the dataset's normal training images, choose its threshold on normal
-    validation images, evaluate on the test split and write a report (JSON, Markdown, ROC curve,
-    heatmaps of the worst misses and false alarms)."""
+    """Fit a detector on the dataset's normal training images, choose its threshold on the
+    validation images (by default best F1 when they hold labelled defects, else the 0.99-quantile of
+    the normal ones; it prints which rule it took), evaluate on the test split and write a report
+    (JSON, Markdown, ROC curve, heatmaps of the worst misses and false alarms)."""
     from flawline.data.records import fetch, image_records
     from flawline.evaluate.report import write_report
     from flawline.evaluate.run import evaluate as evaluate_detector
@@ -56,7 +58,7 @@ def evaluate(
     train_refs = image_records(catalog, dataset, Split.train, normal_only=True)
     test_refs = image_records(catalog, dataset, Split.test, labelled_only=True)
     val_refs = image_records(catalog, dataset, Split.val, labelled_only=True,
-                             normal_only=threshold not in ("best-f1", "youden"))
+                             normal_only=threshold not in ("auto", "best-f1", "youden"))
     if not train_refs:
         raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
     if not test_refs:

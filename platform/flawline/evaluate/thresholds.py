@@ -2,8 +2,10 @@
 
 From normal validation images, the four methods of the survey (Bergmann et al.): maximum score,
 p-quantile, k-sigma and maximum defect area; with labelled defects also best-F1 and Youden's J
-(best balanced accuracy, independent of the share of defects). Each returns a
-``Threshold`` that records how and on what data it was chosen; a manual value overrides it.
+(best balanced accuracy, independent of the share of defects). ``auto`` uses what is labelled:
+best-F1 when the calibration images hold labelled defects, else the 0.99-quantile of the normal
+ones, and its record says which rule it took and why. Each returns a ``Threshold`` that records
+how and on what data it was chosen; a manual value overrides it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 
 from flawline.errors import InvalidInput
 
-METHODS = ("max", "quantile", "k-sigma", "max-area", "best-f1", "youden", "manual")
+METHODS = ("auto", "max", "quantile", "k-sigma", "max-area", "best-f1", "youden", "manual")
+LABEL_FREE = ("max", "quantile", "k-sigma", "max-area")  # chosen on the normal images alone
 
 
 @dataclass
@@ -151,6 +154,27 @@ def youden(labels: np.ndarray, scores: np.ndarray, data: dict | None = None) -> 
                      data or {"images": int(y.size), "defects": int(y.sum())})
 
 
+def auto(labels: np.ndarray | None, scores: np.ndarray, p: float = 0.99, data: dict | None = None) -> Threshold:
+    """What the labels allow: with labelled defects and normals among the calibration images
+    (``labels`` [N], 1 = defect; ``scores`` [N]), best F1 on them (where defects actually score,
+    rather than a guess from normals alone); with normals only, the p-quantile of their scores. The
+    threshold's ``params["rule"]`` says which rule was taken and why. Raises ``InvalidInput`` when
+    every calibration image is a defect."""
+    s = _normal_scores(scores)
+    y = np.zeros(s.size, dtype=bool) if labels is None else np.asarray(labels).astype(bool).ravel()
+    if y.all():
+        raise InvalidInput("auto threshold: every calibration image is a defect; it needs normal images")
+    if y.any():
+        chosen = best_f1(y, s, data)
+        chosen.params["rule"] = (f"auto: best F1, as {int(y.sum())} of the {y.size} calibration images are "
+                                 "labelled defects")
+        return chosen
+    chosen = quantile(s, p, data)
+    chosen.params["rule"] = (f"auto: the {p:g}-quantile of normal scores, as none of the {s.size} calibration "
+                             "images is a labelled defect (label a few defects in the val split for best F1)")
+    return chosen
+
+
 def manual(value: float, note: str = "") -> Threshold:
     if not np.isfinite(value):
         raise InvalidInput(f"manual threshold {value} is not a finite number")
@@ -159,7 +183,14 @@ def manual(value: float, note: str = "") -> Threshold:
 
 def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray | None = None,
             labels: np.ndarray | None = None, data: dict | None = None, **params: Any) -> Threshold:
-    """Dispatch by method name (CLI and jobs)."""
+    """Dispatch by method name (CLI and jobs). ``labels`` [N] (1 = defect) beside ``scores`` [N]:
+    the label-free methods take the normal images among them only."""
+    if method == "auto":
+        return auto(labels, scores, params.get("p", 0.99), data)
+    if method in LABEL_FREE and labels is not None:
+        normal = ~np.asarray(labels).astype(bool).ravel()
+        scores = None if scores is None else np.asarray(scores)[normal]
+        maps = None if maps is None else np.asarray(maps)[normal]
     if method == "max":
         return max_score(scores, data)
     if method == "quantile":
