@@ -304,13 +304,14 @@ def test_batch_request_answers_each_image_in_order_with_its_own_status(served):
 
     served["store"].put_bytes("incoming/batch-a.jpg", good[0])
     uris = [served["store"].uri("incoming/batch-a.jpg"), served["store"].uri("incoming/missing.jpg"),
-            "s3://elsewhere/key.jpg"]
+            "s3://elsewhere/key.jpg", "http://example.com/part.jpg"]
     by_key = requests.post(batch_url, json={"uris": uris}, timeout=60)
     assert by_key.status_code == 200, by_key.text
     results = by_key.json()["results"]
-    assert [x["status"] for x in results] == [200, 404, 400] and [x["image"] for x in results] == uris
+    assert [x["status"] for x in results] == [200, 404, 400, 400] and [x["image"] for x in results] == uris
     assert results[0]["score"] == pytest.approx(body["results"][0]["score"], rel=1e-6)
     assert "does not exist" in results[1]["error"] and "this server reads images from s3://t-" in results[2]["error"]
+    assert results[3]["error"] == "http://example.com/part.jpg: not an s3:// URI"
 
     # bad as a whole: one answer for the request
     too_many = [("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(65)]
@@ -319,6 +320,7 @@ def test_batch_request_answers_each_image_in_order_with_its_own_status(served):
         ({"files": {"note": (None, "hi")}}, 400, "carries no image"),
         ({"files": too_many}, 413, "65 images, more than the limit of 64"),
         ({"json": {"uris": "s3://x"}}, 400, '{"uris": ['),
+        ({"json": {"uris": ["s3://x/y.jpg", 5]}}, 400, '"uris" entry 1 is int, not a string'),
         ({"files": files, "model": "nope"}, 404, "no model 'nope'"),
         ({"files": files, "query": "?mask=perhaps"}, 400, "mask"),
     ]
@@ -368,6 +370,7 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
         mixed = _cli("predict", junk, images[0], "--model", "tiles", *extra)
         assert mixed.exit_code == 1
         assert f"error: {junk}: " in mixed.output and "not an image" in mixed.output
+        assert f"{junk.name}: {junk.name}" not in mixed.output  # the file named once
         assert str(images[0]) in mixed.stdout  # the good image is still scored
         unknown = _cli("predict", images[0], "--model", "nope", *extra)
         assert unknown.exit_code == 1 and "no model 'nope'" in unknown.output

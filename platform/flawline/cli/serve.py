@@ -143,7 +143,8 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
                                + ", ".join(f"{n} {s}" for n, s in states.items()))
         time.sleep(1.0)
     console.print(f"serving at {serve_address(details) or want} ({time.monotonic() - started:.0f} s): "
-                  f"POST /v1/models/<model>/predict, GET /v1/models, GET /healthz")
+                  f"POST /v1/models/<model>/predict (one image) and /predict/batch (many), GET /v1/models, "
+                  "GET /healthz")
 
 
 @app.command("status")
@@ -303,7 +304,8 @@ def predict(
     for path, data, result in answers():
         if isinstance(result, Exception):
             failures += 1
-            typer.echo(f"error: {path}: {result}", err=True)
+            # messages name the image by its file name; the path says it already
+            typer.echo(f"error: {path}: {str(result).removeprefix(f'{path.name}: ')}", err=True)
             continue
         result["image"] = str(path)
         if out is not None:

@@ -140,8 +140,12 @@ def images_from_batch_request(content_type: str | None, body: bytes, fetch: Call
     elif kind == "application/json":
         doc = _json(body)
         uris = doc.get("uris") if isinstance(doc, dict) else None
-        if not isinstance(uris, list) or not all(isinstance(u, str) and u.startswith("s3://") for u in uris):
+        if not isinstance(uris, list):
             raise RequestError('JSON body must be {"uris": ["s3://bucket/key", ...]}')
+        wrong = next((i for i, u in enumerate(uris) if not isinstance(u, str)), None)
+        if wrong is not None:
+            raise RequestError(f'"uris" entry {wrong} is {type(uris[wrong]).__name__}, not a string; '
+                               'send {"uris": ["s3://bucket/key", ...]}')
         parts = uris
     else:
         raise UnsupportedMediaType(f"a batch request is {BATCH_ACCEPTED}, not {kind or 'a body without Content-Type'}")
@@ -153,6 +157,9 @@ def images_from_batch_request(content_type: str | None, body: bytes, fetch: Call
         return parts
     found: list[tuple[str, bytes | Exception]] = []
     for uri in parts:  # fetched once the request as a whole is accepted
+        if not uri.startswith("s3://"):
+            found.append((uri, RequestError(f"{uri}: not an s3:// URI")))
+            continue
         try:
             found.append((uri, fetch(uri)))
         except Exception as err:  # noqa: BLE001 — this image only (a missing key, another bucket)
