@@ -320,17 +320,17 @@ class Gateway:
         """One answer per image, in the request's order: its verdict, or its own error and status."""
         results = []
         for i, (name, image) in enumerate(images):
-            outcome = outcomes.get(i)
-            if not isinstance(image, CheckedImage) or outcome is None or outcome.error:
-                status, message = (outcome.status, outcome.error) if outcome is not None and outcome.error else \
-                    self._failure(image if isinstance(image, Exception) else RuntimeError("no answer"), ref.name)
-                if outcome is not None and outcome.error:
-                    self.metrics.errors.inc(tags={"model": ref.name, "status": str(status)})
-                results.append({"image": name, "status": status, "error": message})
+            if isinstance(image, Exception):  # refused before the model saw it
+                status, message = self._failure(image, ref.name)
+            elif outcomes[i].error:  # it did not decode in the model server
+                status, message = outcomes[i].status, outcomes[i].error
+                self.metrics.errors.inc(tags={"model": ref.name, "status": str(status)})
+            else:
+                body = build_response(outcomes[i], ref, (image.width, image.height), latency_ms, **flags)
+                self.metrics.prediction(ref.name, ref.version, outcomes[i], latency_ms)
+                results.append({"image": name, "status": 200, **body})
                 continue
-            body = build_response(outcome, ref, (image.width, image.height), latency_ms, **flags)
-            self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
-            results.append({"image": name, "status": 200, **body})
+            results.append({"image": name, "status": status, "error": message})
         return results
 
 
