@@ -88,6 +88,8 @@ def _print_report(r: ImportReport) -> None:
         f"{r.objects_uploaded} objects ({human_bytes(r.bytes_uploaded)}) uploaded in {r.seconds:.1f}s "
         f"({rate:.0f} objects/s)"
     )
+    if r.boxes:
+        console.print(f"{r.boxes} boxes from annotation files")
     if r.labels_added:
         console.print(f"labels added to {r.labels_added} images that had none")
     if r.by_label:

@@ -8,14 +8,18 @@ Guarantees:
   and listed). The same bytes under two different labels stop it too.
 - Objects are content-addressed (``images/sha256/..``): re-runs recognise what the dataset has by
   hash and upload nothing for it; an object never changes once written.
-- Every file of the source that no image or mask uses is listed with why (``ImportReport.unused``):
-  a mask that matches no image, a file outside the layout's folders, a file that is no image.
+- Boxes from annotation files are checked against their image's size (inside it, positive width
+  and height) before anything is uploaded; a bad box stops the import naming its file and image.
+- Every file of the source that no image, mask or annotation uses is listed with why
+  (``ImportReport.unused``): a mask that matches no image, a file outside the layout's folders, a
+  file that is no image.
 - Catalog rows are written only after every object of the import is stored, so an import that dies
   midway never leaves a row pointing at a missing object, and running it again completes it.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +90,7 @@ class ImportReport:
     duplicates: int = 0
     labels_added: int = 0
     masks: int = 0
+    boxes: int = 0  # boxes imported from annotation files, over every image
     objects_uploaded: int = 0
     bytes_uploaded: int = 0
     skipped: list[str] = field(default_factory=list)
@@ -208,13 +213,15 @@ def import_dataset(
     for p in unique:
         report.by_label[p.label_text] = report.by_label.get(p.label_text, 0) + 1
     report.masks = sum(1 for p in unique if p.mask is not None)
+    report.boxes = sum(len(p.item.boxes or ()) for p in unique)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _unused_files(importer: Any, source: Path, items: list[ImportItem]) -> list[str]:
     """Every non-hidden file below ``source`` that no item reads (as image or mask), with why."""
-    used = {b.path.resolve() for it in items for b in (it.image, it.mask) if b is not None and b.path is not None}
+    used = {b.path.resolve() for it in items for b in (it.image, it.mask, it.annotation)
+            if b is not None and b.path is not None}
     out = []
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
@@ -240,7 +247,26 @@ def _identify(item: ImportItem) -> _Prepared:
             raise InvalidInput(f"{item.mask.name}: mask is {minfo.width}x{minfo.height} but its image "
                                f"{item.image.name} is {info.width}x{info.height}")
         mask = _Mask(minfo.sha256, content_key("masks", minfo.sha256, ".png"), canonical)
+    if item.boxes:
+        check_boxes(item.boxes, info.width, info.height,
+                    item.annotation.name if item.annotation else item.image.name, item.image.name)
     return _Prepared(item, info, mask, data)
+
+
+def check_boxes(boxes: list[dict[str, Any]], width: int, height: int, source: str, image: str) -> None:
+    """Each box [{x, y, w, h, label}] (pixels, top-left corner) has a positive size and lies inside
+    the ``width`` x ``height`` image (half a pixel of rounding allowed); InvalidInput names the
+    annotation file ``source``, the image and the box otherwise."""
+    for n, box in enumerate(boxes, start=1):
+        try:
+            x, y, w, h = (float(box[k]) for k in ("x", "y", "w", "h"))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput(f"{source}: box {n} of {image} is not x, y, w, h numbers ({box!r})") from None
+        if not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0:
+            raise InvalidInput(f"{source}: box {n} of {image} has no area (x={x:g} y={y:g} w={w:g} h={h:g})")
+        if x < -0.5 or y < -0.5 or x + w > width + 0.5 or y + h > height + 0.5:
+            raise InvalidInput(f"{source}: box {n} of {image} (x={x:g} y={y:g} w={w:g} h={h:g}) lies outside "
+                               f"the {width}x{height} image")
 
 
 def _verify(p: _Prepared, full_decode: bool) -> list[tuple[str, bytes, str]]:
@@ -365,6 +391,7 @@ def _annotation_fields(p: _Prepared) -> dict[str, Any]:
         "label": p.item.label,
         "defect_class": p.item.defect_class,
         "mask_key": p.mask.key if p.mask else None,
+        "boxes": p.item.boxes or None,
         "source": AnnotationSource.imported,
         "annotator": "import",
         "attrs": p.item.annotation_attrs or None,
@@ -385,6 +412,7 @@ def _insert_rows(session: Session, dataset_id: int, chunk: list[_Prepared]) -> N
          for p in chunk],
     ).all()
     annotations = [{"image_id": image_id, **_annotation_fields(p), "created_at": now, "updated_at": now}
-                   for image_id, p in zip(ids, chunk) if p.item.label is not None or p.mask is not None]
+                   for image_id, p in zip(ids, chunk)
+                   if p.item.label is not None or p.mask is not None or p.item.boxes]
     if annotations:
         session.execute(insert(Annotation), annotations)

@@ -50,6 +50,11 @@ class ImportItem:
     split: Split | None = None
     image_attrs: dict[str, Any] = field(default_factory=dict)
     annotation_attrs: dict[str, Any] = field(default_factory=dict)
+    # Axis-aligned boxes in pixels of the shown frame: [{"x", "y", "w", "h", "label"}] (x, y: the
+    # top-left corner), as Label Studio pulls store them; checked against the image's size on import.
+    boxes: list[dict[str, Any]] | None = None
+    # The annotation file the labels, boxes or mask came from (an import lists it as used).
+    annotation: Blob | None = None
 
 
 class Importer:
