@@ -52,6 +52,10 @@ def import_(
     layout: str = typer.Option("auto", "--layout", "-l", help=f"Source layout: {_LAYOUTS}."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (default from the layout)."),
     category: Optional[str] = typer.Option(None, help="MVTec AD category, when PATH holds several."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", exists=True, dir_okay=False, resolve_path=True,
+        help="The manifest file (CSV or JSONL), when it is not PATH/manifest.csv or PATH/manifest.jsonl; "
+             "implies --layout manifest. Its files are relative to its own folder."),
     workers: Optional[int] = typer.Option(None, min=1, max=256, help="Parallel uploads (default from settings)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Import only the first N images found."),
     skip_invalid: bool = typer.Option(False, help="Skip unreadable files instead of stopping; lists them."),
@@ -62,11 +66,15 @@ def import_(
     """Import images (and masks and labels) into object storage and the catalog.
 
     Layouts: folder (normal/, defect/<class>/, unlabeled/, masks/ mirroring them), mvtec (MVTec AD),
-    magnetic-tile (MT_<Class>/Imgs), elpv (the elpv-dataset package). Re-running is safe: images
-    already in the dataset are recognised by content hash and skipped.
+    magnetic-tile (MT_<Class>/Imgs), elpv (the elpv-dataset package), manifest (manifest.csv or
+    manifest.jsonl at PATH: one row per image with file, label, class, group, reference, split,
+    mask and any other column as an image attribute; auto-detected before the folder layouts).
+    Re-running is safe: images already in the dataset are recognised by content hash and skipped.
     """
     settings = get_settings()
-    options = {"category": category} if category else {}
+    options: dict[str, object] = {"category": category} if category else {}
+    if manifest is not None:
+        options["manifest"] = manifest
     with _progress(not as_json) as progress:
         report = import_dataset(
             open_catalog(settings), open_store(settings), path, layout=layout, dataset=dataset,
@@ -102,6 +110,10 @@ def _print_report(r: ImportReport) -> None:
         err_console.print(f"[yellow]{len(r.removed)} image(s) left out: removed from the dataset earlier "
                           "(--readd-removed imports them again):[/]")
         for line in r.removed:
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if r.references_dropped:
+        err_console.print(f"[yellow]{len(r.references_dropped)} image(s) imported without their reference:[/]")
+        for line in r.references_dropped:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True)
     if r.unused:
         err_console.print(f"[yellow]{len(r.unused)} files of the source were not used:[/]")

@@ -15,6 +15,15 @@ Guarantees:
   file that is no image.
 - Catalog rows are written only after every object of the import is stored, so an import that dies
   midway never leaves a row pointing at a missing object, and running it again completes it.
+- An importer's split (``ImportItem.split``: MVTec's train/test, a manifest's split column) is the
+  image's split and is also kept as the image attribute ``preset_split``, which later re-splits
+  leave alone (``flawline data split --keep-preset`` restores it).
+- An image's reference (``ImportItem.reference``: another item of the same scan) is stored as the
+  reference's content hash (image attribute ``reference``), resolved once every file is hashed and
+  before any row is written. A reference that will not be in the dataset (skipped as invalid,
+  removed from it earlier, the same bytes as the image itself) stops the import naming both files;
+  with ``skip_invalid`` the image is imported without it and listed (``references_dropped``), as is
+  a reference that ``limit`` cut off.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ class _Prepared:
     mask: _Mask | None
     data: bytes = b""  # the image's bytes, held only while this file is being imported
     high: int | None = None  # images of more than 8 bits: data.images.robust_high
+    reference: str | None = None  # content hash of the item's reference image, once resolved
 
     @property
     def key(self) -> str:
@@ -96,6 +106,7 @@ class ImportReport:
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # images `data remove` took out: left out again
     unused: list[str] = field(default_factory=list)  # "path: why" for each source file no image or mask used
+    references_dropped: list[str] = field(default_factory=list)  # "image: why" imported without its reference
     seconds: float = 0.0
     by_label: dict[str, int] = field(default_factory=dict)
 
@@ -129,6 +140,8 @@ def import_dataset(
     source = source.expanduser().resolve() if source is not None else None
     if source is not None and not source.exists():
         raise InvalidInput(f"{source}: no such file or directory")
+    if layout == "auto" and (options or {}).get("manifest"):
+        layout = "manifest"  # a manifest file named explicitly says which layout this is
     if layout == "auto":
         importer = detect_layout(source) if source is not None else get_importer("elpv")
     else:
@@ -143,6 +156,7 @@ def import_dataset(
     items = list(importer.scan(source, **(options or {})))
     if source is not None and limit is None:
         report.unused = _unused_files(importer, source, items)
+    cut_off = {it.image.name for it in items[limit:]} if limit is not None else set()
     if limit is not None:
         items = items[:limit]
     if not items:
@@ -159,9 +173,11 @@ def import_dataset(
     # register by hash (duplicates and label conflicts surface here), then verify and upload what
     # is new. Rows are written only after the pass, once every object is stored.
     registry = _Registry(existing, report, {} if readd_removed else removed)
+    hashes: dict[str, str] = {}  # image name → content hash, for resolving references
 
     def import_one(item: ImportItem) -> tuple[int, int]:
         p = _identify(item)
+        hashes[item.image.name] = p.info.sha256
         try:
             if not registry.claim(p):
                 return 0, 0
@@ -189,6 +205,8 @@ def import_dataset(
     unique = [p for p in registry.by_hash.values() if id(p.item) not in failed]
     to_add = [p for p in unique if p.info.sha256 not in existing]
     labels_to_add = registry.labels_to_add
+    _resolve_references(unique, hashes, set(existing), {item.image.name for item, _ in errors}, cut_off,
+                        skip_invalid, report)
 
     for start in range(0, len(to_add), ROWS_PER_COMMIT):
         with catalog.session() as session:
@@ -216,6 +234,36 @@ def import_dataset(
     report.boxes = sum(len(p.item.boxes or ()) for p in unique)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _resolve_references(unique: list[_Prepared], hashes: dict[str, str], existing: set[str], failed: set[str],
+                        cut_off: set[str], skip_invalid: bool, report: ImportReport) -> None:
+    """Set each image's ``reference`` to its reference's content hash when that image will be in the
+    dataset; otherwise raise InvalidInput naming both (or, with ``skip_invalid``, or when ``limit``
+    cut the reference off, list the image in ``report.references_dropped``)."""
+    present = existing | {p.info.sha256 for p in unique}
+    for p in sorted(unique, key=lambda p: p.item.image.name):
+        ref = p.item.reference
+        if ref is None:
+            continue
+        digest = hashes.get(ref)
+        if digest is not None and digest in present and digest != p.info.sha256:
+            p.reference = digest
+            continue
+        if ref in cut_off:
+            why, dropped = "was left out by the import's limit", True
+        elif ref in failed:
+            why, dropped = "was skipped as invalid", skip_invalid
+        elif digest == p.info.sha256:
+            why, dropped = "has the same bytes as the image itself", skip_invalid
+        elif digest is not None:
+            why, dropped = "was removed from the dataset earlier (--readd-removed imports it again)", skip_invalid
+        else:
+            why, dropped = "is not an image of this import", skip_invalid
+        line = f"{p.item.image.name}: its reference {ref} {why}"
+        if not dropped:
+            raise InvalidInput(line)
+        report.references_dropped.append(line + "; imported without a reference")
 
 
 def _unused_files(importer: Any, source: Path, items: list[ImportItem]) -> list[str]:
@@ -408,7 +456,9 @@ def _insert_rows(session: Session, dataset_id: int, chunk: list[_Prepared]) -> N
           "channels": p.info.channels, "format": p.info.format, "split": p.item.split,
           "origin": p.item.image.name, "created_at": now,
           "attrs": {**(p.item.image_attrs or {}), **({"high": p.high} if p.high is not None else {}),
-                    **({"orientation": p.info.orientation} if p.info.orientation != 1 else {})} or None}
+                    **({"orientation": p.info.orientation} if p.info.orientation != 1 else {}),
+                    **({"preset_split": p.item.split.value} if p.item.split is not None else {}),
+                    **({"reference": p.reference} if p.reference else {})} or None}
          for p in chunk],
     ).all()
     annotations = [{"image_id": image_id, **_annotation_fields(p), "created_at": now, "updated_at": now}

@@ -2,7 +2,8 @@
 query and one decoder.
 
 - ``ImageRecord``: one image of a dataset (object key, split, size, deciding label and class, mask
-  key, boxes, origin, white level; ``target`` once a run has assigned a class index). It crosses
+  key, boxes, origin, white level, its reference image's key; ``target`` once a run has assigned a
+  class index). It crosses
   into Ray as JSON (``to_json`` / ``from_json``).
 - ``image_records``: the one catalog query (a dataset's images in id order, filtered by split or
   label when asked).
@@ -37,7 +38,9 @@ class ImageRecord:
     unlabelled; ``width`` / ``height`` in pixels of the shown frame; ``boxes``: coarse regions
     ``{x, y, w, h}`` in those pixels; ``white``: the white level its pixels decode at (images of
     more than 8 bits; None otherwise); ``target``: the class index a run gave it (``UNLABELLED``
-    when its label is not used)."""
+    when its label is not used); ``reference_key``: the object key of its defect-free reference
+    image (image attribute ``reference``, set at import), None when it has none or that image is no
+    longer in the dataset."""
 
     image_id: int
     key: str
@@ -53,6 +56,7 @@ class ImageRecord:
     stratum: str = ""
     white: int | None = None
     target: int = UNLABELLED
+    reference_key: str | None = None
 
     @property
     def label(self) -> Label | None:
@@ -107,6 +111,11 @@ def image_records(catalog: Catalog, dataset: str, split: Split | None = None, *,
                 continue
             old_mask, old_boxes = regions.get(image_id, (None, None))
             regions[image_id] = (old_mask or mask_key, old_boxes or boxes)
+        references = sorted({r.attrs["reference"] for r in images if r.attrs and r.attrs.get("reference")})
+        reference_keys: dict[str, str] = {}
+        for start in range(0, len(references), 500):
+            reference_keys.update(s.execute(select(Image.content_hash, Image.object_key).where(
+                Image.dataset_id == ds.id, Image.content_hash.in_(references[start:start + 500]))).all())
     records = []
     for image_id, key, image_split, width, height, attrs, origin in images:
         label, cls = labels.get(image_id, (None, None))
@@ -117,7 +126,7 @@ def image_records(catalog: Catalog, dataset: str, split: Split | None = None, *,
             image_id=image_id, key=key, dataset=dataset, split=image_split.value if image_split else None,
             width=width, height=height, defect=None if label is None else label is Label.defect, defect_class=cls,
             mask_key=mask_key, boxes=boxes, origin=origin or key, stratum=(attrs or {}).get("cell_type", ""),
-            white=white))
+            white=white, reference_key=reference_keys.get((attrs or {}).get("reference", ""))))
     return records
 
 

@@ -1,6 +1,6 @@
 """Dataset importers, one module per source layout, registered by name."""
 
-from flawline.data.importers import elpv, folder, magnetic_tile, mvtec  # noqa: F401  (registration)
+from flawline.data.importers import elpv, folder, magnetic_tile, manifest, mvtec  # noqa: F401  (registration)
 from flawline.data.importers.base import (
     Blob,
     Importer,

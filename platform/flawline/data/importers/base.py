@@ -55,6 +55,9 @@ class ImportItem:
     boxes: list[dict[str, Any]] | None = None
     # The annotation file the labels, boxes or mask came from (an import lists it as used).
     annotation: Blob | None = None
+    # This image's defect-free reference image: the ``image.name`` of another item of the same
+    # scan. The import stores the reference's content hash (image attribute ``reference``).
+    reference: str | None = None
 
 
 class Importer:
@@ -63,6 +66,10 @@ class Importer:
     name: ClassVar[str]
     description: ClassVar[str]
     needs_path: ClassVar[bool] = True
+    # ``--layout auto`` tries layouts in (detect_priority, name) order and takes the first match:
+    # a layout named by a file of its own (a manifest) sets a lower number than layouts guessed
+    # from folder names, so it wins when a folder matches both.
+    detect_priority: ClassVar[int] = 100
 
     def detect(self, root: Path) -> bool:
         """Whether ``root`` looks like this layout (used by ``--layout auto``)."""
@@ -89,10 +96,11 @@ def get_importer(name: str) -> Importer:
 
 
 def detect_layout(root: Path) -> Importer:
-    """The importer whose layout ``root`` matches."""
+    """The importer whose layout ``root`` matches: the first in (``detect_priority``, name) order."""
     if not root.is_dir():
         raise InvalidInput(f"{root}: not a directory")
-    matches = [cls() for cls in IMPORTERS.values() if cls.needs_path and cls().detect(root)]
+    ordered = sorted(IMPORTERS.values(), key=lambda cls: (cls.detect_priority, cls.name))
+    matches = [imp for cls in ordered if cls.needs_path and (imp := cls()).detect(root)]
     if not matches:
         raise InvalidInput(
             f"{root}: layout not recognised; expected one of {', '.join(importer_names())} "
