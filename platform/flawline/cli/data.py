@@ -158,7 +158,9 @@ def show(name: str = typer.Argument(..., help="Dataset name."),
         ("splits", ", ".join(f"{k} {v}" for k, v in sorted(s.by_split.items()))),
         ("split seed", "-" if not s.split_info else
          f"seed {s.split_info['seed']} train/val/test {s.split_info['train']}/{s.split_info['val']}/"
-         f"{s.split_info['test']}" + (" (normal-only train)" if s.split_info.get("normal_only_train") else "")),
+         f"{s.split_info['test']}" + (" (normal-only train)" if s.split_info.get("normal_only_train") else "")
+         + (f" grouped by {s.split_info['group_by']}" if s.split_info.get("group_by") else "")
+         + (" presets kept" if s.split_info.get("keep_preset") else "")),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -176,10 +178,35 @@ def split(
         False, help="Anomaly-detection protocol: train on normal images only; defects go to val/test."),
     stratify_by: Optional[str] = typer.Option(
         None, help="Also stratify by this image attribute (e.g. cell_type for ELPV)."),
+    group_by: Optional[str] = typer.Option(
+        None, "--group-by", metavar="ATTR",
+        help="Keep images that share this image attribute's value (e.g. group, a board id from a manifest) in "
+             "one split; groups are stratified by whether they hold a defect (and its class). Images with no "
+             "value for ATTR are each a group of their own."),
+    keep_preset: bool = typer.Option(
+        False, "--keep-preset",
+        help="Images with a preset split from their import (a manifest's split column, MVTec's train/test) "
+             "keep it, and so does the rest of their group; the other images are split by the fractions and "
+             "options above. Error when no image has one."),
 ) -> None:
-    """Assign a seeded train/val/test split, stratified by label and defect class, in the catalog."""
-    counts = assign_splits(open_catalog(), name, SplitSpec(train, val, test, seed, normal_only_train, stratify_by))
-    console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (seed {seed})")
+    """Assign a seeded train/val/test split, stratified by label and defect class, in the catalog.
+
+    An image and its reference image (a manifest's reference column) always go to the same split,
+    with or without --group-by, so no test image is judged against a reference seen in training.
+    With --normal-only-train a group holding any defect goes to val/test only.
+    """
+    catalog = open_catalog()
+    counts = assign_splits(catalog, name, SplitSpec(train, val, test, seed, normal_only_train, stratify_by,
+                                                    group_by, keep_preset))
+    with catalog.session() as session:
+        info = get_dataset(session, name).split_info or {}
+    line = f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (seed {seed})"
+    groups = info.get("group_counts") or {}
+    if group_by or groups != counts:
+        line += "; groups: " + ", ".join(f"{k} {v}" for k, v in groups.items())
+    if keep_preset:
+        line += f"; {info.get('preset_kept', 0)} images kept their preset split"
+    console.print(line, highlight=False)
 
 
 _NAMES = typer.Argument(None, help="Images: file names (as imported), content hashes (8+ hex digits) or origins.",
