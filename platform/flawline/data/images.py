@@ -31,6 +31,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -135,6 +136,26 @@ def identify_image(data: bytes, name: str, what: str = "image") -> ImageInfo:
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return ImageInfo(sha256_hex(data), len(data), width, height, channels, fmt, mode, orientation)
+
+
+def shown_size(path: Path, name: str | None = None) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of the image file at ``path`` from its header alone, the
+    size in the shown frame as ``identify_image`` gives it, without reading or hashing the whole
+    file: for importers that turn relative or drawn annotations into pixels. ``name`` is for errors."""
+    label = name or str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = _orientation(img)
+        except UnidentifiedImageError:
+            raise InvalidInput(f"{label}: not an image file (cannot identify format)") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise InvalidInput(f"{label}: unreadable image ({_first_line(err)})") from None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return width, height, orientation
 
 
 def _orientation(img: Image.Image) -> int:

@@ -48,6 +48,7 @@ from flawline.data.images import (
     check_pixels,
     identify_image,
     mask_has_defect,
+    shown_size,
     verify_image,
 )
 from flawline.data.importers import ImportItem, detect_layout, get_importer
@@ -162,6 +163,9 @@ def import_dataset(
     if not items:
         raise InvalidInput(f"{report.source}: no images found for layout {importer.name!r}")
     report.scanned = len(items)
+    boxed = [it for it in items if it.boxes]
+    if boxed and not skip_invalid:  # a bad box stops the import before any upload (skipped later otherwise)
+        _parallel(_check_item_boxes, boxed, workers, "checking boxes", progress)
 
     store.ensure_bucket()  # a down server or refused keys fails here, before any work
     with catalog.session() as session:
@@ -267,9 +271,11 @@ def _resolve_references(unique: list[_Prepared], hashes: dict[str, str], existin
 
 
 def _unused_files(importer: Any, source: Path, items: list[ImportItem]) -> list[str]:
-    """Every non-hidden file below ``source`` that no item reads (as image or mask), with why."""
+    """Every non-hidden file below ``source`` that no item reads (as image, mask or annotation) and
+    the scan did not read either (``Importer.side_files``), with why."""
     used = {b.path.resolve() for it in items for b in (it.image, it.mask, it.annotation)
             if b is not None and b.path is not None}
+    used |= {path.resolve() for path in getattr(importer, "side_files", ())}
     out = []
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
@@ -299,6 +305,19 @@ def _identify(item: ImportItem) -> _Prepared:
         check_boxes(item.boxes, info.width, info.height,
                     item.annotation.name if item.annotation else item.image.name, item.image.name)
     return _Prepared(item, info, mask, data)
+
+
+def _check_item_boxes(item: ImportItem) -> None:
+    """``check_boxes`` on an item's boxes against its image's size from the header alone (the
+    same size ``_identify`` reads), so that a bad box is found before anything is uploaded."""
+    assert item.boxes
+    if item.image.path is not None and item.image.data is None:
+        width, height, _ = shown_size(item.image.path, item.image.name)
+    else:
+        info = identify_image(item.image.read(), item.image.name)
+        width, height = info.width, info.height
+    check_boxes(item.boxes, width, height, item.annotation.name if item.annotation else item.image.name,
+                item.image.name)
 
 
 def check_boxes(boxes: list[dict[str, Any]], width: int, height: int, source: str, image: str) -> None:
