@@ -71,6 +71,11 @@ class Importer:
     # from folder names, so it wins when a folder matches both.
     detect_priority: ClassVar[int] = 100
 
+    def __init__(self) -> None:
+        # Files a scan read besides those its items name (a class list, a dataset YAML): counted as
+        # used, so an import does not list them as left out.
+        self.side_files: list[Path] = []
+
     def detect(self, root: Path) -> bool:
         """Whether ``root`` looks like this layout (used by ``--layout auto``)."""
         return False
@@ -96,16 +101,22 @@ def get_importer(name: str) -> Importer:
 
 
 def detect_layout(root: Path) -> Importer:
-    """The importer whose layout ``root`` matches: the first in (``detect_priority``, name) order."""
+    """The importer whose layout ``root`` matches: among the matching layouts of the lowest
+    ``detect_priority``, the only one; InvalidInput when none matches or several do."""
     if not root.is_dir():
         raise InvalidInput(f"{root}: not a directory")
     ordered = sorted(IMPORTERS.values(), key=lambda cls: (cls.detect_priority, cls.name))
     matches = [imp for cls in ordered if cls.needs_path and (imp := cls()).detect(root)]
+    # a layout named by a file of its own (detect_priority below the default) wins outright
+    matches = [m for m in matches if m.detect_priority == matches[0].detect_priority] if matches else matches
     if not matches:
         raise InvalidInput(
             f"{root}: layout not recognised; expected one of {', '.join(importer_names())} "
             "(pass --layout to choose)"
         )
+    if len(matches) > 1:
+        raise InvalidInput(f"{root}: looks like several layouts ({', '.join(m.name for m in matches)}); "
+                           "pass --layout to choose")
     return matches[0]
 
 

@@ -28,7 +28,11 @@ class MVTecImporter(Importer):
     description = "MVTec AD: one category folder, or the root of several with --category"
 
     def detect(self, root: Path) -> bool:
-        return _is_category(root) or any(_is_category(p) for p in root.iterdir() if p.is_dir())
+        # train/good, not just train/ and test/: a YOLO tree's images/{train,test} is no MVTec category
+        def looks(path: Path) -> bool:
+            return _is_category(path) and (path / "train" / "good").is_dir()
+
+        return looks(root) or any(looks(p) for p in root.iterdir() if p.is_dir())
 
     def _category_root(self, root: Path, category: str | None) -> Path:
         if _is_category(root):
