@@ -162,8 +162,8 @@ def test_catalog_on_an_older_schema(catalog_url):
 
 
 def test_unknown_layout_and_missing_path(catalog, store, tmp_path):
-    with pytest.raises(InvalidInput, match="unknown layout 'coco'"):
-        import_dataset(catalog, store, tmp_path, layout="coco")
+    with pytest.raises(InvalidInput, match="unknown layout 'pascal'"):
+        import_dataset(catalog, store, tmp_path, layout="pascal")
     with pytest.raises(InvalidInput, match="no such file or directory"):
         import_dataset(catalog, store, tmp_path / "nope")
     (tmp_path / "random").mkdir()

@@ -1,6 +1,17 @@
 """Dataset importers, one module per source layout, registered by name."""
 
-from flawline.data.importers import elpv, folder, magnetic_tile, manifest, mvtec  # noqa: F401  (registration)
+from flawline.data.importers import (  # noqa: F401  (registration)
+    boxes,
+    coco,
+    elpv,
+    folder,
+    labelstudio,
+    magnetic_tile,
+    manifest,
+    mvtec,
+    voc,
+    yolo,
+)
 from flawline.data.importers.base import (
     Blob,
     Importer,
