@@ -68,8 +68,13 @@ def import_(
     Layouts: folder (normal/, defect/<class>/, unlabeled/, masks/ mirroring them), mvtec (MVTec AD),
     magnetic-tile (MT_<Class>/Imgs), elpv (the elpv-dataset package), manifest (manifest.csv or
     manifest.jsonl at PATH: one row per image with file, label, class, group, reference, split,
-    mask and any other column as an image attribute; auto-detected before the folder layouts).
-    Re-running is safe: images already in the dataset are recognised by content hash and skipped.
+    mask and any other column as an image attribute; auto-detected before the other layouts);
+    annotation files: coco (one COCO JSON: bbox → boxes, polygons and RLE → masks), voc
+    (Annotations/*.xml, 1-based boxes), yolo (images/ + labels/, normalised; names in data.yaml or
+    classes.txt), labelstudio (a Label Studio JSON export), boxes (NAME.txt 'x1,y1,x2,y2,class' per
+    image; never auto-detected: pass --layout boxes). Boxes are stored in pixels; an annotated image
+    without regions is normal, one without an annotation file unlabeled. Re-running is safe: images
+    already in the dataset are recognised by content hash and skipped.
     """
     settings = get_settings()
     options: dict[str, object] = {"category": category} if category else {}
