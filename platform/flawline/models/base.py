@@ -85,7 +85,8 @@ class Detector(ABC):
         base = config or self.Config()
         unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
         if unknown:
-            raise ConfigError(f"{self.name}: unknown settings {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{self.name}: unknown settings {', '.join(sorted(unknown))}; its settings: "
+                              f"{', '.join(f.name for f in dataclasses.fields(base))}")
         self.config = dataclasses.replace(base, **overrides)
         if self.config.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{self.name}: precision {self.config.precision!r} must be 'fp32' or 'bf16'")
@@ -251,7 +252,63 @@ def normal_only_detectors() -> list[str]:
 
 
 def create_detector(name: str, **settings: Any) -> Detector:
+    """The detector registered as ``name`` with ``settings`` overriding its config's defaults.
+    Raises ``ConfigError`` for an unknown name (listing the detectors) or setting (listing its
+    settings)."""
     return detector_class(name)(**settings)
+
+
+def detector_settings(name: str) -> dict[str, Any]:
+    """The settings of detector ``name`` (its config's fields) with their defaults, in field order."""
+    config = detector_class(name).Config()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as parsed from ``KEY=VALUE``) suits the type annotation ``hint``; hints
+    it cannot read (a class of its own) accept anything."""
+    import types
+    import typing
+
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, dict):
+        return isinstance(value, list if origin is tuple else origin)  # JSON has no tuples
+    return True
+
+
+def check_settings(name: str, settings: dict[str, Any]) -> None:
+    """Check ``settings`` against detector ``name``'s config before building it: each key must be
+    one of its settings and each value of its field's type (an int does for a float). Raises
+    ``ConfigError`` with one line naming the key and listing the detector's settings (with their
+    defaults) or the expected type."""
+    import typing
+
+    cls = detector_class(name)
+    known = detector_settings(name)
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in known.items())
+        raise ConfigError(f"{name}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"its settings: {listed}")
+    hints = typing.get_type_hints(cls.Config)
+    for key, value in settings.items():
+        if key in hints and not _fits(value, hints[key]):
+            shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"{name}: setting {key}={value!r} must be {shown} (default {known[key]!r})")
 
 
 def config_from_dict(cls: type[Detector], values: dict[str, Any]) -> DetectorConfig:
