@@ -73,33 +73,54 @@ def k_sigma(scores: np.ndarray, k: float = 3.0, data: dict | None = None) -> Thr
                      data or {"normal_images": s.size})
 
 
-def max_defect_area(maps: np.ndarray, max_area: int, data: dict | None = None) -> Threshold:
-    """The lowest pixel threshold at which no normal validation map has a connected region of
-    ``max_area`` pixels or more above it (smaller regions are treated as noise and filtered)."""
+def max_area_level(amap: np.ndarray, max_area: int) -> float:
+    """One normal map [H, W]'s share of the ``max-area`` rule: the lowest pixel threshold (to
+    about 1e-12 of its value range, by 40 bisection steps) above which ``amap`` has no connected
+    region of ``max_area`` pixels or more. A map with no such region even below its lowest pixel
+    gives that pixel minus 1e-9. O(1) to keep per image, so the rule streams."""
     from scipy import ndimage
 
-    maps = np.asarray(maps, dtype=np.float64)
-    if maps.ndim != 3 or maps.shape[0] == 0:
-        raise InvalidInput("max-area threshold needs normal validation maps shaped [N, H, W]")
-    if max_area < 1:
-        raise InvalidInput("max_area must be at least 1 pixel")
+    m = np.asarray(amap, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise InvalidInput(f"max-area threshold needs a pixel map [H, W], got shape {m.shape}")
 
     def largest_region(t: float) -> int:
-        best = 0
-        for m in maps:
-            labels, n = ndimage.label(m > t)
-            if n:
-                best = max(best, int(np.bincount(labels.ravel())[1:].max()))
-        return best
+        labels, n = ndimage.label(m > t)
+        return int(np.bincount(labels.ravel())[1:].max()) if n else 0
 
-    lo, hi = float(maps.min()) - 1e-9, float(maps.max())  # largest_region(hi) == 0 < max_area
+    lo, hi = float(m.min()) - 1e-9, float(m.max())  # largest_region(hi) == 0 < max_area
+    if largest_region(lo) < max_area:
+        return lo
     for _ in range(40):  # bisection: the region size only shrinks as the threshold grows
         mid = (lo + hi) / 2
         if largest_region(mid) >= max_area:
             lo = mid
         else:
             hi = mid
-    return Threshold(hi, "max-area", {"max_area": max_area}, data or {"normal_images": maps.shape[0]})
+    return hi
+
+
+def max_defect_area_from_levels(levels: np.ndarray, max_area: int, data: dict | None = None) -> Threshold:
+    """The ``max-area`` threshold from each normal map's ``max_area_level`` [N]: their maximum
+    (no map has a region of ``max_area`` pixels or more above it)."""
+    levels = np.asarray(levels, dtype=np.float64).ravel()
+    if levels.size == 0:
+        raise InvalidInput("max-area threshold needs at least one normal validation map")
+    return Threshold(float(levels.max()), "max-area", {"max_area": int(max_area)},
+                     data or {"normal_images": int(levels.size)})
+
+
+def max_defect_area(maps: np.ndarray, max_area: int, data: dict | None = None) -> Threshold:
+    """The lowest pixel threshold at which no normal validation map ([N, H, W]) has a connected
+    region of ``max_area`` pixels or more above it (smaller regions are treated as noise and
+    filtered): the largest of the maps' ``max_area_level``."""
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise InvalidInput("max-area threshold needs normal validation maps shaped [N, H, W]")
+    if max_area < 1:
+        raise InvalidInput("max_area must be at least 1 pixel")
+    return max_defect_area_from_levels(np.array([max_area_level(m, max_area) for m in maps]), max_area,
+                                       data or {"normal_images": maps.shape[0]})
 
 
 def decide(threshold: Threshold, scores: np.ndarray, maps: np.ndarray | None = None) -> np.ndarray:
@@ -182,15 +203,19 @@ def manual(value: float, note: str = "") -> Threshold:
 
 
 def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray | None = None,
-            labels: np.ndarray | None = None, data: dict | None = None, **params: Any) -> Threshold:
+            labels: np.ndarray | None = None, data: dict | None = None, area_levels: np.ndarray | None = None,
+            **params: Any) -> Threshold:
     """Dispatch by method name (CLI and jobs). ``labels`` [N] (1 = defect) beside ``scores`` [N]:
-    the label-free methods take the normal images among them only."""
+    the label-free methods take the normal images among them only. ``max-area`` needs either
+    ``maps`` [N, H, W] or, streamed, ``area_levels`` [N] (each map's ``max_area_level`` at this
+    ``max_area``; NaN or anything for the defect images, which it leaves out)."""
     if method == "auto":
         return auto(labels, scores, params.get("p", 0.99), data)
     if method in LABEL_FREE and labels is not None:
         normal = ~np.asarray(labels).astype(bool).ravel()
         scores = None if scores is None else np.asarray(scores)[normal]
         maps = None if maps is None else np.asarray(maps)[normal]
+        area_levels = None if area_levels is None else np.asarray(area_levels)[normal]
     if method == "max":
         return max_score(scores, data)
     if method == "quantile":
@@ -198,6 +223,10 @@ def compute(method: str, *, scores: np.ndarray | None = None, maps: np.ndarray |
     if method == "k-sigma":
         return k_sigma(scores, params.get("k", 3.0), data)
     if method == "max-area":
+        if area_levels is not None and maps is None:
+            if int(params.get("max_area", 64)) < 1:
+                raise InvalidInput("max_area must be at least 1 pixel")
+            return max_defect_area_from_levels(area_levels, int(params.get("max_area", 64)), data)
         return max_defect_area(maps, int(params.get("max_area", 64)), data)
     if method == "best-f1":
         return best_f1(labels, scores, data)
