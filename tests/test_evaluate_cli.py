@@ -96,3 +96,53 @@ def test_evaluate_with_max_area_threshold(mt_split, tmp_path):
     t = report["metrics"]["threshold"]
     assert t["method"] == "max-area" and t["params"] == {"max_area": 16}
     assert sum(report["metrics"]["confusion"].values()) == report["metrics"]["images"]
+
+
+def test_evaluate_option_reaches_the_model_and_progress_is_shown(mt_split, tmp_path):
+    out = tmp_path / "r"
+    result = _run("evaluate", mt_split, "--method", "padim", "--image-size", 64, "--option", "channels=24",
+                  "-o", "blur_sigma=2", "--threshold-value", -1e9, "--out", out)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(_run("models", "show", "mt-padim:1", "--json").stdout)
+    assert shown["config"]["channels"] == 24 and shown["config"]["blur_sigma"] == 2
+    assert shown["info"]["channels"] == 24  # the fitted model really has 24 channels
+    # per-stage counts and rates on stderr (a progress bar on a terminal)
+    for stage in ("fit (fetch + fit): ", "calibrate: ", "test: "):
+        assert stage in result.stderr
+    tested = json.loads((out / "report.json").read_text())["metrics"]["images"]
+    assert f"test: {tested}/{tested} images in " in result.stderr and "images/s" in result.stderr
+    # every image flagged: the worst false alarms get their heatmaps
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "false_positives.png").is_file() and report["files"]["false_positives"] == "false_positives.png"
+    assert 1 <= len(report["worst"]["false_positives"]) <= 4 and report["worst"]["false_negatives"] == []
+    assert report["context"]["options"] == {"channels": 24, "blur_sigma": 2}
+    md = (out / "report.md").read_text()
+    assert "## Worst false alarms" in md and "![false alarms](false_positives.png)" in md
+    assert "bin histograms" in md and "bin histograms" in report["metrics"]["pixel_metrics_note"]
+
+
+def test_evaluate_report_shows_missed_defects(mt_split, tmp_path):
+    out = tmp_path / "r"
+    result = _run("evaluate", mt_split, "--method", "padim", "--image-size", 64, "--threshold-value", 1e9,
+                  "--out", out, "--no-save")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    defects = report["metrics"]["defects"]
+    assert len(report["worst"]["false_negatives"]) == min(4, defects) and (out / "false_negatives.png").is_file()
+    assert "![missed](false_negatives.png)" in (out / "report.md").read_text()
+    bounds = report["metrics"]["pixel_error_bounds"]
+    assert 0 <= bounds["pixel_auroc"] < 0.01 and 0 <= bounds["aupro"] < 0.01
+
+
+def test_evaluate_refuses_unknown_and_mistyped_options(settings_env):
+    result = _run("evaluate", "anything", "--method", "padim", "--option", "bogus=1")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: padim: unknown setting bogus; its settings: ")
+    assert "channels=100" in lines[0] and "blur_sigma=4.0" in lines[0]
+    result = _run("evaluate", "anything", "--method", "patchcore", "-o", "coreset_ratio=lots")
+    assert result.exit_code == 1 and "coreset_ratio='lots' must be float" in result.stderr
+    result = _run("evaluate", "anything", "-o", "image_size=64")
+    assert result.exit_code == 1 and "set it with --image-size" in result.stderr
+    result = _run("evaluate", "anything", "-o", "novalue")
+    assert result.exit_code == 1 and "expected KEY=VALUE" in result.stderr

@@ -4,26 +4,64 @@ dataset, register the model version, inspect it, set its threshold, export it.""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from flawline.catalog import Split
-from flawline.catalog.model_versions import get_version, production_version, register_version, set_threshold
+from flawline.catalog.model_versions import get_version, production_version, set_threshold
 from flawline.catalog.model_versions import promote as promote_version
 from flawline.catalog.model_versions import rollback as rollback_version
-from flawline.catalog.queries import get_dataset
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
 from flawline.errors import InvalidInput
 from flawline.evaluate import thresholds as th
 
+if TYPE_CHECKING:
+    from rich.progress import Task
+
 app = FlawlineTyper(help="Model versions: list, show, set thresholds, export.")
+
+
+class _StageProgress:
+    """``evaluate_dataset``'s progress callback on stderr: a rich progress bar per stage (count,
+    rate, elapsed) on a terminal; elsewhere (logs, CI, pipes) one line per stage when it ends."""
+
+    LABELS: ClassVar[dict[str, str]] = {"fit": "fit (fetch + fit)", "calibrate": "calibrate", "test": "test"}
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        class Rate(ProgressColumn):
+            def render(self, task: Task) -> str:
+                return f"{task.speed:.1f} images/s" if task.speed else ""
+
+        self.live = err_console.is_terminal
+        self.bar = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                            TimeElapsedColumn(), console=err_console, disable=not self.live)
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> _StageProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(self.LABELS.get(stage, stage), total=total)
+            self.started[stage] = time.perf_counter()
+        self.bar.update(self.tasks[stage], completed=done)
+        if done == total and not self.live:
+            seconds = time.perf_counter() - self.started[stage]
+            rate = f", {done / seconds:.1f} images/s" if seconds > 0 and done else ""
+            err_console.print(f"{self.LABELS.get(stage, stage)}: {done}/{total} images in {seconds:.1f} s{rate}",
+                              highlight=False)
 
 
 def evaluate(
@@ -32,6 +70,9 @@ def evaluate(
                                                                   "every one)."),
     backbone: str = typer.Option("efficientnet_lite0", help="Feature backbone."),
     image_size: int = typer.Option(256, min=32, max=1024, help="Images are resized to this square size."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Detector setting KEY=VALUE (repeatable), e.g. "
+                                     "coreset_ratio=0.05, blur_sigma=2, batch_size=32; an unknown key lists "
+                                     "the detector's settings."),
     threshold: str = typer.Option("auto", help="How to choose the threshold on the validation images: auto "
                                   "(best-f1 when val holds labelled defects, else quantile; the report says which); "
                                   "from normal images alone: max, quantile, k-sigma, max-area; or best-f1 / youden "
@@ -46,80 +87,29 @@ def evaluate(
     """Fit a detector on the dataset's normal training images, choose its threshold on the
     validation images (by default best F1 when they hold labelled defects, else the 0.99-quantile of
     the normal ones; it prints which rule it took), evaluate on the test split and write a report
-    (JSON, Markdown, ROC curve, heatmaps of the worst misses and false alarms)."""
-    from flawline.data.records import fetch, image_records
-    from flawline.evaluate.report import write_report
-    from flawline.evaluate.run import evaluate as evaluate_detector
-    from flawline.models import create_detector
-    from flawline.models.artifacts import detector_to_bytes
+    (JSON, Markdown, ROC curve, heatmaps of the worst misses and false alarms). Images stream in
+    batches (memory does not grow with the dataset); pixel AUROC and AUPRO come from histograms,
+    and the report states their error bound."""
+    from flawline.evaluate.pipeline import EvaluateOptions, evaluate_dataset
+    from flawline.options import parse_options
 
     settings = get_settings()
-    catalog, store = open_catalog(settings), open_store(settings)
-    train_refs = image_records(catalog, dataset, Split.train, normal_only=True)
-    test_refs = image_records(catalog, dataset, Split.test, labelled_only=True)
-    val_refs = image_records(catalog, dataset, Split.val, labelled_only=True,
-                             normal_only=threshold not in ("auto", "best-f1", "youden"))
-    if not train_refs:
-        raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
-    if not test_refs:
-        raise InvalidInput(f"dataset {dataset!r} has no labelled images in its test split; run `flawline data split`")
-    calib_note = "val"
-    if not val_refs:  # hold out a tenth of the training normals for calibration
-        cut = max(1, len(train_refs) // 10)
-        rng = np.random.default_rng(0)
-        order = rng.permutation(len(train_refs))
-        val_refs = [train_refs[i] for i in order[:cut]]
-        train_refs = [train_refs[i] for i in order[cut:]]
-        calib_note = f"train ({cut} normals held out; no val split)"
-    started = time.perf_counter()
-    err_console.print(f"fetching {len(train_refs)} train, {len(val_refs)} calibration, {len(test_refs)} test images")
-    train = fetch(store, train_refs, image_size, settings.upload_workers)
-    val = fetch(store, val_refs, image_size, settings.upload_workers)
-    test = fetch(store, test_refs, image_size, settings.upload_workers)
-    # images of more than 8 bits decode at the dataset's white level, here and wherever the model predicts
-    det = create_detector(method, backbone=backbone, image_size=image_size, white=train_refs[0].white)
-    with err_console.status(f"fitting {method} on {len(train)} normal images"):
-        fit_started = time.perf_counter()
-        det.fit(train.images)
-        fit_s = time.perf_counter() - fit_started
-    data_note = {"dataset": dataset, "split": calib_note, "images": len(val)}
-    vp = det.predict(val.images)
-    if threshold_value is not None:
-        det.set_threshold(th.manual(threshold_value, "given on the command line"))
-    else:
-        det.set_threshold(th.compute(threshold, scores=vp.scores, maps=vp.maps, labels=val.labels,
-                                     data=data_note, p=p, k=k, max_area=max_area))
-    normals = ~val.labels.astype(bool)
-    if normals.sum() >= th.MIN_READABLE_NORMALS:  # what makes its scores readable (th.normal_percentile)
-        det.info["normal_score_quantiles"] = th.normal_quantiles(vp.scores[normals])
-    else:
-        err_console.print(f"note: {int(normals.sum())} held-out normal image(s), fewer than {th.MIN_READABLE_NORMALS}: "
-                          "the model keeps no normal score record, so pre-annotations will show no score "
-                          "(a larger --val share in `flawline data split` gives one)", highlight=False)
-    with err_console.status(f"evaluating on {len(test)} test images"):
-        metrics, pred = evaluate_detector(det, test)
-    metrics["fit_seconds"] = fit_s
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = out or settings.data_dir / "reports" / f"{dataset}-{method}-{stamp}"
-    context = {"dataset": dataset, "method": method, "backbone": backbone, "image_size": image_size,
-               "train_images": len(train), "calibration": calib_note, "seconds": round(time.perf_counter() - started, 1)}
-    files = write_report(out, metrics, test, pred, context)
-    if save:
-        key = f"models/{dataset}/{method}/{stamp}/model.pt"
-        store.put_bytes(key, detector_to_bytes(det))
-        with catalog.session() as s:
-            row = register_version(s, name=f"{dataset}-{method}", artifact_uri=store.uri(key), method=method,
-                                   backbone=backbone, threshold=det.threshold.as_dict(),
-                                   metrics={k: v for k, v in metrics.items() if k != "threshold"},
-                                   dataset_id=get_dataset(s, dataset).id)
-            context["model"] = f"{row.name}:{row.version}"
+    options = EvaluateOptions(method=method, backbone=backbone, image_size=image_size,
+                              detector_options=parse_options(option), threshold=threshold, p=p, k=k,
+                              max_area=max_area, threshold_value=threshold_value, out=out, save=save,
+                              workers=settings.upload_workers)
+    with _StageProgress() as progress:
+        result = evaluate_dataset(open_catalog(settings), open_store(settings), dataset, options, progress)
+    for note in result.notes:
+        err_console.print(note, highlight=False)
+    metrics = result.metrics
     console.print(f"image AUROC {metrics['image_auroc']:.4f}  AP {metrics['average_precision']:.4f}  "
                   f"F1 {metrics.get('f1', 0):.4f}" + (f"  pixel AUROC {metrics['pixel_auroc']:.4f}  "
                                                      f"AUPRO {metrics['aupro']:.4f}" if "aupro" in metrics else ""))
-    console.print(f"threshold {det.threshold.describe()}")
-    if save:
-        console.print(f"model {context['model']} saved to {store.uri(key)}")
-    console.print(f"report: {files['markdown']}")
+    console.print(f"threshold {result.detector.threshold.describe()}")
+    if result.model:
+        console.print(f"model {result.model} saved to {result.artifact_uri}")
+    console.print(f"report: {result.files['markdown']}")
 
 
 def _load(ref: str):

@@ -4,15 +4,14 @@ overlays of the worst misses and false alarms."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from flawline.data.records import LabelledImages
 from flawline.evaluate.metrics import roc_curve
-from flawline.evaluate.thresholds import Threshold, decide
-from flawline.models.base import Prediction
 
 
 def _plt():
@@ -37,24 +36,43 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> 
     return path
 
 
-def plot_overlays(data: LabelledImages, pred: Prediction, indices: list[int], path: Path, title: str) -> Path | None:
-    """Image | heatmap overlay (with the true defect outlined) for each index."""
-    if not indices:
+@dataclass
+class Overlay:
+    """One image shown in the report: ``image`` uint8 [S, S, 3], its anomaly ``amap`` float [S, S],
+    true defect ``mask`` bool [S, S], image ``score`` and ``defect`` label (the truth)."""
+
+    name: str
+    image: np.ndarray
+    amap: np.ndarray
+    mask: np.ndarray
+    score: float
+    defect: bool
+
+    @classmethod
+    def of(cls, name: str, image: torch.Tensor, amap: np.ndarray, mask: np.ndarray | None, score: float,
+           defect: bool) -> Overlay:
+        """From a model-ready image float [3, S, S] in [0, 1] (kept as uint8, a quarter of the memory)."""
+        img = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return cls(name, img, np.array(amap, dtype=np.float32),
+                   np.zeros(amap.shape, dtype=bool) if mask is None else np.array(mask, dtype=bool),
+                   float(score), bool(defect))
+
+
+def plot_overlays(overlays: list[Overlay], path: Path, title: str, vmin: float, vmax: float) -> Path | None:
+    """Image | heatmap overlay (with the true defect outlined) for each overlay, heatmaps on one
+    colour scale [vmin, vmax] (map units)."""
+    if not overlays:
         return None
     plt = _plt()
-    vmax = float(np.percentile(pred.maps, 99.5))
-    vmin = float(np.percentile(pred.maps, 1))
-    fig, axes = plt.subplots(len(indices), 2, figsize=(5, 2.5 * len(indices)), dpi=100, squeeze=False)
-    for row, i in zip(axes, indices):
-        img = data.images[i].permute(1, 2, 0).numpy()
-        row[0].imshow(img, cmap="gray")
-        row[0].set_title(Path(data.names[i]).name, fontsize=7)
-        row[1].imshow(img, cmap="gray")
-        row[1].imshow(pred.maps[i], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
-        if data.masks[i].any():
-            row[1].contour(data.masks[i], levels=[0.5], colors="white", linewidths=0.8)
-        verdict = "defect" if data.labels[i] else "normal"
-        row[1].set_title(f"score {pred.scores[i]:.3g} (truth: {verdict})", fontsize=7)
+    fig, axes = plt.subplots(len(overlays), 2, figsize=(5, 2.5 * len(overlays)), dpi=100, squeeze=False)
+    for row, o in zip(axes, overlays):
+        row[0].imshow(o.image, cmap="gray")
+        row[0].set_title(Path(o.name).name, fontsize=7)
+        row[1].imshow(o.image, cmap="gray")
+        row[1].imshow(o.amap, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        if o.mask.any():
+            row[1].contour(o.mask, levels=[0.5], colors="white", linewidths=0.8)
+        row[1].set_title(f"score {o.score:.3g} (truth: {'defect' if o.defect else 'normal'})", fontsize=7)
         for ax in row:
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -64,30 +82,24 @@ def plot_overlays(data: LabelledImages, pred: Prediction, indices: list[int], pa
     return path
 
 
-def write_report(out_dir: Path, metrics: dict[str, Any], data: LabelledImages, pred: Prediction,
-                 context: dict[str, Any], worst: int = 4) -> dict[str, Path]:
-    """Write report.json, report.md, roc.png and the overlay PNGs into ``out_dir``."""
+def write_report(out_dir: Path, metrics: dict[str, Any], labels: np.ndarray, scores: np.ndarray,
+                 worst: dict[str, list[Overlay]], context: dict[str, Any],
+                 display_range: tuple[float, float]) -> dict[str, Path]:
+    """Write report.json, report.md, roc.png and the overlay PNGs into ``out_dir``. ``labels`` [N]
+    (True = defect) and ``scores`` [N] of the test images give the ROC curve; ``worst`` holds the
+    images to show under ``false_negatives`` (worst missed defects first) and ``false_positives``
+    (worst false alarms first); ``display_range`` (vmin, vmax) the heatmaps' colour scale in map
+    units. Returns the files written by kind (roc, false_negatives, false_positives, json, markdown)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    threshold = Threshold.from_dict(metrics["threshold"]) if metrics.get("threshold") else None
-    labels = data.labels.astype(bool)
-    files["roc"] = plot_roc(labels, pred.scores, out_dir / "roc.png",
+    files["roc"] = plot_roc(np.asarray(labels).astype(bool), scores, out_dir / "roc.png",
                             f"{context.get('method', '')} — ROC-AUC {metrics['image_auroc']:.3f}")
-    if threshold is not None:
-        verdict = decide(threshold, pred.scores, pred.maps)
-        fn = [int(i) for i in np.argsort(pred.scores) if labels[i] and not verdict[i]][:worst]
-        fp = [int(i) for i in np.argsort(-pred.scores) if not labels[i] and verdict[i]][:worst]
-    else:  # no threshold: the lowest-scored defects and highest-scored normals
-        fn = [int(i) for i in np.argsort(pred.scores) if labels[i]][:worst]
-        fp = [int(i) for i in np.argsort(-pred.scores) if not labels[i]][:worst]
-    for key, idx, title in (("false_negatives", fn, "worst missed defects"),
-                            ("false_positives", fp, "worst false alarms")):
-        p = plot_overlays(data, pred, idx, out_dir / f"{key}.png", title)
+    for key, title in (("false_negatives", "worst missed defects"), ("false_positives", "worst false alarms")):
+        p = plot_overlays(worst.get(key, []), out_dir / f"{key}.png", title, *display_range)
         if p:
             files[key] = p
     payload = {"context": context, "metrics": metrics,
-               "worst": {"false_negatives": [data.names[i] for i in fn],
-                         "false_positives": [data.names[i] for i in fp]},
+               "worst": {key: [o.name for o in worst.get(key, [])] for key in ("false_negatives", "false_positives")},
                "files": {k: v.name for k, v in files.items()}}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     files["json"] = out_dir / "report.json"
@@ -108,6 +120,8 @@ def _markdown(path: Path, payload: dict[str, Any], files: dict[str, Path]) -> Pa
                 "pixel_auroc", "aupro", "iou", "predict_images_per_s"):
         if key in m and m[key] is not None:
             lines.append(f"| {key} | {_fmt(m[key])} |")
+    if m.get("pixel_metrics_note"):
+        lines += ["", f"Pixel metrics: {m['pixel_metrics_note']}."]
     if "threshold" in m:
         t = m["threshold"]
         lines += ["", f"**Threshold** {t['value']:.6g}, method `{t['method']}` {t.get('params') or ''}, "
