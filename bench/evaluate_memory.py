@@ -194,6 +194,7 @@ def main() -> None:
         "detector": "padim", "backbone": "efficientnet_lite0", "image_size": args.size,
         "train_images": TRAIN, "calibration_images": VAL_NORMAL + VAL_DEFECT, "rows": rows,
         "total_seconds": round(time.perf_counter() - began, 1),
+        "command": "python bench/evaluate_memory.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": std_platform.python_version(),
                     "system": std_platform.platform()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -207,7 +208,7 @@ def main() -> None:
              "SeaweedFS; each run in a fresh process, peak RSS from `ru_maxrss` (baseline: after imports). "
              "Before = every split fetched as one float tensor and exact in-memory metrics (the old "
              "command, report plots left out); after = streamed in batches (`evaluate.pipeline`, report "
-             "included), pixel metrics from histograms.", "",
+             "included), pixel metrics from histograms.", "", f"Command: `{result['command']}`.", "",
              "| test images | before: peak MiB | after: peak MiB | before s | after s | "
              "pixel AUROC before / after | AUPRO before / after |", "|---|---|---|---|---|---|---|"]
     for n in args.sizes:
