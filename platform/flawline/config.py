@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # The local Ray head that `flawline up` starts; 6390, not Ray's 6379, which Redis often holds.
     local_ray_port: int = 6390
     local_ray_cpus: int | None = Field(default=None, description="Logical CPUs of the local Ray head.")
+    ray_autoscaling: bool = Field(
+        default=False, description="The Ray cluster adds nodes on demand (an autoscaling KubeRay cluster): a job "
+        "asking for what no node has now is submitted to wait for one instead of being refused.")
     jobs_dir: Path | None = Field(
         default=None, description="Folder with the jobs/ entry scripts, for running a job by hand or from "
         "another scheduler; flawline's own submissions run the installed package's modules and do not read it."

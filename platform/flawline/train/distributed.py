@@ -453,8 +453,7 @@ def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
         datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False)}
         split = ["normal"]
     use_gpu = spec.gpus_per_worker > 0
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {}),
-                 **spec.worker_resources}
+    resources = spec.worker_bundle()  # what submission checked against the cluster
     workers = spec.workers if spec.min_workers is None else (spec.min_workers, spec.workers)
     return TorchTrainer(
         _worker,

@@ -72,6 +72,11 @@ class TrainSpec:
         if not 32 <= self.image_size <= 1024:
             raise ConfigError(f"image size {self.image_size} must lie in 32..1024")
 
+    def worker_bundle(self) -> dict[str, float]:
+        """The Ray resources each Ray Train worker asks for (its ScalingConfig.resources_per_worker)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {}),
+                **self.worker_resources}
+
     def name(self, method: str) -> str:
         return self.model_name or f"{'+'.join(self.datasets)}-{self.setting}-{method}"
 
