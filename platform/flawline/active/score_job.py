@@ -95,13 +95,17 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
              image_size: int, threshold: float | None, workers: int, cpus_per_worker: float, gpus_per_worker: float,
              timeout_s: float, poll_s: float, masks: bool, progress: Callable[[str], None] | None) -> str:
     """Submit one scoring job for ``rows``, wait for it, and return the S3 key of what it stored."""
-    from flawline.train.submit import job_client, submit_job
+    from flawline.cluster.resources import Request
+    from flawline.train.submit import check_resources, job_client, submit_job
 
     ref = f"{model.name}:{model.version}"
     out_key = scores_key(ref, dataset)
     rows_key = out_key.removesuffix(".npz") + "-rows.json"
-    store.put_bytes(rows_key, dump_records(rows), "application/json")
     client = job_client(settings)
+    # Ray Data's actor pool starts with the model actors that fit: one must fit at least.
+    bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})}
+    waiting = check_resources(settings, client, Request(bundle, workers, min_count=1, unit="model actor"))
+    store.put_bytes(rows_key, dump_records(rows), "application/json")
     job_id = f"flawline-score-{model.name}-v{model.version}-{secrets.token_hex(3)}"
     args = (f"--rows-key {rows_key} --out-key {out_key} --artifact-uri {model.artifact_uri} "
             f"--image-size {image_size} --workers {workers} --cpus-per-worker {cpus_per_worker} "
@@ -116,6 +120,8 @@ def _run_job(settings: Settings, store: ObjectStore, model: ModelVersion, rows: 
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if progress:
         progress(f"Ray job {job_id}: {len(rows)} image(s) on {workers} actor(s); dashboard {settings.ray_dashboard_url}")
+        if waiting:
+            progress(f"Ray job {job_id} is {waiting}")
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
     while True:

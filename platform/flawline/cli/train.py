@@ -90,12 +90,16 @@ def submit(
 
         _show(run_in_process(catalog, settings, spec), as_json)
         return
-    run_id, job_id = submit_run(catalog, settings, spec)
+    waits: list[str] = []
+    run_id, job_id = submit_run(catalog, settings, spec, on_wait=waits.append)
     if as_json and not wait:
-        print_json({"run": run_id, "ray_job_id": job_id, "dashboard": settings.ray_dashboard_url})
+        print_json({"run": run_id, "ray_job_id": job_id, "dashboard": settings.ray_dashboard_url,
+                    "waiting": waits[0] if waits else None})
         return
     console.print(f"run {run_id} submitted as Ray job {job_id}; watch it at {settings.ray_dashboard_url} "
                   f"or with `flawline runs show {run_id}`")
+    for line in waits:
+        console.print(f"run {run_id} is {line}; it starts when they are free", highlight=False, soft_wrap=True)
     if not wait:
         return
     _follow(catalog, settings, run_id, as_json)
@@ -109,7 +113,7 @@ def _follow(catalog, settings, run_id: int, as_json: bool) -> None:  # noqa: ANN
     for state in follow(catalog, settings, run_id):
         p = state["progress"] or {}
         line = state["status"] + (f" epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}"
-                                  if "epoch" in p else "")
+                                  if "epoch" in p else "") + (f": {state['waiting']}" if state.get("waiting") else "")
         if line != last:
             err_console.print(line)
             last = line
@@ -157,15 +161,22 @@ def _models_of(run_id: int) -> list[str]:
                                                  .where(ModelVersion.run_id == run_id))]
 
 
-def _show(run_id: int, as_json: bool) -> None:
-    from flawline.train.runs import get_run
+def _show(run_id: int, as_json: bool, settings=None) -> None:  # noqa: ANN001
+    from flawline.train.runs import FINAL, get_run
 
-    info = _run_dict(get_run(open_catalog(), run_id), _models_of(run_id))
+    row = get_run(open_catalog(), run_id)
+    info = _run_dict(row, _models_of(run_id))
+    if settings is not None and row.status not in FINAL:  # are its workers' resources pending?
+        from flawline.train.submit import waiting
+
+        info["waiting"] = waiting(settings, row.ray_job_id)
     if as_json:
         print_json(info)
         return
     console.print(f"[bold]run {info['run']}[/] {info['status']}: {info['setting']}/{info['method']} on "
                   f"{'+'.join(info['datasets'] or [])} (Ray job {info['ray_job_id'] or '-'})")
+    if info.get("waiting"):
+        console.print(f"[yellow]{info['waiting']}[/]", highlight=False, soft_wrap=True)
     if info["progress"]:
         p = info["progress"]
         console.print(f"progress: epoch {p.get('epoch')}/{p.get('epochs')}, loss {p.get('loss', float('nan')):.4f}, "
@@ -218,12 +229,13 @@ def list_(limit: int = typer.Option(20, min=1, help="Newest N runs."),
 
 @runs_app.command()
 def show(run: int = typer.Argument(..., help="Run id."), as_json: bool = typer.Option(False, "--json")) -> None:
-    """One run: spec, status, progress, metrics, the model version it produced, its error."""
+    """One run: spec, status, progress, metrics, the model version it produced, its error; while
+    its workers' resources are pending, what it waits for (free CPUs, who holds them)."""
     from flawline.train.submit import refresh
 
     settings = get_settings()
     refresh(open_catalog(settings), settings, [run])
-    _show(run, as_json)
+    _show(run, as_json, settings)
 
 
 @runs_app.command()
@@ -245,11 +257,14 @@ def resume(run: int = typer.Argument(..., help="Run id of a failed or cancelled 
 
     settings = get_settings()
     catalog = open_catalog(settings)
-    job_id = resume_run(catalog, settings, run)
+    waits: list[str] = []
+    job_id = resume_run(catalog, settings, run, on_wait=waits.append)
     if as_json and not wait:
-        print_json({"run": run, "ray_job_id": job_id})
+        print_json({"run": run, "ray_job_id": job_id, "waiting": waits[0] if waits else None})
         return
     console.print(f"run {run} resumed as Ray job {job_id}")
+    for line in waits:
+        console.print(f"run {run} is {line}; it starts when they are free", highlight=False, soft_wrap=True)
     if wait:
         _follow(catalog, settings, run, as_json)
 

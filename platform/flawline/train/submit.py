@@ -1,14 +1,19 @@
 """Submitting training runs as Ray jobs (Job Submission API) and following them.
 
 ``submit_run`` checks the run against the catalog first (unknown method, no images, a setting
-without its labels): such runs fail here with a one-line error and never reach the cluster.
+without its labels), then its workers' resources against the cluster (``check_resources``: a
+CPU count, GPU or custom resource no node has): such runs fail here with a one-line error and
+never reach the cluster. A run that fits the cluster but not what is free now is submitted and
+said to wait ("waiting for 1 CPU (free: 0.5 of 2 CPU; held by: Serve replicas 1.5 CPU)");
+``follow`` and ``waiting`` say so while its workers' resources stay pending.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flawline.catalog import Catalog, RunStatus
@@ -59,12 +64,49 @@ def job_client(settings: Settings):  # noqa: ANN201  (ray.job_submission.JobSubm
                            "or point FLAWLINE_RAY_DASHBOARD_URL at a cluster's dashboard") from None
 
 
-def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec) -> tuple[int, str]:
-    """Check, record and submit one run; returns (run id, Ray job id)."""
+def check_resources(settings: Settings, client: Any, request: Any) -> str | None:
+    """Check ``request`` (a ``cluster.resources.Request``) against the cluster at the dashboard:
+    raises a one-line InvalidInput when no node set can ever hold it (unless
+    ``settings.ray_autoscaling``); returns "waiting for …" when it fits but not in what is free
+    now, else None. A cluster whose resources cannot be read is not checked (Ray still is)."""
+    from flawline.cluster.resources import check, read_cluster
+
+    try:
+        cluster = read_cluster(settings.ray_dashboard_url, client=client)
+    except Exception:  # noqa: BLE001 - an unreadable status never blocks a submission
+        return None
+    verdict = check(cluster, request, autoscaling=settings.ray_autoscaling)
+    if not verdict.ever:
+        raise InvalidInput(f"the Ray cluster at {settings.ray_dashboard_url} can never run this: {verdict.message}")
+    if verdict.now is not False:
+        return None
+    try:  # who holds what: only worth the extra state API calls when the job will wait
+        cluster = read_cluster(settings.ray_dashboard_url, holders=True, client=client)
+    except Exception:  # noqa: BLE001 - the line without "held by"
+        return verdict.message
+    return check(cluster, request, autoscaling=settings.ray_autoscaling).message or verdict.message
+
+
+def run_request(spec: TrainSpec) -> Any:
+    """What a run asks the cluster for: one bundle per Ray Train worker (an elastic run starts
+    with ``min_workers``); the driver and Ray Train's controller ask for no CPU."""
+    from flawline.cluster.resources import Request
+
+    return Request(spec.worker_bundle(), spec.workers, spec.min_workers)
+
+
+def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec,
+               on_wait: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Check, record and submit one run; returns (run id, Ray job id). ``on_wait`` gets the
+    "waiting for …" line when the cluster has not enough free for the run now."""
     plan = plan_run(catalog, spec)  # raises before anything is recorded or submitted
     client = job_client(settings)
+    waiting = check_resources(settings, client, run_request(spec))  # raises before anything is recorded
     run_id = create_run(catalog, spec, plan.method, plan.summary())
-    return run_id, _submit_job(catalog, settings, client, run_id, spec, plan.method)
+    job_id = _submit_job(catalog, settings, client, run_id, spec, plan.method)
+    if waiting and on_wait:
+        on_wait(waiting)
+    return run_id, job_id
 
 
 def _submit_job(catalog: Catalog, settings: Settings, client: Any, run_id: int, spec: TrainSpec, method: str) -> str:
@@ -87,7 +129,8 @@ def _submit_job(catalog: Catalog, settings: Settings, client: Any, run_id: int, 
 RESUMABLE = (RunStatus.failed, RunStatus.cancelled)
 
 
-def resume_run(catalog: Catalog, settings: Settings, run_id: int) -> str:
+def resume_run(catalog: Catalog, settings: Settings, run_id: int,
+               on_wait: Callable[[str], None] | None = None) -> str:
     """Continue a failed or cancelled run as a new Ray job on the same run row. Its trainer has the
     same name and checkpoint storage, so Ray Train starts from the run's last checkpoint (the
     last finished epoch; a normal-only fit without epochs starts its fit again). Returns the new
@@ -107,11 +150,15 @@ def resume_run(catalog: Catalog, settings: Settings, run_id: int) -> str:
         if status in ("PENDING", "RUNNING"):
             raise InvalidInput(f"run {run_id}: its Ray job {row.ray_job_id} is still {status.lower()}; "
                                "wait for it to stop, then resume")
+    waiting = check_resources(settings, client, run_request(spec))
     metrics = {k: v for k, v in (row.metrics or {}).items() if k in ("progress", "checkpoints", "placement",
                                                                        "worker_nodes", "driver_node")}
     metrics["resumed"] = int((row.metrics or {}).get("resumed", 0)) + 1
     update_run(catalog, run_id, status=RunStatus.pending, error=None, finished_at=None, metrics=metrics)
-    return _submit_job(catalog, settings, client, run_id, spec, row.method)
+    job_id = _submit_job(catalog, settings, client, run_id, spec, row.method)
+    if waiting and on_wait:
+        on_wait(waiting)
+    return job_id
 
 
 def current_submission_id() -> str | None:
@@ -182,15 +229,36 @@ def run_logs(catalog: Catalog, settings: Settings, run_id: int) -> str:
     return job_client(settings).get_job_logs(row.ray_job_id)
 
 
+def waiting(settings: Settings, ray_job_id: str | None) -> str | None:
+    """"waiting for …" while the Ray job's requests (its workers' placement group, its actors or
+    tasks) are pending for resources; None when nothing of it waits or the cluster cannot be read."""
+    if not ray_job_id:
+        return None
+    from flawline.cluster.resources import job_waiting
+
+    try:
+        return job_waiting(settings.ray_dashboard_url, ray_job_id)
+    except Exception:  # noqa: BLE001 - the state API is a convenience here, never fatal
+        return None
+
+
+WAIT_CHECK_S = 10.0  # how often follow asks the state API whether the run's resources are pending
+
+
 def follow(catalog: Catalog, settings: Settings, run_id: int, poll: float = 2.0,
            timeout: float | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the run's progress whenever it changes, until it ends (the CLI's --wait)."""
+    """Yield the run's progress whenever it changes, until it ends (the CLI's --wait); while its
+    resources are pending, ``waiting`` says for what (checked every ``WAIT_CHECK_S``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
+    pending, checked = None, -math.inf
     while True:
         refresh(catalog, settings, [run_id])
         row = get_run(catalog, run_id)
-        state = {"status": row.status.value, "progress": (row.metrics or {}).get("progress"), "error": row.error}
+        if row.status not in FINAL and time.monotonic() - checked >= WAIT_CHECK_S:
+            pending, checked = waiting(settings, row.ray_job_id), time.monotonic()
+        state = {"status": row.status.value, "progress": (row.metrics or {}).get("progress"), "error": row.error,
+                 "waiting": None if row.status in FINAL else pending}
         if state != last:
             yield state
             last = state
