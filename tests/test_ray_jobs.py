@@ -1,7 +1,8 @@
 """The platform on a real local Ray cluster of two nodes (a head plus a second raylet on this
 machine) with PostgreSQL as the catalog: the whole flow (monitor, 2-worker DDP training across both
 nodes, promotion, pre-annotation on the cluster, Label Studio round trip, serving, metrics,
-`flawline status`), pool scoring as a Ray job, bad configurations that never reach the cluster;
+`flawline status`), pool scoring as a Ray job, bad configurations and requests no node can hold
+that never reach the cluster (and the resource reader against Ray's own totals);
 then where runs train and how they survive: a flow run placed by a custom resource on the node
 that has it (the driver trains nothing) whose killed worker resumes from its checkpoint, a
 cancelled run resumed to the model an uninterrupted one gives, runs side by side, a KubeRay-style
@@ -190,6 +191,36 @@ def test_missing_images_or_labels_are_refused_before_submission(elpv_small, tmp_
     result = _cli("train", "submit", "--dataset", "nope", "--setting", "supervised")
     assert result.exit_code == 1 and "no dataset named 'nope'" in result.output
     assert _cli("runs", "list", "--json").stdout.strip() == "[]"
+
+
+def test_requests_checked_against_the_clusters_resources(elpv_small, ray_cluster):
+    """A run asking what no node has is refused before submission, naming the resource and what
+    the cluster has; the resource reader sees Ray's own totals and a free count within them, and
+    `flawline status --json` reports free and total CPUs."""
+    from ray.job_submission import JobSubmissionClient
+
+    from flawline.cluster.resources import read_cluster
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    before = len(client.list_jobs())
+    for args, words in ((["--worker-resource", "nosuch=1"], ["nosuch=1", "no node offers nosuch", "slot"]),
+                        (["--cpus-per-worker", 3], ["3 CPU", "the largest node has 2 CPU", "4 CPU on 2 node(s)"])):
+        result = _cli("train", "submit", "--dataset", elpv_small, *FLOW, *args)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert all(w in result.output for w in words), result.output
+    assert len(client.list_jobs()) == before and _cli("runs", "list", "--json").stdout.strip() == "[]"
+
+    ray_says = _available(ray_cluster)["total"]
+    deadline = time.monotonic() + 30  # the autoscaler's usage report comes every few seconds
+    while (cluster := read_cluster(ray_cluster.dashboard_url)).free("CPU") is None and time.monotonic() < deadline:
+        time.sleep(1)
+    for name in ("CPU", "slot", "head_node", "second_node"):
+        assert cluster.total(name) == ray_says[name], (name, cluster.nodes, ray_says)
+        assert 0 <= cluster.free(name) <= cluster.total(name), (name, cluster.nodes)
+    assert len(cluster.nodes) == 2 and cluster.total("GPU") == ray_says.get("GPU", 0)
+    view = json.loads(_cli("status", "--json").stdout)["cluster"]
+    assert view["cpus"] == 4 and 0 <= view["cpus_free"] <= 4 and view["gpus_free"] == view["gpus"] == 0, view
+    assert all(0 <= n["cpus_free"] <= n["cpus"] for n in view["nodes"]) and "pending" in view, view
 
 
 def test_pool_scoring_job_matches_scoring_in_process(elpv_small, ray_cluster):

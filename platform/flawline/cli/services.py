@@ -87,8 +87,9 @@ def down(ray: bool = typer.Option(True, help="Also stop the local Ray cluster.")
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
            brief: bool = typer.Option(False, "--brief", help="Only the service health table.")) -> None:
     """Everything at a glance: health of S3, the catalog, Ray and Label Studio; then the cluster's
-    nodes, recent Ray jobs (training, scoring, monitor), Serve deployments, Label Studio queues
-    and training runs. Exits 1 if a service is down."""
+    nodes with free and total CPUs/GPUs, who holds them and what waits for them, recent Ray jobs
+    (training, scoring, monitor), Serve deployments, Label Studio queues and training runs. Exits 1
+    if a service is down."""
     settings = get_settings()
     results = check_all(settings)
     state = {r.service: r.state for r in results}
@@ -118,16 +119,43 @@ def _error_line(part: dict) -> bool:
     return False
 
 
+def _free(part: dict, key: str) -> str:
+    """``0.5/2``: free of total (``?/2`` when the cluster reports no usage)."""
+    free = part.get(f"{key}_free")
+    return f"{'?' if free is None else f'{free:g}'}/{part[key]:g}"
+
+
+def _bundles(bundles: list[dict]) -> str:
+    from flawline.cluster.resources import Pending
+
+    return Pending("", "", bundles).describe()
+
+
 def _print_overview(view: dict) -> None:
     cluster = view.get("cluster")
     if cluster and not _error_line(cluster):
-        table = Table("node", "role", "state", "CPUs", "GPUs",
-                      title=f"cluster: {cluster['alive']} node(s) alive, {cluster['cpus']:g} CPUs, "
-                            f"{cluster['gpus']:g} GPUs")
+        table = Table("node", "role", "state", "CPUs free/total", "GPUs free/total",
+                      title=f"cluster: {cluster['alive']} node(s) alive, {_free(cluster, 'cpus')} CPUs free, "
+                            f"{_free(cluster, 'gpus')} GPUs free")
         for n in cluster["nodes"]:
-            table.add_row(n["node_ip"], "head" if n["head"] else "worker", n["state"], f"{n['cpus']:g}",
-                          f"{n['gpus']:g}")
+            table.add_row(f"{n['node_ip']} {n['node_id'][:8]}", "head" if n["head"] else "worker", n["state"],
+                          _free(n, "cpus"), _free(n, "gpus"))
         console.print(table)
+        held = cluster.get("held_by") or {}
+        used = sorted(((r.get("CPU", 0.0), r.get("GPU", 0.0), who) for who, r in held.items()), reverse=True)
+        if used:
+            console.print("held by: " + ", ".join(f"{who} {cpu:g} CPU" + (f" {gpu:g} GPU" if gpu else "")
+                                                  for cpu, gpu, who in used), highlight=False)
+        if cluster.get("pending"):
+            table = Table("job", "what", "waits for", "CPUs", "GPUs",
+                          title="pending demand (waits for free resources)")
+            for p in cluster["pending"]:
+                table.add_row(p["holder"].removeprefix("job "), p.get("what") or "",
+                              f"{p['kind']}: {_bundles(p['bundles'])}", f"{p['cpus']:g}", f"{p['gpus']:g}")
+            console.print(table)
+        elif cluster.get("demand"):
+            console.print("pending demand: " + "; ".join(f"{d['count']} × {_bundles([d['bundle']])} ({d['kind']})"
+                                                         for d in cluster["demand"]), highlight=False)
     jobs = view.get("jobs")
     if jobs and not _error_line(jobs):
         table = Table("Ray job", "status", "what", "started",

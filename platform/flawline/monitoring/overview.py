@@ -32,21 +32,29 @@ def _fail(part: str, err: Exception) -> dict[str, Any]:
 
 
 def cluster_nodes(settings: Settings) -> dict[str, Any]:
-    """Alive and dead nodes with their CPUs and GPUs (Ray's state API on the dashboard)."""
-    from ray.util.state import list_nodes
+    """Alive nodes with their free and total CPUs and GPUs, who holds the used ones, and the
+    demand pending per job (``flawline.cluster.resources``: the state API and the autoscaler's
+    report on the dashboard)."""
+    from flawline.cluster.resources import JOB_PREFIX, read_cluster
+    from flawline.train.submit import job_client
 
-    logging.getLogger("ray").setLevel(logging.ERROR)
     try:
-        nodes = list_nodes(address=settings.ray_dashboard_url, timeout=5, raise_on_missing_output=False)
+        client = job_client(settings)
+        cluster = read_cluster(settings.ray_dashboard_url, holders=True, timeout=5, client=client)
+        kinds = {j.submission_id: job_kind(j.metadata) for j in client.list_jobs() if j.submission_id}
     except Exception as err:  # noqa: BLE001 - reported in the table, never fatal
         return _fail("nodes", err)
-    rows = [{"node_ip": n.node_ip, "head": bool(n.is_head_node), "state": n.state,
-             "cpus": (n.resources_total or {}).get("CPU", 0), "gpus": (n.resources_total or {}).get("GPU", 0)}
-            for n in nodes]
-    rows.sort(key=lambda r: (not r["head"], r["state"] != "ALIVE", r["node_ip"]))
-    alive = [r for r in rows if r["state"] == "ALIVE"]
-    return {"nodes": rows, "alive": len(alive), "cpus": sum(r["cpus"] for r in alive),
-            "gpus": sum(r["gpus"] for r in alive)}
+    rows = [{"node_id": n.node_id, "node_ip": n.ip, "head": n.head, "state": "ALIVE",
+             "cpus": n.total.get("CPU", 0.0), "gpus": n.total.get("GPU", 0.0),
+             "cpus_free": None if n.free is None else round(n.free.get("CPU", 0.0), 4),
+             "gpus_free": None if n.free is None else round(n.free.get("GPU", 0.0), 4)} for n in cluster.nodes]
+    rows += [{"node_id": n.node_id, "node_ip": n.ip, "head": n.head, "state": "DEAD", "cpus": n.total.get("CPU", 0.0),
+              "gpus": n.total.get("GPU", 0.0), "cpus_free": None, "gpus_free": None} for n in cluster.dead]
+    out = {"nodes": rows, "alive": len(cluster.nodes), **cluster.summary()}
+    for p in out.get("pending", []):
+        sid = p["holder"].removeprefix(JOB_PREFIX) if p["holder"].startswith(JOB_PREFIX) else None
+        p["what"] = kinds.get(sid, "other") if sid else p["holder"]
+    return out
 
 
 def job_kind(metadata: dict[str, str] | None) -> str:
