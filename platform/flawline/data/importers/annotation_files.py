@@ -83,6 +83,23 @@ def forget_json() -> None:
     _LOADED.clear()
 
 
+def json_files(folders: Iterable[Path], starts: bytes) -> list[Path]:
+    """The non-hidden ``*.json`` files directly in ``folders`` whose text starts with ``starts``
+    (``b"{"``: an object, ``b"["``: a list; a byte-order mark and white space skipped): the
+    candidates a layout then parses."""
+    found = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            try:
+                with path.open("rb") as fh:
+                    head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            except OSError:
+                continue
+            if path.is_file() and not path.name.startswith(".") and head.startswith(starts):
+                found.append(path)
+    return found
+
+
 def read_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, stripped text) of each non-blank line."""
     return [(n, line.strip()) for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]

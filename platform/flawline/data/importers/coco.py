@@ -29,6 +29,7 @@ from flawline.data.importers.annotation_files import (
     image_size,
     inside,
     is_image,
+    json_files,
     load_json,
     number,
     pixel_box,
@@ -43,21 +44,6 @@ from flawline.errors import InvalidInput
 COCO_KEYS = ("images", "annotations", "categories")
 
 
-def _json_objects(root: Path) -> list[Path]:
-    """Top-level and ``annotations/`` JSON files that start as an object (candidates)."""
-    found = []
-    for folder in (root, root / "annotations"):
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
-            try:
-                with path.open("rb") as fh:
-                    head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-            except OSError:
-                continue
-            if path.is_file() and not path.name.startswith(".") and head.startswith(b"{"):
-                found.append(path)
-    return found
-
-
 def _looks_like_coco(path: Path) -> bool:
     """A JSON object holding lists under ``images``, ``annotations`` and ``categories``."""
     try:
@@ -69,7 +55,7 @@ def _looks_like_coco(path: Path) -> bool:
 
 def coco_files(root: Path) -> list[Path]:
     """The COCO files of ``root``: top-level and ``annotations/`` JSON files shaped like COCO."""
-    return [p for p in _json_objects(root) if _looks_like_coco(p)]
+    return [p for p in json_files((root, root / "annotations"), b"{") if _looks_like_coco(p)]
 
 
 @register_importer
@@ -92,7 +78,7 @@ class CocoImporter(Importer):
         assert root is not None
         files = coco_files(root)
         if not files:
-            for candidate in _json_objects(root):
+            for candidate in json_files((root, root / "annotations"), b"{"):
                 read_json(candidate)  # a malformed one: say where it breaks
             raise InvalidInput(f"{root}: no COCO JSON (an object with images, annotations and categories lists) "
                                "in the folder or its annotations/")

@@ -23,6 +23,7 @@ from flawline.data.importers.annotation_files import (
     ImagesByName,
     forget_json,
     image_size,
+    json_files,
     load_json,
     mask_blob,
     read_json,
@@ -33,20 +34,6 @@ from flawline.data.importers.base import Blob, Importer, ImportItem, register_im
 from flawline.errors import InvalidInput
 
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")
-
-
-def _json_lists(root: Path) -> list[Path]:
-    """Top-level JSON files that start as a list (candidates)."""
-    found = []
-    for path in sorted(root.glob("*.json")):
-        try:
-            with path.open("rb") as fh:
-                head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-        except OSError:
-            continue
-        if path.is_file() and not path.name.startswith(".") and head.startswith(b"["):
-            found.append(path)
-    return found
 
 
 def _looks_like_export(path: Path) -> bool:
@@ -61,7 +48,7 @@ def _looks_like_export(path: Path) -> bool:
 
 
 def export_files(root: Path) -> list[Path]:
-    return [p for p in _json_lists(root) if _looks_like_export(p)]
+    return [p for p in json_files((root,), b"[") if _looks_like_export(p)]
 
 
 @register_importer
@@ -81,7 +68,7 @@ class LabelStudioImporter(Importer):
         assert root is not None
         files = export_files(root)
         if not files:
-            for candidate in _json_lists(root):
+            for candidate in json_files((root,), b"["):
                 read_json(candidate)  # a malformed one: say where it breaks
             raise InvalidInput(f"{root}: no Label Studio JSON export (a list of tasks with data and annotations) "
                                "in the folder")
