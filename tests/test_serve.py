@@ -377,6 +377,15 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
         assert len(unknown.output.strip().splitlines()) == 1
     missing = _cli("predict", tmp_path / "absent.png", "--model", "tiles")
     assert missing.exit_code == 1 and missing.output.startswith("error: ") and "no such file" in missing.output
+    for extra in ([], ["--batch", 1]):  # a missing file among good ones: they are still scored, in order
+        gap = _cli("predict", images[0], tmp_path / "absent.png", images[1], "--model", "tiles", "--json", *extra)
+        assert gap.exit_code == 1
+        answers = json.loads(gap.stdout)
+        assert [a["image"] for a in answers] == [str(images[0]), str(tmp_path / "absent.png"), str(images[1])]
+        assert answers[1] == {"image": str(tmp_path / "absent.png"), "error": "no such file"}
+        assert [a["score"] for a in (answers[0], answers[2])] == pytest.approx([a["score"] for a in remote], rel=1e-4)
+    text_many = _cli("predict", *images, "--model", "tiles")
+    assert text_many.stdout.count("for its request of 2 images") == 2
     dead, = free_ports(1)
     down = _cli("predict", images[0], "--model", "tiles", "--url", f"http://127.0.0.1:{dead}")
     assert down.exit_code == 1 and "no flawline server answers" in down.output

@@ -202,12 +202,22 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
+def _read_file(path: Path) -> bytes:
+    """The file's bytes; InvalidInput (one line naming it) when it is missing or cannot be read."""
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"{path}: cannot read file ({err.strerror or err})") from None
+
+
 def _batches(paths: list[Path], size: int, max_bytes: int = BATCH_BYTES) -> list[list[Path]]:
     """``paths`` in order, in groups of at most ``size`` files and ``max_bytes`` bytes (a larger file alone)."""
     groups: list[list[Path]] = [[]]
     total = 0
     for path in paths:
-        n = path.stat().st_size
+        n = path.stat().st_size if path.is_file() else 0  # a missing file gets its own error later
         if groups[-1] and (len(groups[-1]) >= size or total + n > max_bytes):
             groups.append([])
             total = 0
@@ -251,14 +261,12 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (maps and PNGs left out)."),
 ) -> None:
     """Score images with a registered model: verdict, score and threshold per image; with --out,
-    overlay images. Bad images get one `error:` line each and exit code 1; the others are scored."""
+    overlay images. Bad or missing images get one `error:` line each (with --json: an entry with
+    "error") and exit code 1; the others are scored."""
     from flawline.serving.errors import RequestError
     from flawline.serving.response import overlay_png
 
     settings = get_settings()
-    missing = [p for p in images if not p.is_file()]
-    if missing:
-        raise InvalidInput(f"{missing[0]}: no such file")
     if out is not None:
         if out.exists() and not out.is_dir():
             raise InvalidInput(f"{out}: exists and is not a folder")
@@ -279,33 +287,46 @@ def predict(
     def answers():  # noqa: ANN202 — (path, its bytes, its answer or the error it alone gets), in order
         if local or batch == 1 or len(images) == 1:
             for path in images:
-                data = path.read_bytes()
                 try:
+                    data = _read_file(path)
                     yield path, data, (predictor.predict(model, data, path.name, heatmap=want_maps,
                                                          regions=want_maps) if local else _post(endpoint, data, timeout))
                 except (InvalidInput, RequestError) as err:
-                    yield path, data, err
+                    yield path, b"", err
             return
         for group in _batches(images, batch):
-            files = [(path, path.read_bytes()) for path in group]
-            body, content_type = _multipart([(path.name, data) for path, data in files])
-            try:
-                answer = _post(batch_endpoint, body, timeout * len(group), content_type)
-            except InvalidInput as err:  # the request as a whole (e.g. too large): each of its images
-                yield from ((path, data, err) for path, data in files)
-                continue
-            for (path, data), result in zip(files, answer["results"]):
-                if result["status"] != 200:
-                    yield path, data, InvalidInput(f"{result['error']} (HTTP {result['status']})")
-                else:
-                    yield path, data, {k: v for k, v in result.items() if k != "status"}
+            files, unread = [], {}  # (position in group, path, bytes); position → its read error
+            for at, path in enumerate(group):  # a file that cannot be read is answered alone; the others go
+                try:
+                    files.append((at, path, _read_file(path)))
+                except InvalidInput as err:
+                    unread[at] = err
+            answered: dict[int, Any] = {}
+            if files:
+                body, content_type = _multipart([(path.name, data) for _, path, data in files])
+                try:
+                    answer = _post(batch_endpoint, body, timeout * len(files), content_type)
+                except InvalidInput as err:  # the request as a whole (e.g. too large): each of its images
+                    answer = {"results": [{"status": 0, "error": err}] * len(files)}
+                for (at, _, data), result in zip(files, answer["results"]):
+                    if result["status"] == 0:
+                        answered[at] = (data, result["error"])
+                    elif result["status"] != 200:
+                        answered[at] = (data, InvalidInput(f"{result['error']} (HTTP {result['status']})"))
+                    else:  # latency_ms is the whole request's
+                        answered[at] = (data, {**{k: v for k, v in result.items() if k != "status"},
+                                               "request_images": len(files)})
+            for at, path in enumerate(group):  # in the order given
+                yield (path, b"", unread[at]) if at in unread else (path, *answered[at])
 
     results, failures, used = [], 0, set()
     for path, data, result in answers():
         if isinstance(result, Exception):
             failures += 1
             # messages name the image by its file name; the path says it already
-            typer.echo(f"error: {path}: {str(result).removeprefix(f'{path.name}: ')}", err=True)
+            message = str(result).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+            typer.echo(f"error: {path}: {message}", err=True)
+            results.append({"image": str(path), "error": message})
             continue
         result["image"] = str(path)
         if out is not None:
@@ -318,8 +339,10 @@ def predict(
         if not as_json:
             verdict = {True: "DEFECT", False: "ok", None: "no threshold"}[result["is_defect"]]
             threshold = "-" if result["threshold"] is None else f"{result['threshold']:.4g}"
+            n = result.get("request_images", 1)
+            latency = f"{result['latency_ms']:.1f} ms" + (f" for its request of {n} images" if n > 1 else "")
             typer.echo(f"{path}  {verdict}  score {result['score']:.4g}  threshold {threshold}  "
-                       f"{result['model']}:{result['model_version']}  {result['latency_ms']:.1f} ms"
+                       f"{result['model']}:{result['model_version']}  {latency}"
                        + (f"  → {result['overlay']}" if out is not None else ""))
     if as_json:
         print_json(results)
