@@ -48,6 +48,8 @@ def test_evaluate_report_and_model_lifecycle(mt_split, tmp_path):
     assert "aupro" in report["metrics"] and "pixel_auroc" in report["metrics"]
     md = (out / "report.md").read_text()
     assert "![ROC](roc.png)" in md and "Threshold" in md
+    assert "method `best-f1` (f1 " in md and "chosen on dataset mt, split val" in md and "Rule: auto: best F1" in md
+    assert "{" not in md.split("**Threshold**")[1].split("\n")[0]  # no raw dicts
 
     listed = json.loads(_run("models", "list", "--json").stdout)
     assert listed[0]["model"] == "mt-patchcore:1" and listed[0]["threshold_method"] == "best-f1"
@@ -146,3 +148,12 @@ def test_evaluate_refuses_unknown_and_mistyped_options(settings_env):
     assert result.exit_code == 1 and "set it with --image-size" in result.stderr
     result = _run("evaluate", "anything", "-o", "novalue")
     assert result.exit_code == 1 and "expected KEY=VALUE" in result.stderr
+    for option, message in (("channels=0", "channels=0 must be at least 1"),
+                            ("blur_sigma=-1", "blur_sigma=-1 must be at least 0"),
+                            ("device=gpu", "device='gpu' is no device (expected auto, cpu, cuda"),
+                            ("batch_size=0", "padim: setting batch_size=0 must be at least 1")):
+        result = _run("evaluate", "anything", "--method", "padim", "-o", option)
+        assert result.exit_code == 1 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = _run("evaluate", "anything", "--method", "patchcore", "-o", "coreset_ratio=2")
+    assert result.exit_code == 1 and "is a share: it must lie between 0 and 1" in result.stderr

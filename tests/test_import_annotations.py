@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from conftest import image_bytes, write
 from flawline.catalog import Annotation, Image, Label, Split
+from flawline.catalog.queries import get_dataset, summarize_dataset
 from flawline.data.images import mask_image
 from flawline.data.importers.annotation_files import rle_string_counts
 from flawline.data.ingest import import_dataset
@@ -198,8 +199,15 @@ def test_coco_bad_input_stores_nothing(catalog, store, tmp_path, change, message
 def test_coco_malformed_json_names_the_place(catalog, store, tmp_path):
     write(tmp_path / "c" / "a.png", image_bytes(1))
     write(tmp_path / "c" / "coco.json", b'{"images": [}')
-    with pytest.raises(InvalidInput, match=r"coco\.json: malformed JSON \(line 1, column 13"):
+    with pytest.raises(InvalidInput, match=r"coco\.json: malformed JSON \(line 1, column 13\): "):
         import_dataset(catalog, store, tmp_path / "c", layout="coco")
+    # --layout auto cannot tell what it is, and says which file stopped it from telling
+    with pytest.raises(InvalidInput, match=r"layout not recognised;.*; .*coco\.json: malformed JSON \(line 1, "):
+        import_dataset(catalog, store, tmp_path / "c")
+    write(tmp_path / "l" / "a.png", image_bytes(1))
+    write(tmp_path / "l" / "export.json", b'[{"data": {"image": "a.png"}, "annotations": [}]')
+    with pytest.raises(InvalidInput, match=r"export\.json: malformed JSON"):
+        import_dataset(catalog, store, tmp_path / "l")
     _nothing_stored(catalog, store)
 
 
@@ -342,6 +350,9 @@ def test_boxes_files_need_the_layout_named(catalog, store, tmp_path):
                              None, {"classes": ["short", "open"]})
     assert rows["b.png"] == (Label.normal, None, None, None, None)
     assert rows["c.png"] is None
+    with catalog.session() as s:  # what `flawline data show` prints
+        shown = summarize_dataset(s, get_dataset(s, report.dataset), detail=True)
+    assert (shown.boxes, shown.with_boxes, shown.groups, shown.with_reference) == (2, 1, 0, 0)
     assert _unused(report) == {"readme.txt": "a text file that matches no image (box files are NAME.txt for "
                                              "NAME.<image suffix>)"}
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from flawline.catalog import Dataset, Image
-from flawline.catalog.queries import get_dataset, image_labels
+from flawline.catalog.queries import get_dataset, image_labels, summarize_dataset
 from flawline.data.importers import detect_layout
 from flawline.data.ingest import import_dataset
 from flawline.data.records import image_records
@@ -23,7 +23,7 @@ COLUMNS = ["file", "label", "class", "group", "reference", "split", "mask", "lot
 
 # Two boards, each a defect-free reference and two tested images; one stray image and a note.
 ROWS = [
-    {"file": "ref/b1.png", "label": "normal", "group": "b1", "split": "train", "lot": "L7"},
+    {"file": "ref/b1.png", "label": "normal", "group": "b1", "split": "test", "lot": "L7"},
     {"file": "test/b1_a.png", "label": "defect", "class": "short", "group": "b1", "reference": "ref/b1.png",
      "split": "test", "mask": "masks/b1_a.png", "lot": "L7"},
     {"file": "test/b1_b.png", "label": "normal", "group": "b1", "reference": "ref/b1.png", "split": "test"},
@@ -91,6 +91,10 @@ def test_csv_manifest(catalog, store, tmp_path):
     report = import_dataset(catalog, store, root, dataset="pcb", workers=4)
     assert report.layout == "manifest" and report.new_images == 6 and report.masks == 1
     _check_boards(catalog, "pcb")
+    with catalog.session() as s:  # what `flawline data show` prints
+        shown = summarize_dataset(s, get_dataset(s, "pcb"), detail=True)
+    assert (shown.groups, shown.with_reference, shown.by_preset) == (2, 4, {"test": 3})
+    assert (shown.boxes, shown.with_boxes) == (0, 0)
     assert sorted(report.unused) == [f"{root / 'notes.txt'}: not in manifest.csv",
                                      f"{root / 'stray.png'}: not in manifest.csv"]
 
@@ -139,6 +143,8 @@ BAD = {
     "reference is a defect": (_bad(ROWS, r5_reference="test/b1_a.png"), 7,
                               "reference 'test/b1_a.png' is labelled defect on line 3"),
     "class on a normal": (_bad(ROWS, r2_class="short"), 4, "class 'short' given with label normal"),
+    "split apart from its reference": (_bad(ROWS, r2_split="train"), 4,
+                                       "split 'train' but its reference 'ref/b1.png' has split 'test' on line 2"),
 }
 
 

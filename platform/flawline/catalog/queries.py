@@ -58,12 +58,20 @@ class DatasetSummary:
     by_split: dict[str, int] = field(default_factory=dict)
     split_info: dict[str, Any] | None = None
     created_at: str | None = None
+    # With ``detail`` (``flawline data show``): annotation boxes, groups, references and presets.
+    with_boxes: int | None = None  # images with at least one box
+    boxes: int | None = None  # boxes over every image
+    groups: int | None = None  # distinct values of the image attribute ``group``
+    with_reference: int | None = None  # images that name a reference image
+    by_preset: dict[str, int] | None = None  # images per preset split (``preset_split``)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def summarize_dataset(session: Session, ds: Dataset) -> DatasetSummary:
+def summarize_dataset(session: Session, ds: Dataset, detail: bool = False) -> DatasetSummary:
+    """Counts of one dataset; ``detail`` adds boxes, groups, references and presets (it reads
+    every image's attributes, so ``flawline data list`` leaves it out)."""
     summary = DatasetSummary(ds.name, ds.layout, ds.source_uri, split_info=ds.split_info,
                              created_at=ds.created_at.isoformat() if ds.created_at else None)
     count, size = session.execute(
@@ -82,6 +90,21 @@ def summarize_dataset(session: Session, ds: Dataset) -> DatasetSummary:
         select(Image.split, func.count(Image.id)).where(Image.dataset_id == ds.id).group_by(Image.split)
     ):
         summary.by_split[split.value if split else "unassigned"] = int(n)
+    if detail:
+        boxed: dict[int, int] = {}
+        for image_id, boxes in session.execute(
+                select(Annotation.image_id, Annotation.boxes).join(Image)
+                .where(Image.dataset_id == ds.id, Annotation.boxes.is_not(None))):
+            boxed[image_id] = max(boxed.get(image_id, 0), len(boxes or ()))  # the fullest annotation
+        summary.with_boxes = sum(1 for n in boxed.values() if n)
+        summary.boxes = sum(boxed.values())
+        attrs = [a or {} for a in session.scalars(select(Image.attrs).where(Image.dataset_id == ds.id))]
+        summary.groups = len({str(a["group"]) for a in attrs if a.get("group") not in (None, "")})
+        summary.with_reference = sum(1 for a in attrs if a.get("reference"))
+        summary.by_preset = {}
+        for a in attrs:
+            if a.get("preset_split"):
+                summary.by_preset[a["preset_split"]] = summary.by_preset.get(a["preset_split"], 0) + 1
     return summary
 
 

@@ -148,9 +148,10 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
 @app.command()
 def show(name: str = typer.Argument(..., help="Dataset name."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Show one dataset: counts by label, defect class and split, masks, source and split seed."""
+    """Show one dataset: counts by label, defect class and split, masks, boxes, groups, references,
+    preset splits, source and split seed."""
     with open_catalog().session() as session:
-        s = summarize_dataset(session, get_dataset(session, name))
+        s = summarize_dataset(session, get_dataset(session, name), detail=True)
     if as_json:
         print_json(s.as_dict())
         return
@@ -160,7 +161,11 @@ def show(name: str = typer.Argument(..., help="Dataset name."),
         ("images", str(s.images)), ("size", human_bytes(s.bytes)), ("with masks", str(s.masks)),
         ("labels", ", ".join(f"{k} {v}" for k, v in sorted(s.by_label.items()))),
         ("defect classes", ", ".join(f"{k} {v}" for k, v in sorted(s.by_class.items())) or "-"),
+        ("boxes", f"{s.boxes} on {s.with_boxes} images" if s.boxes else "-"),
+        ("groups", f"{s.groups} (image attribute 'group')" if s.groups else "-"),
+        ("references", f"{s.with_reference} images name a reference image" if s.with_reference else "-"),
         ("splits", ", ".join(f"{k} {v}" for k, v in sorted(s.by_split.items()))),
+        ("preset splits", ", ".join(f"{k} {v}" for k, v in sorted((s.by_preset or {}).items())) or "-"),
         ("split seed", "-" if not s.split_info else
          f"seed {s.split_info['seed']} train/val/test {s.split_info['train']}/{s.split_info['val']}/"
          f"{s.split_info['test']}" + (" (normal-only train)" if s.split_info.get("normal_only_train") else "")

@@ -138,7 +138,9 @@ def assign_splits(catalog: Catalog, dataset: str, spec: SplitSpec) -> dict[str, 
             if len(presets) > 1:
                 a, b = (next(i for i in members if preset.get(i) is p) for p in presets[:2])
                 raise InvalidInput(f"dataset {dataset!r}: {origin[a]} (preset {presets[0].value}) and {origin[b]} "
-                                   f"(preset {presets[1].value}) are in one group, which cannot keep both presets")
+                                   f"(preset {presets[1].value}) are in one group (" + (f"the same {spec.group_by!r}, or "
+                                   if spec.group_by else "") + "an image and its reference), which cannot keep both "
+                                   "presets")
             if presets:
                 assigned[presets[0]].extend(members)
                 groups[presets[0]] += 1

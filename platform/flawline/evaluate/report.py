@@ -124,8 +124,12 @@ def _markdown(path: Path, payload: dict[str, Any], files: dict[str, Path]) -> Pa
         lines += ["", f"Pixel metrics: {m['pixel_metrics_note']}."]
     if "threshold" in m:
         t = m["threshold"]
-        lines += ["", f"**Threshold** {t['value']:.6g}, method `{t['method']}` {t.get('params') or ''}, "
-                  f"chosen on {t.get('data') or 'unspecified data'}."]
+        params = {k: v for k, v in (t.get("params") or {}).items() if k != "rule"}
+        data = ", ".join(f"{k} {v}" for k, v in (t.get("data") or {}).items()) or "unspecified data"
+        lines += ["", f"**Threshold** {t['value']:.6g}, method `{t['method']}`"
+                  + (" (" + ", ".join(f"{k} {_fmt(v)}" for k, v in params.items()) + ")" if params else "")
+                  + f", chosen on {data}." + (f" Rule: {t['params']['rule']}." if (t.get("params") or {}).get("rule")
+                                              else "")]
         if "confusion" in m:
             lines.append("Confusion at the threshold: " + ", ".join(f"{k} {v}" for k, v in m["confusion"].items()))
     if m.get("image_auroc_per_class"):

@@ -309,6 +309,40 @@ def check_settings(name: str, settings: dict[str, Any]) -> None:
         if key in hints and not _fits(value, hints[key]):
             shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
             raise ConfigError(f"{name}: setting {key}={value!r} must be {shown} (default {known[key]!r})")
+        problem = _out_of_range(key, value, hints.get(key))
+        if problem:
+            raise ConfigError(f"{name}: setting {key}={value!r} {problem} (default {known[key]!r})")
+
+
+# Settings whose values have a range of their own; otherwise a count (int) is at least 1 and a
+# weight, scale or rate (float) a finite number of at least 0.
+_ANY_INT = {"seed"}
+_AT_LEAST_0 = {"freeze_blocks"}
+_SHARES = ("fraction", "prob", "ratio", "dropout", "trim")  # names of shares: 0 to 1
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _out_of_range(key: str, value: Any, hint: Any = None) -> str | None:
+    """Why ``value`` is no sane value for setting ``key`` of type ``hint`` (None when it is)."""
+    import math
+    import re
+    import typing
+
+    if key == "device":
+        ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value)
+        return None if ok else f"is no device (expected {DEVICES})"
+    if key == "precision":
+        return None if value in ("fp32", "bf16") else "must be fp32 or bf16"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or key in _ANY_INT:
+        return None
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if any(part in key for part in _SHARES):
+        return None if 0 <= value <= 1 else "is a share: it must lie between 0 and 1"
+    counts = hint is int or isinstance(value, int) and float not in typing.get_args(hint) and hint is not float
+    if key in _AT_LEAST_0 or not counts:
+        return None if value >= 0 else "must be at least 0"
+    return None if value >= 1 else "must be at least 1"
 
 
 def config_from_dict(cls: type[Detector], values: dict[str, Any]) -> DetectorConfig:

@@ -26,6 +26,7 @@ from flawline.evaluate import thresholds as th
 from flawline.evaluate.run import evaluate
 from flawline.models import Detector
 from flawline.models.artifacts import detector_to_bytes
+from flawline.models.base import check_settings
 from flawline.storage import ObjectStore
 from flawline.train.context import LocalContext
 from flawline.train.data import RunData, TensorBatches, decode_all, gather, run_white
@@ -62,6 +63,7 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     what is missing."""
     setting = get_setting(spec.setting)
     method = setting.method(spec)
+    check_settings(method, spec.options)  # a bad --option fails here, not on the cluster
     data = gather(catalog, spec.datasets, spec.label_fraction, spec.seed)
     where = "+".join(spec.datasets)
     if not data.labelled and not data.unlabelled:

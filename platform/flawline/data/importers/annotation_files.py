@@ -58,7 +58,18 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as err:
-        raise InvalidInput(f"{path}: malformed JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        raise InvalidInput(f"{path}: malformed JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+
+
+def json_problem(candidates: Iterable[Path]) -> str | None:
+    """The first of ``candidates`` (JSON files) that does not parse, as its one-line error; None
+    when every one parses. What a layout found by its JSON file says when detection failed."""
+    for path in candidates:
+        try:
+            load_json(path)
+        except (OSError, InvalidInput) as err:
+            return str(err)
+    return None
 
 
 _LOADED: dict[Path, tuple[tuple[int, int], Any]] = {}  # the last JSON file load_json parsed

@@ -80,6 +80,11 @@ class Importer:
         """Whether ``root`` looks like this layout (used by ``--layout auto``)."""
         return False
 
+    def detect_problem(self, root: Path) -> str | None:
+        """When ``detect`` said no: a file that would have made ``root`` this layout but could not
+        be read (e.g. a malformed annotation JSON), as one line; None otherwise."""
+        return None
+
     def scan(self, root: Path | None, **options: Any) -> Iterator[ImportItem]:
         raise NotImplementedError
 
@@ -110,9 +115,10 @@ def detect_layout(root: Path) -> Importer:
     # a layout named by a file of its own (detect_priority below the default) wins outright
     matches = [m for m in matches if m.detect_priority == matches[0].detect_priority] if matches else matches
     if not matches:
+        problems = [p for cls in ordered if cls.needs_path and (p := cls().detect_problem(root))]
         raise InvalidInput(
             f"{root}: layout not recognised; expected one of {', '.join(importer_names())} "
-            "(pass --layout to choose)"
+            "(pass --layout to choose)" + (f"; {problems[0]}" if problems else "")
         )
     if len(matches) > 1:
         raise InvalidInput(f"{root}: looks like several layouts ({', '.join(m.name for m in matches)}); "

@@ -30,6 +30,7 @@ from flawline.data.importers.annotation_files import (
     inside,
     is_image,
     json_files,
+    json_problem,
     load_json,
     number,
     pixel_box,
@@ -66,6 +67,9 @@ class CocoImporter(Importer):
 
     def detect(self, root: Path) -> bool:
         return bool(coco_files(root))
+
+    def detect_problem(self, root: Path) -> str | None:
+        return json_problem(json_files((root, root / "annotations"), b"{"))
 
     def unused_reason(self, root: Path, path: Path) -> str:
         if is_image(path) and self._listed is not None:

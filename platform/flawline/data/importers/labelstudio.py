@@ -24,6 +24,7 @@ from flawline.data.importers.annotation_files import (
     forget_json,
     image_size,
     json_files,
+    json_problem,
     load_json,
     mask_blob,
     read_json,
@@ -58,6 +59,9 @@ class LabelStudioImporter(Importer):
 
     def detect(self, root: Path) -> bool:
         return bool(export_files(root))
+
+    def detect_problem(self, root: Path) -> str | None:
+        return json_problem(json_files((root,), b"["))
 
     def unused_reason(self, root: Path, path: Path) -> str:
         if path.suffix.lower() == ".json":

@@ -165,6 +165,9 @@ def read_manifest(manifest: Path) -> list[_Row]:
         if ref.label is Label.defect:
             raise InvalidInput(f"{where}: reference {row.reference!r} is labelled defect on line {ref.line} "
                                "(a reference must be defect-free)")
+        if row.split is not None and ref.split is not None and row.split is not ref.split:
+            raise InvalidInput(f"{where}: split {row.split.value!r} but its reference {row.reference!r} has split "
+                               f"{ref.split.value!r} on line {ref.line} (an image and its reference share a split)")
         row.reference_row = ref
     return rows
 
