@@ -192,3 +192,29 @@ def test_a_stopped_s3_server_has_released_its_ports(tmp_path):
     server.start()
     assert server.stop()
     assert [name for name, port in server.ports().items() if port_in_use(server.host, port)] == []
+
+
+def test_a_command_called_from_another_gets_its_real_defaults():
+    """quickstart calls `data split` and others as Python functions: an option the caller leaves
+    out must arrive as its default value, never as Typer's OptionInfo (quickstart once failed
+    with "no image has the attribute <typer.models.OptionInfo …> to group by")."""
+    import typer
+
+    from flawline.cli.app import FlawlineTyper
+    from flawline.cli.data import split
+
+    demo = FlawlineTyper()
+
+    @demo.command()
+    def cmd(name: str = typer.Argument(...), group_by: str | None = typer.Option(None, "--group-by"),
+            train: float = typer.Option(0.7, "--train")) -> tuple:
+        return name, group_by, train
+
+    assert cmd("tiles") == ("tiles", None, 0.7)
+    assert cmd("tiles", train=0.5) == ("tiles", None, 0.5)
+    with pytest.raises(TypeError, match="'name'"):
+        cmd()
+    assert CliRunner().invoke(demo, ["tiles", "--train", "0.6"]).exit_code == 0
+    import inspect
+    params = inspect.signature(split).parameters
+    assert {"group_by", "keep_preset"} <= set(params)  # the options quickstart leaves out

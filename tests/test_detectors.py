@@ -23,7 +23,7 @@ SIZE = 64
 FAST = {"image_size": SIZE, "batch_size": 8}
 ALL = ["patchcore", "padim", "flow", "reconstruction", "selfsup", "ndpnet"]
 SHORT = {"flow": {"epochs": 6}, "reconstruction": {"epochs": 6}, "selfsup": {"epochs": 3},
-         "ndpnet": {"epochs": 8, "phase1_epochs": 2, "lr": 1e-2}}
+         "ndpnet": {"epochs": 12, "phase1_epochs": 2, "lr": 1e-2}}
 
 
 def make(method: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
@@ -53,9 +54,32 @@ class FlawlineTyper(typer.Typer):
                     _fail("interrupted", 130)
 
             register(wrapper)
-            return fn
+            return _with_real_defaults(fn)
 
         return decorator
+
+
+def _with_real_defaults(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as other commands call it from Python (``quickstart`` runs ``data split``, ``serve
+    predict``, …): a parameter the caller leaves out gets its ``typer.Option``/``typer.Argument``
+    default, never the ``OptionInfo`` object itself. Raises ``TypeError`` for a required one left out."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def direct(*a: Any, **kw: Any) -> Any:
+        bound = signature.bind_partial(*a, **kw)
+        for name, param in signature.parameters.items():
+            if name in bound.arguments:
+                continue
+            default = param.default
+            if isinstance(default, typer.models.ParameterInfo):
+                default = default.default
+            if default is inspect.Parameter.empty or default is ...:
+                raise TypeError(f"{fn.__name__}() needs {name!r}")
+            bound.arguments[name] = default
+        return fn(*bound.args, **bound.kwargs)
+
+    return direct
 
 
 def print_json(data: Any) -> None:
