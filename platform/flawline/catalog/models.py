@@ -25,6 +25,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from flawline.catalog.enums import (  # noqa: F401  (re-exported: the catalog's vocabulary)
+    AnnotationSource,
+    Label,
+    LabelTaskStatus,
+    ModelStage,
+    QueueStatus,
+    RunStatus,
+    Split,
+)
+
 # Deterministic constraint names so migrations behave the same on SQLite and PostgreSQL.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -48,53 +58,6 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     # Stored as plain strings (no native PG enum type): adding a member needs no type migration.
     return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
                 validate_strings=True)
-
-
-class Split(str, enum.Enum):
-    train = "train"
-    val = "val"
-    test = "test"
-
-
-class Label(str, enum.Enum):
-    normal = "normal"
-    defect = "defect"
-
-
-class AnnotationSource(str, enum.Enum):
-    human = "human"
-    pseudo = "pseudo"
-    synthetic = "synthetic"
-    imported = "imported"
-    oracle = "oracle"  # ground truth held back for a simulated annotator: training never sees it
-
-
-class RunStatus(str, enum.Enum):
-    pending = "pending"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-class ModelStage(str, enum.Enum):
-    candidate = "candidate"
-    production = "production"
-    archived = "archived"
-
-
-class QueueStatus(str, enum.Enum):
-    queued = "queued"
-    pushed = "pushed"
-    labelled = "labelled"
-    skipped = "skipped"
-
-
-class LabelTaskStatus(str, enum.Enum):
-    pushed = "pushed"  # in Label Studio, waiting for a person
-    labelled = "labelled"  # its annotation is in the catalog
-    skipped = "skipped"  # skipped or cancelled: the image is back in the unlabelled pool
-    orphaned = "orphaned"  # annotated after its image was deleted from the catalog
 
 
 class Dataset(Base):

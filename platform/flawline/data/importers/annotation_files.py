@@ -27,15 +27,18 @@ import re
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
-import numpy as np
-
-from flawline.catalog.models import Label, Split
-from flawline.data.images import shown_size
+from flawline.catalog.enums import Label, Split
 from flawline.data.importers.base import IMAGE_SUFFIXES, Blob, ImportItem, iter_files
 from flawline.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, OpenCV and PIL are imported by the functions that draw masks: every importer module is
+# loaded to list the layouts (in `flawline data import --help`), most never draw one.
 
 MAX_XML_BYTES = 8 * 1024 * 1024  # one image's VOC file is a few kB
 BOX_DECIMALS = 2  # boxes are kept to 1/100 pixel
@@ -167,6 +170,8 @@ def image_files(folder: Path) -> list[Path]:
 
 def image_size(path: Path) -> tuple[int, int, int]:
     """(width, height, orientation) in the shown frame, from the header."""
+    from flawline.data.images import shown_size
+
     return shown_size(path)
 
 
@@ -227,6 +232,8 @@ def check_points(points: np.ndarray, width: int, height: int, where: str) -> Non
 
 def polygon_points(flat: Sequence[Any], where: str) -> np.ndarray:
     """A flat ``[x1, y1, x2, y2, ...]`` list → [N, 2] float points (at least 3)."""
+    import numpy as np
+
     if not isinstance(flat, (list, tuple)) or len(flat) < 6 or len(flat) % 2:
         raise InvalidInput(f"{where}: a polygon is a flat list of at least 3 x, y pairs")
     return np.array([number(v, where, "polygon coordinate") for v in flat], dtype=np.float64).reshape(-1, 2)
@@ -236,6 +243,7 @@ def polygon_mask(polygons: Iterable[np.ndarray], width: int, height: int) -> np.
     """The union of ``polygons`` ([N, 2] pixel points each) as a bool [height, width] mask: the
     pixels at least half covered (module docstring)."""
     import cv2
+    import numpy as np
 
     mask = np.zeros((height, width), dtype=bool)
     for points in polygons:
@@ -294,6 +302,8 @@ def rle_mask(rle: Any, width: int, height: int, where: str) -> np.ndarray:
     """A COCO RLE ``{"counts": [ints] or compressed string, "size": [h, w]}`` → bool [h, w] mask.
     Runs alternate background and foreground, starting with background, over the pixels in
     column-major order (down each column, then the next), as pycocotools writes them."""
+    import numpy as np
+
     if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
         raise InvalidInput(f"{where}: segmentation is neither polygons nor an RLE with counts and size")
     size = rle["size"]
@@ -323,6 +333,7 @@ def rle_mask(rle: Any, width: int, height: int, where: str) -> np.ndarray:
 
 def mask_blob(mask: np.ndarray, name: str) -> Blob:
     """A bool or 0/255 mask as the bytes of a single-channel 0/255 PNG, named ``name`` in errors."""
+    import numpy as np
     from PIL import Image as PILImage
 
     buf = io.BytesIO()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flawline.catalog.models import Label, Split
+from flawline.catalog.enums import Label, Split
 from flawline.errors import InvalidInput
 from flawline.registry import Registry
 

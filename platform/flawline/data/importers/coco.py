@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from flawline.data.importers.annotation_files import (
     ImagesByName,
@@ -41,6 +39,9 @@ from flawline.data.importers.annotation_files import (
 )
 from flawline.data.importers.base import Importer, ImportItem, register_importer
 from flawline.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import numpy as np
 
 COCO_KEYS = ("images", "annotations", "categories")
 

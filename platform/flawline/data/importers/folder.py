@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flawline.catalog.models import Label
+from flawline.catalog.enums import Label
 from flawline.data.importers.base import (
     Blob,
     Importer,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flawline.catalog.models import Label
+from flawline.catalog.enums import Label
 from flawline.data.importers.annotation_files import (
     ImagesByName,
     forget_json,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flawline.catalog.models import Label, Split
+from flawline.catalog.enums import Label, Split
 from flawline.data.importers.base import Blob, Importer, ImportItem, register_importer
 from flawline.errors import InvalidInput
 

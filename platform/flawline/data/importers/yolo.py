@@ -20,9 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from flawline.catalog.models import Split
+from flawline.catalog.enums import Split
 from flawline.data.importers.annotation_files import (
     annotated_item,
     image_files,
@@ -134,6 +132,8 @@ def _item(image: Path, label: Path, names: dict[int, str], split: Split | None) 
             raise InvalidInput(f"{where}: class id {parts[0]!r} is not an integer") from None
         if class_id not in names:
             raise InvalidInput(f"{where}: class id {class_id} is not in the class names (0..{max(names)})")
+        import numpy as np
+
         values = np.array([number(v, where, "coordinate") for v in parts[1:]], dtype=np.float64)
         if len(values) != 4 and (len(values) < 6 or len(values) % 2):
             raise InvalidInput(f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
