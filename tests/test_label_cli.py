@@ -66,6 +66,7 @@ def tiles(ls_env, catalog, store, magnetic_tile_slice):
 
 def test_help_and_task_names():
     assert label_cli.TASKS == __import__("flawline.labelstudio.configs", fromlist=["TASKS"]).TASKS
+    assert label_cli.DEFAULT_TASK == __import__("flawline.labelstudio.ledger", fromlist=["DEFAULT_TASK"]).DEFAULT_TASK
     for args in (["label"], ["label", "push"], ["label", "pull"], ["label", "simulate"], ["up"]):
         result = _run(*args, "--help")
         assert result.exit_code == 0 and "Usage" in result.output, result.output

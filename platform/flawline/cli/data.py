@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flawline.catalog.queries import get_dataset, list_summaries, summarize_dataset
 from flawline.cli.app import FlawlineTyper, console, err_console, human_bytes, print_json
 from flawline.config import get_settings
-from flawline.context import open_catalog, open_store
 from flawline.data.importers import importer_names
-from flawline.data.ingest import ImportReport, ProgressFn, import_dataset
-from flawline.data.split import SplitSpec, assign_splits
+
+if TYPE_CHECKING:
+    from flawline.data.ingest import ImportReport, ProgressFn
+
+# The catalog queries, the object store client, ingest and rich.progress are imported inside the
+# commands that use them: `flawline --help` loads this module too.
 
 app = FlawlineTyper(help="Datasets: import images into S3 + catalog, list them, split them, repair them.")
 
@@ -28,6 +29,8 @@ def _progress(enabled: bool) -> Iterator[ProgressFn | None]:
     if not enabled:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err_console, transient=False)
     tasks: dict[str, int] = {}
@@ -76,6 +79,9 @@ def import_(
     without regions is normal, one without an annotation file unlabeled. Re-running is safe: images
     already in the dataset are recognised by content hash and skipped.
     """
+    from flawline.context import open_catalog, open_store
+    from flawline.data.ingest import import_dataset
+
     settings = get_settings()
     options: dict[str, object] = {"category": category} if category else {}
     if manifest is not None:
@@ -129,6 +135,9 @@ def _print_report(r: ImportReport) -> None:
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List datasets with image counts by label and split."""
+    from flawline.catalog.queries import list_summaries
+    from flawline.context import open_catalog
+
     with open_catalog().session() as session:
         summaries = list_summaries(session)
     if as_json:
@@ -150,6 +159,9 @@ def show(name: str = typer.Argument(..., help="Dataset name."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show one dataset: counts by label, defect class and split, masks, boxes, groups, references,
     preset splits, source and split seed."""
+    from flawline.catalog.queries import get_dataset, summarize_dataset
+    from flawline.context import open_catalog
+
     with open_catalog().session() as session:
         s = summarize_dataset(session, get_dataset(session, name), detail=True)
     if as_json:
@@ -205,6 +217,10 @@ def split(
     with or without --group-by, so no test image is judged against a reference seen in training.
     With --normal-only-train a group holding any defect goes to val/test only.
     """
+    from flawline.catalog.queries import get_dataset
+    from flawline.context import open_catalog
+    from flawline.data.split import SplitSpec, assign_splits
+
     catalog = open_catalog()
     counts = assign_splits(catalog, name, SplitSpec(train, val, test, seed, normal_only_train, stratify_by,
                                                     group_by, keep_preset))
@@ -243,6 +259,7 @@ def remove(
     registered model version was trained or tested on are refused unless --force. A name that
     matches no image, or several, changes nothing. A later `data import` of the same source leaves
     removed images out (pass --readd-removed there to bring them back)."""
+    from flawline.context import open_catalog, open_store
     from flawline.data.repair import read_selectors, remove_images
 
     settings = get_settings()
@@ -276,6 +293,7 @@ def relabel(
     The new label is a human annotation that decides from now on; the annotations it overrides
     stay in the catalog, marked superseded. --label defect without --class: a defect of no class.
     An image that has that label already is left as it is (and said so)."""
+    from flawline.context import open_catalog
     from flawline.data.repair import read_selectors, relabel_images
 
     report = relabel_images(open_catalog(get_settings()), name, read_selectors(images or [], from_file), label,
@@ -294,6 +312,7 @@ def changes(name: str = typer.Argument(..., help="Dataset name."),
     """The repairs made to a dataset (data remove, data relabel): what, who, when, why.
 
     The table shows file names; --json has the whole origin path and the content hash."""
+    from flawline.context import open_catalog
     from flawline.data.repair import data_changes
 
     rows = data_changes(open_catalog(get_settings()), name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from flawline.catalog import db as catalog_db
 from flawline.cli.app import FlawlineTyper, console
 from flawline.config import get_settings
 
@@ -12,12 +11,16 @@ app = FlawlineTyper(help="Catalog schema: apply or roll back Alembic migrations.
 
 
 def _engine():
-    return catalog_db.make_engine(str(get_settings().catalog_url))
+    from flawline.catalog.db import make_engine
+
+    return make_engine(str(get_settings().catalog_url))
 
 
 @app.command()
 def upgrade(revision: str = typer.Option("head", help="Target revision.")) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
+    from flawline.catalog import db as catalog_db
+
     engine = _engine()
     before = catalog_db.current_revision(engine)
     catalog_db.upgrade(engine, revision)
@@ -28,6 +31,8 @@ def upgrade(revision: str = typer.Option("head", help="Target revision.")) -> No
 @app.command()
 def downgrade(revision: str = typer.Option("-1", help="Target revision, or -N steps back, or 'base'.")) -> None:
     """Roll migrations back to REVISION (drops what later revisions added)."""
+    from flawline.catalog import db as catalog_db
+
     engine = _engine()
     before = catalog_db.current_revision(engine)
     catalog_db.downgrade(engine, revision)
@@ -37,5 +42,7 @@ def downgrade(revision: str = typer.Option("-1", help="Target revision, or -N st
 @app.command()
 def current() -> None:
     """Show the catalog's schema revision and the one this code needs."""
+    from flawline.catalog import db as catalog_db
+
     engine = _engine()
     console.print(f"current: {catalog_db.current_revision(engine) or 'none'}  head: {catalog_db.head_revision()}")

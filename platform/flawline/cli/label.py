@@ -6,33 +6,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import exists, func, select
 
-from flawline.catalog import (
-    Annotation,
-    AnnotationSource,
-    Catalog,
-    Image,
-    LabelProject,
-    LabelTask,
-    LabelTaskStatus,
-    Split,
-)
-from flawline.catalog.queries import get_dataset
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import Settings, get_settings
-from flawline.context import open_catalog, open_store
-from flawline.errors import InvalidInput, LabelStudioError, NotFound, ServiceError
-from flawline.storage import ObjectStore
+from flawline.errors import InvalidInput, LabelStudioError, ServiceError
 
 if TYPE_CHECKING:
+    from flawline.catalog import Catalog, LabelProject
     from flawline.labelstudio.client import LabelStudioClient
+    from flawline.storage import ObjectStore
+
+# The catalog (SQLAlchemy), the object store client and rich.progress are imported by the commands
+# that use them too: this module is loaded for `flawline --help`. The SQL behind the commands is in
+# flawline.labelstudio.ledger.
 
 # The Label Studio SDK takes seconds to import: it is imported by the commands that use it, so
 # `flawline --help` and every other command stay fast. TASKS mirrors flawline.labelstudio.configs.
@@ -40,8 +30,7 @@ app = FlawlineTyper(help="Label Studio: projects, pushing images with pre-annota
 
 TASKS = ("classification", "segmentation", "polygons", "boxes")
 _TASKS = "|".join(TASKS)
-_SPLITS = ("train", "val", "test", "all")
-DEFAULT_TASK = "segmentation"
+DEFAULT_TASK = "segmentation"  # as flawline.labelstudio.ledger.DEFAULT_TASK (a test keeps them equal)
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name in the catalog.")
 TaskOpt = typer.Option(None, "--task", "-t", help=f"Labelling task: {_TASKS} (default: the dataset's only "
@@ -50,10 +39,6 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _ls_url(settings: Settings) -> str:
-    return settings.labelstudio_url.rstrip("/")
-
-
 def check_task(task: str) -> str:
     """``task`` if it is a labelling task, else a one-line InvalidInput naming the choices."""
     from flawline.labelstudio.configs import check_task as check
@@ -73,36 +58,14 @@ def _find(catalog: Catalog, client: LabelStudioClient, dataset: str, task: str) 
     return find_project(catalog, client, dataset, task)
 
 
-def resolve_task(catalog: Catalog, settings: Settings, dataset: str, task: str | None) -> str:
-    """``task`` checked; when not given, the task of the dataset's only project on this server."""
-    if task is not None:
-        return check_task(task)
-    with catalog.session() as s:
-        ds = get_dataset(s, dataset)
-        tasks = list(s.scalars(select(LabelProject.task).where(LabelProject.dataset_id == ds.id,
-                                                              LabelProject.ls_url == _ls_url(settings))))
-    return tasks[0] if len(tasks) == 1 else DEFAULT_TASK
-
-
-def _project_row(catalog: Catalog, settings: Settings, dataset: str, task: str) -> LabelProject:
-    """The catalog's project record without talking to Label Studio (``status`` works offline)."""
-    with catalog.session() as s:
-        ds = get_dataset(s, dataset)
-        row = s.scalar(select(LabelProject).where(LabelProject.dataset_id == ds.id, LabelProject.task == task,
-                                                  LabelProject.ls_url == _ls_url(settings)))
-        if row is None:
-            raise NotFound(f"no Label Studio {task} project for dataset {dataset!r} at {_ls_url(settings)}; "
-                           f"run `flawline label setup --dataset {dataset} --task {task}`")
-        s.expunge(row)
-        return row
-
-
 @contextmanager
 def _progress(label: str, total: int | None, enabled: bool) -> Iterator[Callable[[int], None] | None]:
     """A rich progress bar on stderr, shown from the first step on (an early error prints nothing else)."""
     if not enabled:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err_console, transient=False)
     state: dict[str, Any] = {}
@@ -121,7 +84,16 @@ def _progress(label: str, total: int | None, enabled: bool) -> Iterator[Callable
 
 
 def _context(settings: Settings) -> tuple[Catalog, ObjectStore, LabelStudioClient]:
+    from flawline.context import open_catalog, open_store
+
     return open_catalog(settings), open_store(settings), _client(settings)
+
+
+def resolve_task(catalog: Catalog, settings: Settings, dataset: str, task: str | None) -> str:
+    """``task`` checked; when not given, the task of the dataset's only project on this server."""
+    from flawline.labelstudio.ledger import resolve_task as resolve
+
+    return resolve(catalog, settings, dataset, task)
 
 
 # -- setup --------------------------------------------------------------------------------------
@@ -143,6 +115,7 @@ def setup(
     wanted = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
     if classes is not None and not wanted:
         raise InvalidInput(f"--classes {classes!r} names no class; give e.g. --classes crack,blowhole")
+    from flawline.context import open_catalog
     from flawline.labelstudio.projects import ensure_project
 
     settings = get_settings()
@@ -162,32 +135,6 @@ def setup(
 
 
 # -- push ---------------------------------------------------------------------------------------
-def images_to_push(catalog: Catalog, project: LabelProject, dataset: str, split: str, include_labelled: bool,
-                   limit: int | None) -> tuple[list[int], int]:
-    """(image ids to hand push_tasks, how many of them are new to the project).
-
-    The images of ``split`` without a human annotation (any, with ``include_labelled``); those the
-    project has already come first (push_tasks counts them as already there), then up to ``limit``
-    new ones in image order."""
-    if split not in _SPLITS:
-        raise InvalidInput(f"unknown split {split!r}; choose one of {', '.join(_SPLITS)}")
-    with catalog.session() as s:
-        ds = get_dataset(s, dataset)
-        query = select(Image.id).where(Image.dataset_id == ds.id).order_by(Image.id)
-        if split != "all":
-            query = query.where(Image.split == Split(split))
-        if not include_labelled:
-            query = query.where(~exists().where(Annotation.image_id == Image.id,
-                                                Annotation.source == AnnotationSource.human))
-        candidates = list(s.scalars(query))
-        ledger = set(s.scalars(select(LabelTask.image_id).where(LabelTask.project_id == project.id)))
-    there = [i for i in candidates if i in ledger]
-    new = [i for i in candidates if i not in ledger]
-    if limit is not None:
-        new = new[:limit]
-    return there + new, len(new)
-
-
 @app.command()
 def push(
     dataset: str = DatasetOpt,
@@ -208,6 +155,7 @@ def push(
     By default: the split's images with no human annotation yet. Images the project has already
     are not sent again (the catalog's task ledger), and tasks a lost answer left untracked are
     found and recorded first (reconciled), so pushing twice duplicates nothing."""
+    from flawline.labelstudio.ledger import images_to_push
     from flawline.labelstudio.push import push_tasks
 
     settings = get_settings()
@@ -315,27 +263,6 @@ def pull(
 
 
 # -- status -------------------------------------------------------------------------------------
-def label_status(catalog: Catalog, settings: Settings, dataset: str, task: str) -> dict[str, Any]:
-    """The project's ledger counts by status, its watermark and the dataset's human annotations."""
-    project = _project_row(catalog, settings, dataset, task)
-    with catalog.session() as s:
-        ds = get_dataset(s, dataset)
-        counts = dict(s.execute(select(LabelTask.status, func.count()).where(LabelTask.project_id == project.id)
-                                .group_by(LabelTask.status)).all())
-        human = s.scalar(select(func.count(Annotation.id)).join(Image).where(
-            Image.dataset_id == ds.id, Annotation.source == AnnotationSource.human))
-    tasks = {status.value: int(counts.get(status, 0)) for status in LabelTaskStatus}
-    return {"dataset": dataset, "task": task, "project": project.ls_project_id,
-            "url": f"{project.ls_url}/projects/{project.ls_project_id}", "classes": list(project.classes),
-            "tasks": tasks, "total": sum(tasks.values()),
-            "watermark": _utc(project.watermark).isoformat() if project.watermark else None,
-            "webhook": project.webhook_id, "human_annotations": int(human or 0)}
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
-
-
 @app.command()
 def status(dataset: str = DatasetOpt, task: Optional[str] = TaskOpt, as_json: bool = JsonOpt) -> None:
     """The project's tasks by state, its pull watermark, and the dataset's human annotations.
@@ -343,6 +270,9 @@ def status(dataset: str = DatasetOpt, task: Optional[str] = TaskOpt, as_json: bo
     Task states: pushed (waiting for a person), labelled (its annotation is in the catalog),
     skipped (back in the unlabelled pool), orphaned (annotated after its image was deleted).
     Reads only the catalog: Label Studio need not be running."""
+    from flawline.context import open_catalog
+    from flawline.labelstudio.ledger import label_status
+
     settings = get_settings()
     catalog = open_catalog(settings)
     info = label_status(catalog, settings, dataset, resolve_task(catalog, settings, dataset, task))
@@ -435,28 +365,6 @@ def listen(
 
 
 # -- simulate -----------------------------------------------------------------------------------
-def truth_for(catalog: Catalog, dataset: str, truth_dataset: str | None) -> dict[int, Any]:
-    """Ground truth for ``dataset``'s images: its own imported labels, or another dataset's matched
-    to these images by content hash."""
-    from flawline.labelstudio.annotator import truth_from_catalog
-
-    source = truth_dataset or dataset
-    truth = truth_from_catalog(catalog, source)
-    if not truth:
-        raise InvalidInput(f"dataset {source!r} has no imported labels for the simulated annotator to answer from")
-    if source == dataset:
-        return truth
-    with catalog.session() as s:
-        target = get_dataset(s, dataset).id
-        hashes = dict(s.execute(select(Image.content_hash, Image.id).where(Image.id.in_(list(truth)))).all())
-        mine = s.execute(select(Image.id, Image.content_hash).where(Image.dataset_id == target)).all()
-    matched = {image_id: truth[hashes[h]] for image_id, h in mine if h in hashes}
-    if not matched:
-        raise InvalidInput(f"no image of dataset {dataset!r} is in {source!r} (matched by content hash); "
-                           "nothing to answer from")
-    return matched
-
-
 @app.command()
 def simulate(
     dataset: str = DatasetOpt,
@@ -473,6 +381,7 @@ def simulate(
     catalog's imported (or held-back oracle) labels; `flawline label pull` then brings the
     answers in."""
     from flawline.labelstudio.annotator import SimulatedAnnotator
+    from flawline.labelstudio.ledger import truth_for
 
     settings = get_settings()
     catalog, store, client = _context(settings)

@@ -10,14 +10,9 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import typer
 from rich.table import Table
 
-from flawline.catalog.model_versions import get_version, production_version, set_threshold
-from flawline.catalog.model_versions import promote as promote_version
-from flawline.catalog.model_versions import rollback as rollback_version
-from flawline.cli.app import FlawlineTyper, console, err_console, print_json
+from flawline.cli.app import FlawlineTyper, console, err_console, open_catalog, open_store, print_json
 from flawline.config import get_settings
-from flawline.context import open_catalog, open_store
 from flawline.errors import InvalidInput
-from flawline.evaluate import thresholds as th
 
 if TYPE_CHECKING:
     from rich.progress import Task
@@ -157,6 +152,8 @@ def show(model: str = typer.Argument(..., help="name, name:version, a file or an
     det, ref = _load(model)
     info = det.describe()
     if ref:
+        from flawline.catalog.model_versions import get_version
+
         with open_catalog().session() as s:
             row = get_version(s, ref)
             info.update(model=f"{row.name}:{row.version}", stage=row.stage.value, artifact=row.artifact_uri,
@@ -177,6 +174,9 @@ def threshold_(model: str = typer.Argument(..., help="name or name:version"),
                value: float = typer.Option(..., help="The new threshold: images scoring at or above it are defects."),
                note: str = typer.Option("", help="Why (kept with the threshold).")) -> None:
     """Set a manual threshold on a registered model version; the previous one is kept in its history."""
+    from flawline.catalog.model_versions import get_version, set_threshold
+    from flawline.evaluate import thresholds as th
+
     with open_catalog().session() as s:
         row = get_version(s, model)
         old = row.threshold
@@ -187,6 +187,9 @@ def threshold_(model: str = typer.Argument(..., help="name or name:version"),
 @app.command()
 def promote(model: str = typer.Argument(..., help="name (its newest version) or name:version")) -> None:
     """Put a model version into production; the version in production until now is archived."""
+    from flawline.catalog.model_versions import get_version, production_version
+    from flawline.catalog.model_versions import promote as promote_version
+
     with open_catalog().session() as s:
         row = get_version(s, model)
         stage, before = row.stage.value, production_version(s, row.name)
@@ -202,6 +205,9 @@ def promote(model: str = typer.Argument(..., help="name (its newest version) or 
 @app.command()
 def rollback(name: str = typer.Argument(..., help="model name")) -> None:
     """Archive the production version of a model and put back the archived version before it."""
+    from flawline.catalog.model_versions import production_version
+    from flawline.catalog.model_versions import rollback as rollback_version
+
     with open_catalog().session() as s:
         before = production_version(s, name)
         was = None if before is None else before.version

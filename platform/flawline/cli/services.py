@@ -5,13 +5,11 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from flawline.catalog import db as catalog_db
 from flawline.cli.app import console, print_json
 from flawline.config import get_settings
 from flawline.health import check_all
 from flawline.cluster.local_ray import LocalRayCluster
 from flawline.errors import ServiceError
-from flawline.storage.local_s3 import LocalS3Server
 
 _STYLE = {"ok": "green", "idle": "cyan", "degraded": "yellow", "down": "red"}
 
@@ -45,10 +43,14 @@ def up(timeout: float = typer.Option(60.0, help="Seconds to wait for each servic
         ls = LocalLabelStudio.from_settings(settings)
         if not ls.is_running():
             find_labelstudio_binary(ls.binary)
+    from flawline.storage.local_s3 import LocalS3Server  # (minio: not loaded for --help)
+
     server = LocalS3Server.from_settings(settings)
     started = server.start(timeout=timeout)
     console.print(f"S3 server {'started' if started else 'already running'} at {server.endpoint} "
                   f"(bucket {server.bucket}, data {server.root}, log {server.log_file})")
+    from flawline.catalog import db as catalog_db
+
     engine = catalog_db.make_engine(str(settings.catalog_url))
     catalog_db.upgrade(engine)
     console.print(f"catalog ready at {engine.url.render_as_string(hide_password=True)} "
@@ -71,6 +73,8 @@ def down(ray: bool = typer.Option(True, help="Also stop the local Ray cluster.")
     """Stop the local S3 server, Ray cluster and Label Studio started by `flawline up` (data stays in
     the data directory)."""
     settings = get_settings()
+    from flawline.storage.local_s3 import LocalS3Server  # (minio: not loaded for --help)
+
     server = LocalS3Server.from_settings(settings)
     console.print("S3 server stopped" if server.stop() else "S3 server was not running")
     if ray:
