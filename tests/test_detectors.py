@@ -3,6 +3,8 @@ scores, refuse bad input clearly, and honour a manual threshold."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -385,3 +387,16 @@ def test_ndpnet_reference_phases_and_resume(data):
     bad, _ = SyntheticDefects(cutpaste_prob=0.0)(held_out[32:], torch.Generator().manual_seed(3))
     scores = det.predict(torch.cat([held_out[:32], bad])).scores
     assert roc_auc([0] * 32 + [1] * 32, scores) >= 0.7  # 0.78 when written
+
+
+def test_settings_out_of_range_are_refused_from_python_too():
+    """create_detector checks the same ranges as --option: a count below 1, a share outside 0-1, a
+    negative weight or no real device is one ConfigError naming the setting and its default."""
+    cases = {("patchcore", "coreset_ratio", 2.0): "coreset_ratio=2.0 is a share",
+             ("patchcore", "batch_size", 0): "batch_size=0 must be at least 1 (default 16)",
+             ("padim", "blur_sigma", -1.0): "blur_sigma=-1.0 must be at least 0",
+             ("flow", "device", "gpu"): "device='gpu' is no device"}
+    for (name, key, value), message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            create_detector(name, **{key: value})
+    assert create_detector("patchcore", coreset_ratio=0.1, batch_size=1).config.coreset_ratio == 0.1

@@ -90,6 +90,15 @@ class Detector(ABC):
         self.config = dataclasses.replace(base, **overrides)
         if self.config.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{self.name}: precision {self.config.precision!r} must be 'fp32' or 'bf16'")
+        if overrides:  # the same ranges as --option (check_settings), for callers from Python too
+            import typing
+
+            hints = typing.get_type_hints(type(base))
+            for key, value in overrides.items():
+                problem = _out_of_range(key, value, hints.get(key))
+                if problem:
+                    raise ConfigError(f"{self.name}: setting {key}={value!r} {problem} "
+                                      f"(default {getattr(type(base)(), key)!r})")
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto" else self.config.device)
         self.threshold: Threshold | None = None
