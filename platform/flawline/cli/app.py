@@ -82,21 +82,6 @@ def _with_real_defaults(fn: Callable[..., Any]) -> Callable[..., Any]:
     return direct
 
 
-def open_catalog(settings: Any = None, **kwargs: Any) -> Any:
-    """``flawline.context.open_catalog``, imported when a command first needs it: the CLI's modules
-    are all loaded for ``flawline --help``, which must not load SQLAlchemy."""
-    from flawline.context import open_catalog as open_
-
-    return open_(settings, **kwargs)
-
-
-def open_store(settings: Any = None) -> Any:
-    """``flawline.context.open_store``, imported when a command first needs it (see ``open_catalog``)."""
-    from flawline.context import open_store as open_
-
-    return open_(settings)
-
-
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

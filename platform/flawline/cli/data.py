@@ -11,6 +11,7 @@ from rich.table import Table
 
 from flawline.cli.app import FlawlineTyper, console, err_console, human_bytes, print_json
 from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
 from flawline.data.importers import importer_names
 
 if TYPE_CHECKING:
@@ -79,7 +80,6 @@ def import_(
     without regions is normal, one without an annotation file unlabeled. Re-running is safe: images
     already in the dataset are recognised by content hash and skipped.
     """
-    from flawline.context import open_catalog, open_store
     from flawline.data.ingest import import_dataset
 
     settings = get_settings()
@@ -136,8 +136,6 @@ def _print_report(r: ImportReport) -> None:
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List datasets with image counts by label and split."""
     from flawline.catalog.queries import list_summaries
-    from flawline.context import open_catalog
-
     with open_catalog().session() as session:
         summaries = list_summaries(session)
     if as_json:
@@ -160,8 +158,6 @@ def show(name: str = typer.Argument(..., help="Dataset name."),
     """Show one dataset: counts by label, defect class and split, masks, boxes, groups, references,
     preset splits, source and split seed."""
     from flawline.catalog.queries import get_dataset, summarize_dataset
-    from flawline.context import open_catalog
-
     with open_catalog().session() as session:
         s = summarize_dataset(session, get_dataset(session, name), detail=True)
     if as_json:
@@ -218,7 +214,6 @@ def split(
     With --normal-only-train a group holding any defect goes to val/test only.
     """
     from flawline.catalog.queries import get_dataset
-    from flawline.context import open_catalog
     from flawline.data.split import SplitSpec, assign_splits
 
     catalog = open_catalog()
@@ -259,7 +254,6 @@ def remove(
     registered model version was trained or tested on are refused unless --force. A name that
     matches no image, or several, changes nothing. A later `data import` of the same source leaves
     removed images out (pass --readd-removed there to bring them back)."""
-    from flawline.context import open_catalog, open_store
     from flawline.data.repair import read_selectors, remove_images
 
     settings = get_settings()
@@ -293,7 +287,6 @@ def relabel(
     The new label is a human annotation that decides from now on; the annotations it overrides
     stay in the catalog, marked superseded. --label defect without --class: a defect of no class.
     An image that has that label already is left as it is (and said so)."""
-    from flawline.context import open_catalog
     from flawline.data.repair import read_selectors, relabel_images
 
     report = relabel_images(open_catalog(get_settings()), name, read_selectors(images or [], from_file), label,
@@ -312,7 +305,6 @@ def changes(name: str = typer.Argument(..., help="Dataset name."),
     """The repairs made to a dataset (data remove, data relabel): what, who, when, why.
 
     The table shows file names; --json has the whole origin path and the content hash."""
-    from flawline.context import open_catalog
     from flawline.data.repair import data_changes
 
     rows = data_changes(open_catalog(get_settings()), name)

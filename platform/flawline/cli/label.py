@@ -13,6 +13,7 @@ from rich.table import Table
 
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import Settings, get_settings
+from flawline.context import open_catalog, open_store
 from flawline.errors import InvalidInput, LabelStudioError, ServiceError
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ def _progress(label: str, total: int | None, enabled: bool) -> Iterator[Callable
 
 
 def _context(settings: Settings) -> tuple[Catalog, ObjectStore, LabelStudioClient]:
-    from flawline.context import open_catalog, open_store
-
     return open_catalog(settings), open_store(settings), _client(settings)
 
 
@@ -115,7 +114,6 @@ def setup(
     wanted = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
     if classes is not None and not wanted:
         raise InvalidInput(f"--classes {classes!r} names no class; give e.g. --classes crack,blowhole")
-    from flawline.context import open_catalog
     from flawline.labelstudio.projects import ensure_project
 
     settings = get_settings()
@@ -270,7 +268,6 @@ def status(dataset: str = DatasetOpt, task: Optional[str] = TaskOpt, as_json: bo
     Task states: pushed (waiting for a person), labelled (its annotation is in the catalog),
     skipped (back in the unlabelled pool), orphaned (annotated after its image was deleted).
     Reads only the catalog: Label Studio need not be running."""
-    from flawline.context import open_catalog
     from flawline.labelstudio.ledger import label_status
 
     settings = get_settings()

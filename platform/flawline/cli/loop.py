@@ -10,6 +10,7 @@ from rich.table import Table
 
 from flawline.cli.app import FlawlineTyper, console, print_json
 from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
 from flawline.errors import InvalidInput
 
 app = FlawlineTyper(help="Active learning: score the unlabelled pool, send the most useful images to Label Studio, "
@@ -52,8 +53,6 @@ def run(
     from flawline.labelstudio.client import LabelStudioClient
 
     settings = get_settings()
-    from flawline.context import open_catalog, open_store
-
     catalog, store = open_catalog(settings), open_store(settings)
     train = {"setting": setting, "method": method, "image_size": image_size, "workers": workers}
     if method == "mixed":
@@ -128,8 +127,6 @@ def status(
     from flawline.active.loop import loop_status
 
     settings = get_settings()
-    from flawline.context import open_catalog
-
     data = loop_status(open_catalog(settings), dataset)
     curve, note = write_curve(dataset, data, plot)
     if as_json:
@@ -150,8 +147,6 @@ def write_curve(dataset: str, data: dict | None = None, plot: Path | None = None
     from flawline.active.loop import loop_status
 
     settings = get_settings()
-    from flawline.context import open_catalog
-
     data = data or loop_status(open_catalog(settings), dataset)
     if not data["rounds"]:
         return None, "no rounds yet"

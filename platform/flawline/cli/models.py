@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import typer
 from rich.table import Table
 
-from flawline.cli.app import FlawlineTyper, console, err_console, open_catalog, open_store, print_json
+from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
+from flawline.context import open_catalog, open_store
 from flawline.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -27,8 +28,14 @@ class _StageProgress:
     LABELS: ClassVar[dict[str, str]] = {"fit": "fit (fetch + fit)", "calibrate": "calibrate", "test": "test"}
 
     def __init__(self) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         class Rate(ProgressColumn):
             def render(self, task: Task) -> str:

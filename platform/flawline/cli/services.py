@@ -6,10 +6,10 @@ import typer
 from rich.table import Table
 
 from flawline.cli.app import console, print_json
-from flawline.config import get_settings
-from flawline.health import check_all
 from flawline.cluster.local_ray import LocalRayCluster
+from flawline.config import get_settings
 from flawline.errors import ServiceError
+from flawline.health import check_all
 
 _STYLE = {"ok": "green", "idle": "cyan", "degraded": "yellow", "down": "red"}
 

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flawline.cli.app import FlawlineTyper, console, err_console, open_catalog, print_json
+from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
+from flawline.context import open_catalog
 from flawline.errors import InvalidInput
 from flawline.options import parse_options
 
