@@ -160,7 +160,7 @@ def _step_fn(method: str, image_size: int, rank: int) -> tuple[Any, Any]:
         return net, loss
     detector = create_detector(method, image_size=image_size, device="cpu")
     with torch.no_grad():
-        embedded = detector.embed(detector.prepare(images))
+        embedded = detector.embed_images(images)
     net = detector.begin_training(embedded, lambda t: t)
     return net, lambda model: detector.training_loss(model, embedded, gen)
 

@@ -299,7 +299,7 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     cut = _submit(*on_head, "--name", "flow-cut")
     kuberay = client.submit_job(entrypoint=f"flawline train submit --in-process --dataset {elpv_small} --setting "
                                            "unsupervised --method padim --workers 2 --cpus-per-worker 0.5 "
-                                           "--worker-resource second_node=0.5 --image-size 64 --json",
+                                           "--worker-resource second_node=0.5 --image-size 64 --option tile=32 --json",
                                 runtime_env={"env_vars": job_env(get_settings())})
 
     # Watch both at once: ``placed`` is killed once two checkpoints are reported (Ray Train's
@@ -378,6 +378,10 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     (run,) = [r for r in json.loads(_cli("runs", "list", "--json").stdout) if r["ray_job_id"] == kuberay]
     assert (run["status"], run["metrics"]["model"]) == ("succeeded", "elpv-unsupervised-padim:1")
     assert len(run["placement"]) == 2 and run["metrics"]["image_auroc"] > 0.5
+    # Tiled (9 tiles of 32 px per 64 px image): both workers' tiles, back in image order, fit on rank 0.
+    shown = json.loads(_cli("models", "show", "elpv-unsupervised-padim:1", "--json").stdout)
+    assert (shown["config"]["tile"], shown["info"]["train_tiles"]) == (32, 9 * shown["info"]["train_images"])
+    assert "tiles of 32px" in _cli("models", "show", "elpv-unsupervised-padim:1").stdout
 
 
 def test_elastic_run_that_loses_a_node_finishes_with_one_worker(elpv_small, ray_cluster):

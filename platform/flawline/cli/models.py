@@ -168,8 +168,9 @@ def show(model: str = typer.Argument(..., help="name, name:version, a file or an
     if as_json:
         print_json(info)
         return
-    console.print(f"[bold]{info.get('model', model)}[/] {info['method']} ({info['config']['backbone']}, "
-                  f"{info['config']['image_size']}px)")
+    c = info["config"]
+    tiled = f", tiles of {c['tile']}px overlapping {c['tile_overlap']:.0%}" if c.get("tile") else ""
+    console.print(f"[bold]{info.get('model', model)}[/] {info['method']} ({c['backbone']}, {c['image_size']}px{tiled})")
     console.print("threshold: " + (det.threshold.describe() if det.threshold else "none"))
     for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro"):
         if info.get("metrics") and key in info["metrics"]:

@@ -24,6 +24,7 @@ from flawline.errors import ConfigError, InvalidInput
 from flawline.evaluate.thresholds import Threshold, decide
 from flawline.models.backbones import FeatureExtractor, build_feature_extractor
 from flawline.models.features import as_model_batch
+from flawline.models.tiling import TiledScorer, check_tiling, grid, tiles
 from flawline.registry import Registry
 
 Images = torch.Tensor | Iterable[torch.Tensor]  # one batch, or an iterable of batches
@@ -46,6 +47,11 @@ class DetectorConfig:
     # Images of more than 8 bits: the stored value that decodes to full brightness (the training
     # data's range, ``flawline.data.images.white_level``); None: the container's full scale.
     white: int | None = None
+    # Tiled detection (``flawline.models.tiling``) for large images with small defects: the image is
+    # brought to image_size and cut into overlapping tiles of ``tile`` px (0: no tiling, the network
+    # sees the whole image); maps are stitched back to image_size. ``tile_overlap``: share of a tile.
+    tile: int = 0
+    tile_overlap: float = 0.25
 
 
 @dataclass
@@ -80,6 +86,8 @@ class Detector(ABC):
     # True for detectors that need labelled defects (``flawline train``'s label settings train
     # them); False: they fit on normal images alone (``fit``, the unsupervised and selfsup settings).
     learns_from_labels: ClassVar[bool] = False
+    # Why this detector cannot be tiled (None: it can): the ``tile`` setting is refused with it.
+    no_tiling: ClassVar[str | None] = None
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any) -> None:
         base = config or self.Config()
@@ -99,6 +107,9 @@ class Detector(ABC):
                 if problem:
                     raise ConfigError(f"{self.name}: setting {key}={value!r} {problem} "
                                       f"(default {getattr(type(base)(), key)!r})")
+        if self.config.tile and self.no_tiling:
+            raise ConfigError(f"{self.name}: cannot be tiled ({self.no_tiling}); leave tile at 0")
+        check_tiling(self.config.image_size, self.config.tile, self.config.tile_overlap, self.name)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto" else self.config.device)
         self.threshold: Threshold | None = None
@@ -118,15 +129,44 @@ class Detector(ABC):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch [N, C, H, W] in [0, 1] → checked, [N, 3, S, S] at ``image_size``, on the device."""
         return as_model_batch(batch, self.config.image_size).to(self.device)
+
+    @property
+    def network_size(self) -> int:
+        """The side (px) of what the network sees: ``tile`` when tiled, else ``image_size``."""
+        return self.config.tile or self.config.image_size
+
+    @property
+    def tiles_per_image(self) -> int:
+        c = self.config
+        return len(grid(c.image_size, c.tile, c.tile_overlap)) if c.tile else 1
+
+    def embed_images(self, batch: torch.Tensor) -> Embedded:
+        """``embed`` of a raw batch [N, C, H, W]: prepared, and cut into tiles when tiled (every
+        tile is a training example). The one way fitting paths (here, Ray Data, Ray Train) embed."""
+        x = self.prepare(batch)
+        if self.config.tile:
+            x = tiles(x, self.config.tile, self.config.tile_overlap)
+        return self.embed(x)
+
+    def predictor(self, chunked: bool = True) -> torch.nn.Module:
+        """``scorer`` for whole images at ``image_size``: the scorer itself, or, when tiled, the
+        scorer over tiles with the maps stitched (``TiledScorer``). ONNX export exports this."""
+        scorer = self.scorer(chunked)
+        c = self.config
+        if not c.tile:
+            return scorer
+        return TiledScorer(scorer, c.tile, c.tile_overlap, c.batch_size if chunked else None)
 
     # -- the interface --------------------------------------------------------------------------
     def fit(self, images: Images) -> Detector:
         """Fit on normal images (a tensor [N, C, H, W] in [0, 1] or an iterable of such batches)."""
         torch.manual_seed(self.config.seed)
         with self.autocast():
-            batches = iter_batches(images, self.config.batch_size)
-            return self.fit_embedded(self.embed(self.prepare(b)) for b in batches)
+            # Tiled: about batch_size tiles per embedding call, not batch_size images' worth.
+            batches = iter_batches(images, max(1, self.config.batch_size // self.tiles_per_image))
+            return self.fit_embedded(self.embed_images(b) for b in batches)
 
     def embed(self, x: torch.Tensor) -> Embedded:
         """A prepared batch (``prepare``'s output) → what fitting consumes, without gradients.
@@ -148,7 +188,10 @@ class Detector(ABC):
             count = self._fit_embedded(iter(embedded))
         if count == 0:
             raise InvalidInput(f"{self.name}: empty training set (no images)")
-        self.info["train_images"] = count
+        per = self.tiles_per_image
+        self.info["train_images"] = count // per
+        if per > 1:
+            self.info["train_tiles"] = count
         self.fitted = True
         return self
 
@@ -158,9 +201,12 @@ class Detector(ABC):
         if not self.fitted:
             raise ConfigError(f"{self.name}: not fitted; call fit() or load a saved model")
         scores, maps = [], []
-        for batch in iter_batches(images, self.config.batch_size):
+        c = self.config
+        tiled = TiledScorer(self._predict_batch, c.tile, c.tile_overlap, c.batch_size) if c.tile else None
+        for batch in iter_batches(images, max(1, c.batch_size // self.tiles_per_image)):
             with self.autocast(precision):
-                s, m = self._predict_batch(self.prepare(batch))
+                x = self.prepare(batch)
+                s, m = tiled(x) if tiled is not None else self._predict_batch(x)
             if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
                 raise InvalidInput(f"{self.name}: non-finite features or scores (NaN/inf); check the "
                                    "backbone weights and the model file")
@@ -321,13 +367,18 @@ def check_settings(name: str, settings: dict[str, Any]) -> None:
         problem = _out_of_range(key, value, hints.get(key))
         if problem:
             raise ConfigError(f"{name}: setting {key}={value!r} {problem} (default {known[key]!r})")
+    if settings.get("tile"):
+        if cls.no_tiling:
+            raise ConfigError(f"{name}: cannot be tiled ({cls.no_tiling}); leave tile at 0")
+        check_tiling(settings.get("image_size", known["image_size"]), settings["tile"],
+                     settings.get("tile_overlap", known["tile_overlap"]), name)
 
 
 # Settings whose values have a range of their own; otherwise a count (int) is at least 1 and a
 # weight, scale or rate (float) a finite number of at least 0.
 _ANY_INT = {"seed"}
-_AT_LEAST_0 = {"freeze_blocks"}
-_SHARES = ("fraction", "prob", "ratio", "dropout", "trim")  # names of shares: 0 to 1
+_AT_LEAST_0 = {"freeze_blocks", "tile"}
+_SHARES = ("fraction", "prob", "ratio", "dropout", "trim", "overlap")  # names of shares: 0 to 1
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 

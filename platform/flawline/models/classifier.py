@@ -76,6 +76,7 @@ class ClassifierConfig(DetectorConfig):
 @register_detector
 class ClassifierDetector(LabelTrainedDetector):
     """Learns from labelled images (``flawline train --setting supervised`` and friends)."""
+    no_tiling = "it learns one verdict per image and a tile's verdict is unknown; the segmenter tiles"
 
     name = "classifier"
     Config = ClassifierConfig

@@ -20,7 +20,7 @@ SCORE_ATOL = 1e-4
 def export_onnx(detector: Detector, path: Path, opset: int = 17) -> Path:
     if not detector.fitted:
         raise InvalidInput(f"{detector.name}: cannot export a detector that is not fitted")
-    scorer = detector.scorer(chunked=False).cpu().eval()
+    scorer = detector.predictor(chunked=False).cpu().eval()
     size = detector.config.image_size
     example = torch.rand(2, 3, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ class FewShotDetector(Detector):
     Config = FewShotConfig
     learns_from_labels = True
     uses_backbone = False  # its parts hold the backbones
+    no_tiling = "its segmenter is trained on whole images by the fewshot setting; a tiled segmenter or normal-only detector can be"
 
     def __init__(self, config: FewShotConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)

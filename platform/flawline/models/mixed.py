@@ -159,6 +159,7 @@ class MixedDetector(Detector):
     name = "mixed"
     Config = MixedConfig
     learns_from_labels = True
+    no_tiling = "its head learns from whole-image features; a tiled segmenter or normal-only detector can be"
 
     def __init__(self, config: MixedConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)

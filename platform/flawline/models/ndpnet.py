@@ -404,7 +404,7 @@ class NDPNetDetector(TrainedDetector):
 
     def _make_net(self, channels: int) -> NDPNet:
         c: NDPNetConfig = self.config
-        return NDPNet(channels, c.width, c.fusion_channels, c.image_size, c.softmax_scale).to(self.device)
+        return NDPNet(channels, c.width, c.fusion_channels, self.network_size, c.softmax_scale).to(self.device)
 
     def scorer(self, chunked: bool = True) -> NDPNetScorer:
         return NDPNetScorer(self.extractor, self.net, self.config.map_weights, self.config.blur_sigma)

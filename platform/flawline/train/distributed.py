@@ -350,7 +350,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     ctx.timed("model", time.perf_counter() - build_start)
     shard = ray.train.get_dataset_shard("normal")
     trained = isinstance(detector, TrainedDetector)
-    rows_per_rank = -(-len(plan.streams["normal"]) // ctx.world_size)
+    rows_per_rank = -(-len(plan.streams["normal"]) // ctx.world_size) * detector.tiles_per_image
     budget = spec.shard_cache_mb * 2 ** 20
 
     def embedded(epoch: int | None = None):  # noqa: ANN202  (an iterator of embedded batches)
@@ -358,9 +358,10 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
                                             "local_shuffle_seed": spec.seed * 10_007 + epoch}
         for batch in shard.iter_torch_batches(batch_size=spec.batch_size, prefetch_batches=2, **shuffle):
             if epoch is None:
-                ids.append(batch["image_id"].cpu())
+                # one id per embedded row: a tiled detector embeds tiles_per_image rows per image
+                ids.append(batch["image_id"].cpu().repeat_interleave(detector.tiles_per_image))
             with torch.no_grad(), detector.autocast():  # not held across the yield
-                out = detector.embed(detector.prepare(to_model({"image": batch["image"]}, detector.device)["image"]))
+                out = detector.embed_images(to_model({"image": batch["image"]}, detector.device)["image"])
             yield tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
     ids: list[torch.Tensor] = []
@@ -377,7 +378,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
             cached.append(y)
             kept += size
     ctx.timed("embed", time.perf_counter() - embed_start)
-    total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())
+    total = int(ctx.total(torch.tensor([float(count)], dtype=torch.float64)).item())  # rows: images or tiles
     if total == 0:
         raise ValueError(f"{spec.setting}: no normal images reached the workers")
     if trained and not cached:
@@ -385,15 +386,15 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     if trained and streamed:
         steps = max(1, (total // ctx.world_size) // spec.batch_size)  # equal shards: the same on every rank
         history = fit_network_streamed(detector, concat(cached), embedded, steps, ctx)
-        detector.info.update(train_images=total, embedding_cache="streamed: embedded again each epoch "
+        detector.info.update(train_images=total // detector.tiles_per_image, embedding_cache="streamed: embedded again each epoch "
                              f"(shard over --shard-cache-mb {spec.shard_cache_mb:g})")
         detector.fitted = True
         return _refine(plan, ctx, detector, history)
     # Blocks arrive in any order: image-id order makes a run (and a resumed one) repeatable.
     mine = (torch.cat(ids), concat(cached)) if cached else None
     if trained:
-        history = fit_network(detector, take(mine[1], torch.argsort(mine[0]), torch.device("cpu")), ctx)
-        detector.info.update(train_images=total,
+        history = fit_network(detector, take(mine[1], torch.argsort(mine[0], stable=True), torch.device("cpu")), ctx)
+        detector.info.update(train_images=total // detector.tiles_per_image,
                              embedding_cache=f"in memory: {kept / 2 ** 20:.1f} MiB on rank {ctx.rank}")
         detector.fitted = True
     else:  # memory bank, covariance, mixed: one fit on rank 0 over every worker's embeddings
@@ -402,12 +403,12 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
             torch.distributed.gather_object(mine, everyone if ctx.rank == 0 else None, dst=0)
         if ctx.rank == 0:
             parts = [p for p in everyone if p is not None]
-            order = torch.argsort(torch.cat([p[0] for p in parts]))
+            order = torch.argsort(torch.cat([p[0] for p in parts]), stable=True)
             bank = concat([p[1] for p in parts])
             fit_start = time.perf_counter()
             detector.fit_embedded(take(bank, order[i:i + spec.batch_size], torch.device("cpu"))
                                   for i in range(0, len(order), spec.batch_size))
-            history = [{"epoch": 1, "epochs": 1, "train_images": total,
+            history = [{"epoch": 1, "epochs": 1, "train_images": total // detector.tiles_per_image,
                         "fit_seconds": round(time.perf_counter() - fit_start, 2)}]
     return _refine(plan, ctx, detector, history)
 

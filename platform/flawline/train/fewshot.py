@@ -120,7 +120,7 @@ class FewShot(TrainingSetting):
         the held-back ones."""
         normal = detector.normal
         with torch.no_grad(), normal.autocast():
-            mine = [_cpu(normal.embed(normal.prepare(b["image"]))) for b in source.epoch("normal", 0)]
+            mine = [_cpu(normal.embed_images(b["image"])) for b in source.epoch("normal", 0)]
         normal.fit_embedded(e for part in gather_objects(mine, ctx) for e in part)
         moments = torch.zeros(6, dtype=torch.float64)
         for b in source.epoch("calibration", 0):

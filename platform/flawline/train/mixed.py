@@ -141,7 +141,7 @@ class MixedSupervision(TrainingSetting):
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:
         """Single process: fit the base, then refine (on Ray: ``distributed._normal_worker``)."""
-        detector.fit_embedded(detector.embed(detector.prepare(b["image"])) for b in source.epoch("normal", 0))
+        detector.fit_embedded(detector.embed_images(b["image"]) for b in source.epoch("normal", 0))
         facts = self.refine(detector, source, spec)
         return [{"epoch": 1, "epochs": 1, "train_images": detector.info.get("train_images"), **facts}]
 

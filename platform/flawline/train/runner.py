@@ -63,7 +63,7 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     what is missing."""
     setting = get_setting(spec.setting)
     method = setting.method(spec)
-    check_settings(method, spec.options)  # a bad --option fails here, not on the cluster
+    check_settings(method, {"image_size": spec.image_size, **spec.options})  # a bad --option fails here, not on the cluster
     data = gather(catalog, spec.datasets, spec.label_fraction, spec.seed)
     where = "+".join(spec.datasets)
     if not data.labelled and not data.unlabelled:

@@ -12,6 +12,7 @@ from torch import nn
 
 from flawline.data import augment
 from flawline.models import Detector
+from flawline.models.tiling import random_crops
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData
 from flawline.train.loop import autocast, train_network
@@ -60,11 +61,15 @@ def classifier_steps(source: BatchSource, ctx: TrainContext, weights: torch.Tens
 
 
 def segmenter_steps(source: BatchSource, ctx: TrainContext, precision: str, seed: int, target_key: str = "mask",
-                    stream: str = "labelled"):  # noqa: ANN201
+                    stream: str = "labelled", tile: int = 0):  # noqa: ANN201
+    """Segmentation loss per batch; ``tile`` > 0 (a tiled segmenter): one random crop of that size
+    per image, half of them over a defect (``models.tiling.random_crops``)."""
     def steps(epoch: int, model: nn.Module) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + ctx.rank)
         for batch in source.epoch(stream, epoch):
             x, target = augment.geometric(batch["image"].cpu(), gen, batch[target_key].cpu())
+            if tile:
+                x, target = random_crops(x, target, tile, gen)
             x = augment.photometric(x, gen).to(ctx.device)
             with autocast(ctx.device, precision):
                 logits = model(x)
@@ -97,7 +102,7 @@ class Supervised(TrainingSetting):
               class_counts: list[int]) -> list[dict[str, Any]]:
         cfg = self.optim(spec)
         if detector.name == "segmenter":
-            steps = segmenter_steps(source, ctx, spec.precision, spec.seed)
+            steps = segmenter_steps(source, ctx, spec.precision, spec.seed, tile=detector.config.tile)
         else:
             weighted = getattr(detector.config, "class_weighted", True)
             weights = class_weights(class_counts) if weighted else torch.ones(len(class_counts))

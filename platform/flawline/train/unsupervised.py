@@ -29,7 +29,7 @@ class NormalOnly(TrainingSetting):
     def train(self, detector: Detector, source: BatchSource, spec: TrainSpec, ctx: TrainContext,
               class_counts: list[int]) -> list[dict[str, Any]]:
         """Single process: embed and fit in one go (``distributed._normal_worker`` on Ray workers)."""
-        detector.fit_embedded(detector.embed(detector.prepare(b["image"])) for b in source.epoch("normal", 0))
+        detector.fit_embedded(detector.embed_images(b["image"]) for b in source.epoch("normal", 0))
         return [{"epoch": 1, "epochs": 1, "train_images": detector.info.get("train_images")}]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from flawline.data import augment
 from flawline.models import Detector
+from flawline.models.tiling import random_crops
 from flawline.train.context import TrainContext
 from flawline.train.data import BatchSource, RunData
 from flawline.train.loop import autocast, train_network
@@ -79,12 +80,15 @@ def box_targets(region: torch.Tensor, size: tuple[int, int], core_fraction: floa
 
 
 def box_steps(source: BatchSource, ctx: TrainContext, precision: str, seed: int, core_fraction: float = 0.5,
-              stream: str = "labelled"):  # noqa: ANN201
-    """Segmenter steps on rasterised boxes with the core/ring loss."""
+              stream: str = "labelled", tile: int = 0):  # noqa: ANN201
+    """Segmenter steps on rasterised boxes with the core/ring loss; ``tile`` as in
+    ``supervised.segmenter_steps`` (random crops, half of them over a box)."""
     def steps(epoch: int, model: nn.Module) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + ctx.rank)
         for batch in source.epoch(stream, epoch):
             x, region = augment.geometric(batch["image"].cpu(), gen, batch["region"].cpu())
+            if tile:
+                x, region = random_crops(x, region, tile, gen)
             x = augment.photometric(x, gen).to(ctx.device)
             with autocast(ctx.device, precision):
                 logits = model(x)
@@ -129,7 +133,7 @@ class WeaklySupervised(TrainingSetting):
               class_counts: list[int]) -> list[dict[str, Any]]:
         cfg = self.optim(spec)
         if detector.name == "segmenter":
-            steps = box_steps(source, ctx, spec.precision, spec.seed, self.core_fraction)
+            steps = box_steps(source, ctx, spec.precision, spec.seed, self.core_fraction, tile=detector.config.tile)
         else:
             steps = classifier_steps(source, ctx, class_weights(class_counts), spec.precision, spec.seed)
         history = train_network(detector.net, steps, cfg, ctx)
