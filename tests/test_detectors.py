@@ -55,7 +55,8 @@ def test_normal_only_detectors_are_those_that_fit_on_normal_images(data):
     """What the Magnetic Tile benchmark runs by default. The others need labelled defects: the
     label-trained ones refuse ``fit``; ``mixed`` fits its base there and its head in the mixed setting."""
     assert set(ALL) <= set(normal_only_detectors())
-    label_trained = sorted(set(detector_names()) - set(normal_only_detectors()))
+    assert "reference" in normal_only_detectors(paired=True) and "reference" not in normal_only_detectors()
+    label_trained = sorted(set(detector_names()) - set(normal_only_detectors(paired=True)))
     assert {"classifier", "fewshot", "segmenter", "mixed"} <= set(label_trained)
     for name in set(label_trained) - {"mixed"}:
         with pytest.raises(ConfigError):

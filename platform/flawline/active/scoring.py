@@ -36,7 +36,7 @@ class ScoredPool:
 def embed_batch(detector: Detector, x: torch.Tensor) -> torch.Tensor:
     """Global-average-pooled deepest backbone features, L2-normalised: a cheap, model-agnostic
     image embedding (for detectors without a backbone: a 16x16 thumbnail)."""
-    prepared = detector.prepare(x)
+    prepared = detector.prepare(x)[:, :3]  # of an image/reference pair: the image
     if detector.uses_backbone:
         with detector.autocast():
             feats = detector.extractor(prepared)[-1].float()
@@ -66,7 +66,7 @@ def score_local(detector: Detector, store: ObjectStore, rows: list[ImageRecord],
     scores, embs = [], []
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = decode_images(store, part, image_size, detector.config.white)
+        x = decode_images(store, part, image_size, detector.config.white, detector.uses_reference)
         s, e = score_batch(detector, x)
         scores.append(s)
         embs.append(e)
@@ -108,7 +108,7 @@ class ScoreRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [ImageRecord.from_json(r) for r in batch["record"]]
-        x = decode_images(self.store, rows, self.image_size, self.detector.config.white)
+        x = decode_images(self.store, rows, self.image_size, self.detector.config.white, self.detector.uses_reference)
         ids = np.array([r.image_id for r in rows], dtype=np.int64)
         if self.with_masks:
             pred = self.detector.predict(x)
@@ -229,7 +229,7 @@ def pre_annotations(detector: Detector, store: ObjectStore, rows: list[ImageReco
     out: dict[int, Prediction] = {}
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
-        x = decode_images(store, part, detector.config.image_size, detector.config.white)
+        x = decode_images(store, part, detector.config.image_size, detector.config.white, detector.uses_reference)
         pred = detector.predict(x)
         verdicts, masks = verdicts_and_masks(detector, pred)
         out.update(predictions_from_masks(part, pred.scores, verdicts, masks, ref,

@@ -164,13 +164,21 @@ def keep_fraction(rows: list[ImageRecord], fraction: float, seed: int
 # -- the one decoder ---------------------------------------------------------------------------------
 
 def decode_record(store: ObjectStore, record: ImageRecord, size: int, white: int | None = None,
-                  with_mask: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
+                  with_mask: bool = True, reference: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
     """One record → (float image [3, S, S] in [0, 1], gray repeated; bool mask [S, S], or None
     when ``with_mask`` is False). ``white``: a model's white level (``DetectorConfig.white``);
-    None: the record's own. Raises ``InvalidInput`` naming the file."""
-    img = decode_image(store.get_bytes(record.key), size, record.origin,
-                       white if white is not None else record.white)
+    None: the record's own. ``reference``: the image is a pair [6, S, S], the record's image then
+    its reference image (for detectors that ``uses_reference``). Raises ``InvalidInput`` naming
+    the file (or the image without a reference)."""
+    level = white if white is not None else record.white
+    img = decode_image(store.get_bytes(record.key), size, record.origin, level)
     img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+    if reference:
+        if not record.reference_key:
+            raise InvalidInput(f"{record.origin}: no reference image; this detector compares each image with its "
+                               "defect-free reference (give a `reference` column in the import manifest)")
+        ref = decode_image(store.get_bytes(record.reference_key), size, f"{record.origin}'s reference", level)
+        img = torch.cat([img, ref.expand(3, -1, -1) if ref.shape[0] == 1 else ref])
     if not with_mask:
         return img, None
     return img, decode_mask(store.get_bytes(record.mask_key) if record.mask_key else None, size, record.origin)
@@ -194,13 +202,14 @@ def boxes_to_region(boxes: list[dict[str, Any]], width: int, height: int, size: 
 
 
 def decode_rows(store: ObjectStore, records: list[ImageRecord], size: int,
-                white: int | None = None) -> dict[str, np.ndarray]:
-    """The Ray form: a batch of records → uint8 images [B, 3, S, S], targets [B], masks [B, S, S]
-    (uint8, with ``has_mask``), coarse regions from boxes [B, S, S] (with ``has_region``) and
-    ``image_id`` [B]. ``white`` as in ``decode_record``."""
+                white: int | None = None, reference: bool = False) -> dict[str, np.ndarray]:
+    """The Ray form: a batch of records → uint8 images [B, 3, S, S] (pairs [B, 6, S, S] with
+    ``reference``), targets [B], masks [B, S, S] (uint8, with ``has_mask``), coarse regions from
+    boxes [B, S, S] (with ``has_region``) and ``image_id`` [B]. ``white``, ``reference`` as in
+    ``decode_record``."""
     images, masks, regions = [], [], []
     for r in records:
-        img, mask = decode_record(store, r, size, white)
+        img, mask = decode_record(store, r, size, white, reference=reference)
         images.append((img * 255).round().to(torch.uint8).numpy())
         masks.append(mask)
         regions.append(boxes_to_region(r.boxes or [], r.width, r.height, size))
@@ -216,11 +225,12 @@ def decode_rows(store: ObjectStore, records: list[ImageRecord], size: int,
 
 
 def decode_images(store: ObjectStore, records: list[ImageRecord], size: int,
-                  white: int | None = None) -> torch.Tensor:
-    """Records' images only, model-ready: float [B, 3, S, S] in [0, 1] (no masks, no uint8 round
-    trip), as ``fetch`` decodes evaluation images; for scoring pools and pre-annotating."""
-    images = [decode_record(store, r, size, white, with_mask=False)[0] for r in records]
-    return torch.stack(images) if images else torch.zeros((0, 3, size, size))
+                  white: int | None = None, reference: bool = False) -> torch.Tensor:
+    """Records' images only, model-ready: float [B, 3, S, S] in [0, 1] (pairs [B, 6, S, S] with
+    ``reference``; no masks, no uint8 round trip), as ``fetch`` decodes evaluation images; for
+    scoring pools and pre-annotating."""
+    images = [decode_record(store, r, size, white, with_mask=False, reference=reference)[0] for r in records]
+    return torch.stack(images) if images else torch.zeros((0, 6 if reference else 3, size, size))
 
 
 @dataclass
@@ -241,13 +251,15 @@ class LabelledImages:
                               [self.classes[i] for i in idx] if self.classes else [])
 
 
-def fetch(store: ObjectStore, records: list[ImageRecord], size: int, workers: int = 16) -> LabelledImages:
-    """The in-process form for evaluation: download and decode ``records`` (images and masks) in
-    parallel threads. Raises ``InvalidInput`` when there are none."""
+def fetch(store: ObjectStore, records: list[ImageRecord], size: int, workers: int = 16,
+          reference: bool = False) -> LabelledImages:
+    """The in-process form for evaluation: download and decode ``records`` (images and masks;
+    ``reference`` as in ``decode_record``) in parallel threads. Raises ``InvalidInput`` when there
+    are none."""
     if not records:
         raise InvalidInput("no images")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pairs = list(pool.map(lambda r: decode_record(store, r, size), records))
+        pairs = list(pool.map(lambda r: decode_record(store, r, size, reference=reference), records))
     return LabelledImages(
         images=torch.stack([p[0] for p in pairs]),
         labels=np.array([bool(r.defect) for r in records], dtype=bool),

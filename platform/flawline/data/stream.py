@@ -40,11 +40,13 @@ class RecordBatch:
 
 
 def stream_batches(store: ObjectStore, records: Sequence[ImageRecord], size: int, batch_size: int = 16,
-                   workers: int = 8, prefetch: int = 2, with_masks: bool = True) -> Iterator[RecordBatch]:
+                   workers: int = 8, prefetch: int = 2, with_masks: bool = True,
+                   reference: bool = False) -> Iterator[RecordBatch]:
     """``records`` → ``RecordBatch``es of at most ``batch_size`` images at ``size`` x ``size`` pixels,
     in order; ``workers`` download/decode threads work at most ``prefetch`` batches ahead (each
     batch's images decode in parallel). ``with_masks``: also decode the defect masks (an image
-    without one gets an empty mask). Raises ``InvalidInput`` for a file that does not decode (naming
+    without one gets an empty mask); ``reference``: images are pairs with their references
+    (``decode_record``). Raises ``InvalidInput`` for a file that does not decode (naming
     it) or for ``batch_size`` / ``prefetch`` < 1. Closing the generator early cancels what is queued."""
     if batch_size < 1 or prefetch < 1:
         raise InvalidInput(f"batch_size {batch_size} and prefetch {prefetch} must be at least 1")
@@ -55,7 +57,7 @@ def stream_batches(store: ObjectStore, records: Sequence[ImageRecord], size: int
 
     def refill() -> None:
         while len(pending) < window and (r := next(todo, None)) is not None:
-            pending.append((r, pool.submit(decode_record, store, r, size, None, with_masks)))
+            pending.append((r, pool.submit(decode_record, store, r, size, None, with_masks, reference)))
 
     try:
         refill()

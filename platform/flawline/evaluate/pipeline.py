@@ -80,6 +80,7 @@ class EvaluationSplits:
     calibration: list[ImageRecord]
     test: list[ImageRecord]
     calibration_note: str = "val"
+    unpaired: int = 0  # images left out for having no reference image (reference detectors)
 
 
 @dataclass
@@ -114,25 +115,38 @@ class EvaluationResult:
     notes: list[str] = field(default_factory=list)
 
 
-def select_splits(catalog: Catalog, dataset: str, threshold: str = "auto") -> EvaluationSplits:
+def select_splits(catalog: Catalog, dataset: str, threshold: str = "auto",
+                  reference: bool = False) -> EvaluationSplits:
     """The normal train images, the calibration images (the labelled val split, normal ones only
     for the label-free threshold rules; without a val split a seeded tenth of the train normals)
-    and the labelled test images of ``dataset``. Raises ``InvalidInput`` when the train split has
-    no normal image or the test split no labelled one; ``InvalidInput`` for an unknown dataset."""
+    and the labelled test images of ``dataset``; with ``reference`` (a detector that compares each
+    image with its reference) only images that name a reference (the references themselves and
+    unpaired images are left out: ``EvaluationSplits.unpaired`` counts them). Raises
+    ``InvalidInput`` when the train split has no normal image or the test split no labelled one;
+    ``InvalidInput`` for an unknown dataset."""
     train = image_records(catalog, dataset, Split.train, normal_only=True)
     test = image_records(catalog, dataset, Split.test, labelled_only=True)
     val = image_records(catalog, dataset, Split.val, labelled_only=True,
                         normal_only=threshold not in ("auto", "best-f1", "youden"))
+    unpaired = 0
+    if reference:
+        before = len(train) + len(test) + len(val)
+        train, test, val = ([r for r in rows if r.reference_key] for rows in (train, test, val))
+        unpaired = before - len(train) - len(test) - len(val)
+        if not train or not test:
+            raise InvalidInput(f"dataset {dataset!r} has no images with a reference image in its "
+                               f"{'train' if not train else 'test'} split; the reference detector compares each "
+                               "image with its defect-free reference (a `reference` column in the import manifest)")
     if not train:
         raise InvalidInput(f"dataset {dataset!r} has no normal images in its train split; run `flawline data split`")
     if not test:
         raise InvalidInput(f"dataset {dataset!r} has no labelled images in its test split; run `flawline data split`")
     if val:
-        return EvaluationSplits(train, val, test)
+        return EvaluationSplits(train, val, test, unpaired=unpaired)
     cut = max(1, len(train) // 10)  # hold out a tenth of the training normals for calibration
     order = np.random.default_rng(0).permutation(len(train))
     return EvaluationSplits([train[i] for i in order[cut:]], [train[i] for i in order[:cut]], test,
-                            f"train ({cut} normals held out; no val split)")
+                            f"train ({cut} normals held out; no val split)", unpaired)
 
 
 def detector_settings(options: EvaluateOptions, white: int | None = None) -> dict[str, Any]:
@@ -182,7 +196,8 @@ def run_streamed(store: ObjectStore, splits: EvaluationSplits, options: Evaluate
     size, bs = options.image_size, det.config.batch_size
 
     def batches(records: list[ImageRecord], masks: bool):
-        return stream_batches(store, records, size, bs, options.workers, options.prefetch, with_masks=masks)
+        return stream_batches(store, records, size, bs, options.workers, options.prefetch, with_masks=masks,
+                              reference=det.uses_reference)
 
     # -- fit -------------------------------------------------------------------------------------
     started = time.perf_counter()
@@ -244,7 +259,7 @@ def run_streamed(store: ObjectStore, splits: EvaluationSplits, options: Evaluate
             heap, priority = (missed, -score) if defect and not verdict[i] else \
                 (alarms, score) if not defect and verdict[i] else (None, 0.0)
             if heap is not None and heap.would_keep(priority):
-                heap.push(priority, Overlay.of(r.origin, b.images[i], pred.maps[i], b.masks[i], score, defect))
+                heap.push(priority, Overlay.of(r.origin, b.images[i, :3], pred.maps[i], b.masks[i], score, defect))
             scores.append(score)
             labels.append(defect)
             verdicts.append(bool(verdict[i]))
@@ -293,7 +308,9 @@ def evaluate_dataset(catalog: Catalog, store: ObjectStore, dataset: str, options
 
     started = time.perf_counter()
     detector_settings(options)  # a mistyped --option fails before any image is read
-    splits = select_splits(catalog, dataset, options.threshold)
+    from flawline.models.base import detector_class
+
+    splits = select_splits(catalog, dataset, options.threshold, detector_class(options.method).uses_reference)
     run = run_streamed(store, splits, options, progress,
                        {"dataset": dataset, "split": splits.calibration_note, "images": len(splits.calibration)})
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -306,6 +323,9 @@ def evaluate_dataset(catalog: Catalog, store: ObjectStore, dataset: str, options
         "seconds": round(time.perf_counter() - started, 1)}
     files = write_report(out, run.metrics, run.labels, run.scores, run.worst, context, run.display_range)
     result = EvaluationResult(det, run.metrics, context, files, notes=run.notes)
+    if splits.unpaired:
+        result.notes.append(f"{splits.unpaired} images without a reference image (the references themselves, or "
+                            f"unpaired) were left out: {options.method} compares each image with its reference")
     if options.save:
         key = f"models/{dataset}/{options.method}/{stamp}/model.pt"
         store.put_bytes(key, detector_to_bytes(det))

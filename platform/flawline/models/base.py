@@ -86,6 +86,9 @@ class Detector(ABC):
     # True for detectors that need labelled defects (``flawline train``'s label settings train
     # them); False: they fit on normal images alone (``fit``, the unsupervised and selfsup settings).
     learns_from_labels: ClassVar[bool] = False
+    # True: it compares each image with its defect-free reference image; its inputs are pairs
+    # [N, 6, H, W] (image channels, then the reference's), as decoders build with ``reference=True``.
+    uses_reference: ClassVar[bool] = False
     # Why this detector cannot be tiled (None: it can): the ``tile`` setting is refused with it.
     no_tiling: ClassVar[str | None] = None
 
@@ -131,6 +134,11 @@ class Detector(ABC):
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """A batch [N, C, H, W] in [0, 1] → checked, [N, 3, S, S] at ``image_size``, on the device."""
         return as_model_batch(batch, self.config.image_size).to(self.device)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of what ``predict`` and the exported model take: 6 for image/reference pairs, else 3."""
+        return 6 if self.uses_reference else 3
 
     @property
     def network_size(self) -> int:
@@ -301,9 +309,11 @@ detector_names = DETECTORS.names
 detector_class = DETECTORS.get
 
 
-def normal_only_detectors() -> list[str]:
-    """Names of the registered detectors that fit on normal images alone (not ``learns_from_labels``)."""
-    return [n for n in detector_names() if not detector_class(n).learns_from_labels]
+def normal_only_detectors(paired: bool = False) -> list[str]:
+    """Names of the registered detectors that fit on normal images alone (not ``learns_from_labels``);
+    those that also need each image's reference image (``uses_reference``) only when ``paired``."""
+    return [n for n in detector_names() if not detector_class(n).learns_from_labels
+            and (paired or not detector_class(n).uses_reference)]
 
 
 def create_detector(name: str, **settings: Any) -> Detector:
@@ -377,7 +387,7 @@ def check_settings(name: str, settings: dict[str, Any]) -> None:
 # Settings whose values have a range of their own; otherwise a count (int) is at least 1 and a
 # weight, scale or rate (float) a finite number of at least 0.
 _ANY_INT = {"seed"}
-_AT_LEAST_0 = {"freeze_blocks", "tile"}
+_AT_LEAST_0 = {"freeze_blocks", "tile", "search"}
 _SHARES = ("fraction", "prob", "ratio", "dropout", "trim", "overlap")  # names of shares: 0 to 1
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 

@@ -22,7 +22,7 @@ def export_onnx(detector: Detector, path: Path, opset: int = 17) -> Path:
         raise InvalidInput(f"{detector.name}: cannot export a detector that is not fitted")
     scorer = detector.predictor(chunked=False).cpu().eval()
     size = detector.config.image_size
-    example = torch.rand(2, 3, size, size)
+    example = torch.rand(2, detector.input_channels, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from flawline.data.loading import decode_image, stack_rgb
+from flawline.errors import InvalidInput
 from flawline.evaluate.thresholds import Threshold, decide
 from flawline.serving.errors import http_status, one_line
 from flawline.serving.models import LoadedModel
@@ -72,6 +73,9 @@ def predict_items(model: LoadedModel, items: list[Item]) -> list[Outcome]:
     tensors, index = [], []
     for i, item in enumerate(items):
         try:
+            if model.detector.uses_reference:
+                raise InvalidInput(f"{model.detector.name} compares each image with its reference image, which "
+                                   "requests cannot carry yet; score it with `flawline evaluate`")
             tensors.append(decode_image(item.data, model.image_size, item.name, model.detector.config.white))
             index.append(i)
         except Exception as err:  # noqa: BLE001 — this image only

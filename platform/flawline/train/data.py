@@ -77,13 +77,13 @@ def class_index(classes: list[str], record: ImageRecord) -> int:
 
 
 def decode_all(store: ObjectStore, rows: list[ImageRecord], size: int, workers: int = 16,
-               chunk: int = 32, white: int | None = None) -> dict[str, torch.Tensor]:
+               chunk: int = 32, white: int | None = None, reference: bool = False) -> dict[str, torch.Tensor]:
     """``decode_rows`` over many rows with a thread pool (local runs, tests, benchmarks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(pool.map(lambda p: decode_rows(store, p, size, white), parts))
+        decoded = list(pool.map(lambda p: decode_rows(store, p, size, white, reference), parts))
     if not decoded:
         return {}
     return {k: torch.from_numpy(np.concatenate([d[k] for d in decoded])) for k in decoded[0]}

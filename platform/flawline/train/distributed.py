@@ -57,19 +57,21 @@ def s3_filesystem(settings: Settings):  # noqa: ANN201  (pyarrow.fs.S3FileSystem
 class DecodeRows:
     """Ray Data actor: fetch and decode a batch of image records from S3 (each actor keeps its connections)."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, reference: bool = False) -> None:
         from flawline.context import open_store
 
         self.store = open_store()
-        self.image_size = image_size
+        self.image_size, self.reference = image_size, reference
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return decode_rows(self.store, [ImageRecord.from_json(r) for r in batch["record"]], self.image_size)
+        return decode_rows(self.store, [ImageRecord.from_json(r) for r in batch["record"]], self.image_size,
+                           reference=self.reference)
 
 
 def rows_dataset(rows: list[ImageRecord], image_size: int, parallelism: int,
-                 materialize: bool = True):  # noqa: ANN201
-    """Rows → a Ray dataset of decoded images (uint8 [3, S, S]; converted on the workers).
+                 materialize: bool = True, reference: bool = False):  # noqa: ANN201
+    """Rows → a Ray dataset of decoded images (uint8 [3, S, S], or pairs [6, S, S] with their
+    references for ``reference``; converted on the workers).
     ``materialize``: decoded once into the object store, for settings that read it every epoch;
     else streamed: decoded in blocks while the workers consume them, memory bounded by Ray Data's
     backpressure instead of growing with the dataset."""
@@ -81,7 +83,7 @@ def rows_dataset(rows: list[ImageRecord], image_size: int, parallelism: int,
     # Train leaves (none when the workers take every CPU, e.g. 2 workers on a 2-CPU node, or an
     # elastic run after a node loss): the decoders then ask for no CPU of their own and share the
     # workers' (decoding is a small share of a step). Materialised: decoded before Train reserves.
-    ds = ds.map_batches(DecodeRows, fn_constructor_kwargs={"image_size": image_size}, batch_size=16,
+    ds = ds.map_batches(DecodeRows, fn_constructor_kwargs={"image_size": image_size, "reference": reference}, batch_size=16,
                         concurrency=(1, max(1, parallelism)), num_cpus=0.5 if materialize else 0)
     return ds.materialize() if materialize else ds
 
@@ -422,7 +424,7 @@ def _refine(plan: RunPlan, ctx: RayTrainContext, detector: Detector,
         from flawline.train.data import decode_all
 
         store = open_store()
-        decoded = {name: decode_all(store, plan.streams[name], spec.image_size)
+        decoded = {name: decode_all(store, plan.streams[name], spec.image_size, reference=plan.reference)
                    for name in plan.setting.refine_streams if plan.streams.get(name)}
         facts = plan.setting.refine(detector, TensorBatches(decoded, spec.batch_size, spec.seed,
                                                             device=ctx.device), spec)
@@ -448,10 +450,12 @@ def trainer_for(plan: RunPlan, run_id: int, name: str | None = None,
     spec = plan.spec
     if plan.setting.gradient:
         # Label settings read every stream each epoch: decoded once into Ray's object store.
-        datasets = {name: rows_dataset(rows, spec.image_size, spec.workers) for name, rows in plan.streams.items()}
+        datasets = {name: rows_dataset(rows, spec.image_size, spec.workers, reference=plan.reference)
+                    for name, rows in plan.streams.items()}
         split = split_streams(plan)
     else:
-        datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False)}
+        datasets = {"normal": rows_dataset(plan.streams["normal"], spec.image_size, spec.workers, materialize=False,
+                                           reference=plan.reference)}
         split = ["normal"]
     use_gpu = spec.gpus_per_worker > 0
     resources = spec.worker_bundle()  # what submission checked against the cluster

@@ -26,7 +26,7 @@ from flawline.evaluate import thresholds as th
 from flawline.evaluate.run import evaluate
 from flawline.models import Detector
 from flawline.models.artifacts import detector_to_bytes
-from flawline.models.base import check_settings
+from flawline.models.base import check_settings, detector_class
 from flawline.storage import ObjectStore
 from flawline.train.context import LocalContext
 from flawline.train.data import RunData, TensorBatches, decode_all, gather, run_white
@@ -41,6 +41,11 @@ class RunPlan:
     method: str
     data: RunData
     streams: dict[str, list[ImageRecord]]  # records per stream the workers read
+
+    @property
+    def reference(self) -> bool:
+        """Whether the method compares each image with its reference: its images decode as pairs."""
+        return detector_class(self.method).uses_reference
 
     @property
     def class_counts(self) -> list[int]:
@@ -66,6 +71,12 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     check_settings(method, {"image_size": spec.image_size, **spec.options})  # a bad --option fails here, not on the cluster
     data = gather(catalog, spec.datasets, spec.label_fraction, spec.seed)
     where = "+".join(spec.datasets)
+    if detector_class(method).uses_reference:  # only images paired with a reference (not the references)
+        for name in ("labelled", "unlabelled", "val", "test"):
+            setattr(data, name, [r for r in getattr(data, name) if r.reference_key])
+        if not data.labelled and not data.unlabelled:
+            raise InvalidInput(f"{where}: no train images with a reference image; {method} compares each image "
+                               "with its defect-free reference (a `reference` column in the import manifest)")
     if not data.labelled and not data.unlabelled:
         raise InvalidInput(f"{where}: no images in the train split; import images and run `flawline data split`")
     missing = setting.missing_labels(data, spec)
@@ -122,7 +133,8 @@ def train_local(store: ObjectStore, plan: RunPlan, device: str = "auto",
                 ctx: LocalContext | None = None) -> tuple[Detector, list[dict[str, Any]]]:
     """Train in this process (tests, benchmarks, a machine without a cluster)."""
     spec = plan.spec
-    decoded = {name: decode_all(store, rows, spec.image_size) for name, rows in plan.streams.items()}
+    decoded = {name: decode_all(store, rows, spec.image_size, reference=plan.reference)
+               for name, rows in plan.streams.items()}
     detector = plan.setting.build(spec, plan.data)
     ctx = ctx or LocalContext(detector.device if device == "auto" else device)
     source = TensorBatches(decoded, spec.batch_size, spec.seed, device=ctx.device)
@@ -156,7 +168,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
     """Threshold, test metrics, artifact in S3, model version row; returns the run's metrics."""
     spec = plan.spec
     started = time.perf_counter()
-    val = fetch(store, plan.data.val, spec.image_size) if plan.data.val else None
+    val = fetch(store, plan.data.val, spec.image_size, reference=plan.reference) if plan.data.val else None
     detector.config.white = run_white(plan.data)  # prediction decodes as the run's images were decoded
     val_scores = detector.predict(val.images).scores if val is not None and len(val) else None  # once
     detector.set_threshold(calibrate(detector, plan, val, val_scores))
@@ -165,7 +177,7 @@ def finish_run(catalog: Catalog, store: ObjectStore, plan: RunPlan, detector: De
         held_normals = val_scores[~val.labels.astype(bool)]
     if held_normals is not None and len(held_normals) >= th.MIN_READABLE_NORMALS:  # readable scores
         detector.info["normal_score_quantiles"] = th.normal_quantiles(held_normals)
-    test = fetch(store, plan.data.test, spec.image_size)
+    test = fetch(store, plan.data.test, spec.image_size, reference=plan.reference)
     metrics, _ = evaluate(detector, test)
     metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     if history:

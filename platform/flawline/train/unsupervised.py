@@ -36,8 +36,9 @@ class NormalOnly(TrainingSetting):
 @register_setting
 class Unsupervised(NormalOnly):
     name = "unsupervised"
-    description = "normal images only: a memory-bank, density, flow or reconstruction detector"
-    methods = ("patchcore", "padim", "flow", "reconstruction")
+    description = ("normal images only: a memory-bank, density, flow or reconstruction detector, or a "
+                   "comparison of each image with its reference image")
+    methods = ("patchcore", "padim", "flow", "reconstruction", "reference")
 
 
 @register_setting
