@@ -65,6 +65,7 @@ def test_unreadable_files(catalog, store, tmp_path, seeded, name, data, expect):
         import_dataset(catalog, store, src, dataset="d")
     message = _one_line(info.value)
     assert str(bad) in message and expect.lower() in message.lower()
+    assert message.endswith("(no image was added; --skip-invalid imports the others and lists the bad files)")
     _assert_unharmed(catalog, store, seeded)
 
 
@@ -74,8 +75,18 @@ def test_skip_invalid_imports_the_rest(catalog, store, tmp_path):
     write(src / "normal" / "empty.png", b"")
     write(src / "normal" / "notes.txt", b"hello")
     report = import_dataset(catalog, store, src, dataset="d", skip_invalid=True)
-    assert report.new_images == 1 and len(report.skipped) == 2
+    assert report.new_images == 1 and len(report.skipped) == 1
     assert any("empty.png" in s for s in report.skipped)
+    # A file that is no image file type is no bad image: listed as unused, with or without --skip-invalid.
+    assert report.unused == [f"{src / 'normal' / 'notes.txt'}: not an image file type"]
+
+
+def test_notes_beside_the_images_do_not_stop_an_import(catalog, store, tmp_path):
+    src = tmp_path / "notes"
+    write(src / "normal" / "ok.png", image_bytes(51))
+    write(src / "normal" / "README.txt", b"line 3, night shift")
+    report = import_dataset(catalog, store, src, dataset="d3")
+    assert report.new_images == 1 and report.unused == [f"{src / 'normal' / 'README.txt'}: not an image file type"]
 
 
 def test_mask_size_mismatch(catalog, store, tmp_path, seeded):

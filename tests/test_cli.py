@@ -41,6 +41,12 @@ def test_data_commands(settings_env, folder_tree):
     assert shown["split_info"]["seed"] == 7 and sum(shown["by_split"].values()) == 8
     table = _run("data", "show", "parts")
     assert "scratch 2" in table.stdout
+    # 8 images at val 0.01: val gets none, and the split says so (on stderr) instead of leaving it empty silently
+    thin = _run("data", "split", "parts", "--val", "0.01", "--train", "0.79")
+    assert thin.exit_code == 0 and "warning: val got no image (8 images at train 0.79 / val 0.01 / test 0.2): " \
+        "raise --val or import more images" in " ".join(thin.stderr.split())
+    empty = _run("models", "list")
+    assert empty.exit_code == 0 and "no registered models yet" in empty.stdout
 
 
 @pytest.fixture

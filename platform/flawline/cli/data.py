@@ -228,6 +228,12 @@ def split(
     if keep_preset:
         line += f"; {info.get('preset_kept', 0)} images kept their preset split"
     console.print(line, highlight=False)
+    asked = {"train": train, "val": val, "test": test}
+    empty = [k for k, share in asked.items() if share > 0 and not counts.get(k)]
+    if empty:
+        err_console.print(f"[yellow]warning:[/] {' and '.join(empty)} got no image ({sum(counts.values())} images at "
+                          f"train {train:g} / val {val:g} / test {test:g}): raise "
+                          + " / ".join(f"--{k}" for k in empty) + " or import more images", highlight=False)
 
 
 _NAMES = typer.Argument(None, help="Images: file names (as imported), content hashes (8+ hex digits) or origins.",

@@ -144,6 +144,10 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(items)
         return
+    if not items:
+        console.print("no registered models yet: `flawline evaluate DATASET --method padim` or "
+                      "`flawline train submit --dataset DATASET` trains and registers one", highlight=False)
+        return
     table = Table("model", "method", "stage", "threshold", "image AUROC", "artifact")
     for i in items:
         table.add_row(i["model"], i["method"], i["stage"],

@@ -195,7 +195,13 @@ def import_dataset(
         return sent, puts
 
     # Without skip_invalid the first error stops the pass (pending files are cancelled).
-    uploaded, errors = _parallel(import_one, items, workers, "importing", progress, collect_errors=skip_invalid)
+    try:
+        uploaded, errors = _parallel(import_one, items, workers, "importing", progress, collect_errors=skip_invalid)
+    except InvalidInput as err:
+        if skip_invalid or isinstance(err, ImportConflict):
+            raise
+        raise InvalidInput(f"{err} (no image was added; --skip-invalid imports the others and lists the bad "
+                           "files)") from None
     errors.sort(key=lambda e: e[0].image.name)
     conflicts = [err for _, err in errors if isinstance(err, ImportConflict)]
     if conflicts:

@@ -8,6 +8,7 @@ from typing import Any
 
 from flawline.catalog.enums import Label
 from flawline.data.importers.base import (
+    IMAGE_SUFFIXES,
     Blob,
     Importer,
     ImportItem,
@@ -36,6 +37,8 @@ class FolderImporter(Importer):
                 continue
             found = True
             for path in iter_files(folder):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:  # notes, exports: listed as unused, not images
+                    continue
                 rel = path.relative_to(root)
                 defect_class = None
                 if label is Label.defect:
