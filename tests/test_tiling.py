@@ -123,7 +123,8 @@ def test_tiled_segmenter_trains_on_crops_in_the_supervised_setting(data):
     images = torch.cat([train[:6], with_small_defects(textures(6, 3))])
     masks = torch.zeros(12, BIG, BIG)
     masks[6:, DEFECT[0], DEFECT[1]] = 1.0
-    source = TensorBatches({"labelled": {"image": images.expand(-1, 3, -1, -1).contiguous(), "mask": masks,
+    uint8 = (images.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)  # as runs decode them
+    source = TensorBatches({"labelled": {"image": uint8, "mask": masks,
                                          "target": torch.tensor([0] * 6 + [1] * 6)}}, batch_size=6, seed=0)
     det = create_detector("segmenter", image_size=BIG, tile=TILE, tile_overlap=0.25, batch_size=16)
     spec = TrainSpec(datasets=["t"], setting="supervised", method="segmenter", image_size=BIG, epochs=2, lr=1e-3)
