@@ -48,7 +48,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MT = REPO.parent / "shared" / "datasets" / "magnetic-tile"
-OTHER_BENCHMARKS = "elpv_bench|magnetic_tile_bench|import_bench|patchcore_profile|serve_bench"
+OTHER_BENCHMARKS = "elpv_bench|magnetic_tile_bench|import_bench|patchcore_profile|serve_bench|high_resolution_bench"
 APP = "flawline"
 
 
@@ -190,7 +190,7 @@ def http_batch_load(url: str, bodies: list[bytes], n: int, per_request: int, con
 
 
 # -- the cluster side --------------------------------------------------------------------------------------
-CPU_GROUPS = ("model_server", "gateway", "proxy", "ray_other", "client", "other")
+CPU_GROUPS = ("model_server", "gateway", "inspector", "proxy", "ray_other", "client", "other")
 
 
 def _group(pid: int, cmdline: str) -> str:
@@ -200,6 +200,8 @@ def _group(pid: int, cmdline: str) -> str:
         return "model_server"
     if f"ServeReplica:{APP}:Gateway" in cmdline:
         return "gateway"
+    if f"ServeReplica:{APP}:Inspector" in cmdline:
+        return "inspector"
     if "ProxyActor" in cmdline:
         return "proxy"
     if "ray::" in cmdline or "/ray/" in cmdline or "raylet" in cmdline or "ray.util.client" in cmdline:
@@ -265,14 +267,18 @@ def start_s3(tmp: Path):  # noqa: ANN201 (LocalS3Server)
     raise ServiceError("local S3 server did not start on three sets of free ports")
 
 
-def write_config(path: Path, batch: int, threads: int) -> Path:
-    """serve/config.yaml with one replica per deployment (no autoscaling during measurements),
-    ``threads`` CPUs and torch threads for the model server, and Serve's batch size ``batch``."""
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+LAYOUT_CONFIGS = {"split": "config.yaml", "single": "config-single.yaml"}
+
+
+def write_config(path: Path, batch: int, threads: int, layout: str = "split") -> Path:
+    """The layout's serve config with one replica per deployment (no autoscaling during
+    measurements), ``threads`` CPUs and torch threads for the replica holding the model, and
+    Serve's batch size ``batch``."""
+    config = yaml.safe_load((REPO / "serve" / LAYOUT_CONFIGS[layout]).read_text())
     for dep in config["applications"][0]["deployments"]:
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1
-        if dep["name"] == "ModelServer":
+        if dep["name"] in ("ModelServer", "Inspector"):
             dep["ray_actor_options"]["num_cpus"] = threads
             dep["user_config"].update(max_batch_size=batch, torch_threads=threads)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -296,6 +302,8 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=3 * 3600,
                         help="Wait up to this long for other benchmarks to finish first.")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    parser.add_argument("--layouts", nargs="+", default=["split", "single"], choices=list(LAYOUT_CONFIGS),
+                        help="The first gets the full grid and load test; each gets its row in the layout table.")
     args = parser.parse_args()
 
     idle = wait_idle(args.wait_idle)
@@ -365,13 +373,14 @@ def main() -> None:
             log("starting a local Ray cluster and deploying serve/config.yaml")
             cluster.start()
             started = time.perf_counter()
-            deploy(write_config(tmp / "config-8.yaml", 8, args.threads))
+            main_layout = args.layouts[0]
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_layout))
             deploy_s = time.perf_counter() - started
             endpoint = f"http://127.0.0.1:{port}/v1/models/bench-padim/predict"
 
             grid = []
             for batch in (1, 8):
-                deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads))
+                deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads, main_layout))
                 for concurrency in (1, 8, 32):
                     http_load(endpoint, bodies, max(concurrency, 8), concurrency)  # warm-up
                     time.sleep(1.0)
@@ -394,8 +403,36 @@ def main() -> None:
                 log(f"batch requests of {per_request}, {concurrency} in flight: {cell['images_per_s']:.2f} img/s, "
                     f"p50 {cell['p50_ms']:.0f} ms per request, errors {cell['errors']}")
 
+            def layout_row(layout: str, single: list[dict], batches: list[dict]) -> dict:
+                one = next(c for c in single if c["concurrency"] == 1)
+                many = next(c for c in single if c["concurrency"] == 32)
+                return {"layout": layout, "config": f"serve/{LAYOUT_CONFIGS[layout]}", "c1": one, "c32": many,
+                        "batch_requests": batches}
+
+            layouts = [layout_row(main_layout, [c for c in grid if c["batch_size"] == 8], batch_requests)]
+            for layout in args.layouts[1:]:
+                log(f"layout {layout}: redeploying serve/{LAYOUT_CONFIGS[layout]}")
+                deploy(write_config(tmp / f"config-{layout}.yaml", 8, args.threads, layout))
+                cells = []
+                for concurrency in (1, 32):
+                    http_load(endpoint, bodies, max(concurrency, 8), concurrency)
+                    time.sleep(1.0)
+                    cell = measured(http_load, endpoint, bodies, args.requests, concurrency)
+                    cells.append(cell)
+                    log(f"{layout} concurrency {concurrency}: {cell['images_per_s']:.2f} img/s, p50 "
+                        f"{cell['p50_ms']:.0f} ms, p99 {cell['p99_ms']:.0f} ms, errors {cell['errors']}")
+                batches = []
+                for per_request, concurrency in ((8, 4), (32, 1)):
+                    n = max(args.requests, 6 * per_request * concurrency)
+                    http_batch_load(endpoint + "/batch", bodies, per_request * concurrency, per_request, concurrency)
+                    time.sleep(1.0)
+                    cell = measured(http_batch_load, endpoint + "/batch", bodies, n, per_request, concurrency)
+                    batches.append(cell)
+                    log(f"{layout} batch requests of {per_request}: {cell['images_per_s']:.2f} img/s")
+                layouts.append(layout_row(layout, cells, batches))
+
             log(f"bounded load test: {args.load_requests} requests at concurrency 32 (batch 8)")
-            deploy(write_config(tmp / "config-8.yaml", 8, args.threads))
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_layout))
             http_load(endpoint, bodies, 64, 32)  # warm-up: buffers, allocator, first batches
             rss_before = replica_rss(cluster.address)
             load = measured(http_load, endpoint, bodies, args.load_requests, 32)
@@ -433,6 +470,7 @@ def main() -> None:
         "batch_requests": batch_requests,
         "batch_overhead_ratio": round(1 - max(c["images_per_s"] for c in batch_requests) / raw8["images_per_s"], 4),
         "load_test": load,
+        "layouts": layouts,
         "model": {"method": "padim", "backbone": det.config.backbone, "image_size": args.image_size,
                   "train_images": len(train_files), "device": "cpu"},
         "requests_per_cell": args.requests,
@@ -444,8 +482,8 @@ def main() -> None:
         "loadavg_end": [round(x, 2) for x in load_end],
         "other_benchmarks_running_at_start": not idle,
         "what": "raw = Detector.predict on pre-decoded tensors in this process (best of a run before and one "
-                "after the Serve measurements); serve = HTTP over loopback through the Serve proxy, Gateway "
-                "and ModelServer replicas (one each), client on the same machine (asyncio, aiohttp); the "
+                "after the Serve measurements); serve = HTTP over loopback through the Serve proxy and the first layout's "
+                "replicas (one each; other layouts in 'layouts'), client on the same machine (asyncio, aiohttp); the "
                 "raw run and the ModelServer replica use the same torch thread count; server_inference = decoding "
                 "and the forward pass of the batch in the replica; cpu_ms_per_request = CPU time per request of "
                 "each process group during the cell (from /proc)",
@@ -465,6 +503,18 @@ def _cpu_cells(cell: dict) -> str:
     return " | ".join(str(cell["cpu_ms_per_request"][k]) for k in (*CPU_GROUPS, "machine"))
 
 
+def _layout_line(x: dict, r: dict) -> str:
+    raw8 = next(v["images_per_s"] for v in r["raw"] if v["batch_size"] == 8)
+    c1, c32, cpu = x["c1"], x["c32"], x["c32"]["cpu_ms_per_request"]
+    replicas = cpu["model_server"] + cpu["gateway"] + cpu["inspector"]
+    b8, b32 = x["batch_requests"]
+    errors = c1["errors"] + c32["errors"] + b8["errors"] + b32["errors"]
+    return (f"| {x['layout']} | `{x['config']}` | {c1['images_per_s']:.2f} | {c1['p50_ms']:.0f} | "
+            f"{c32['images_per_s']:.2f} | {100 * (1 - c32['images_per_s'] / raw8):.1f} % | {c32['p50_ms']:.0f} | "
+            f"{c32['p99_ms']:.0f} | {b8['images_per_s']:.2f} | {b32['images_per_s']:.2f} | "
+            f"{replicas:.1f} / {cpu['proxy']} / {cpu['machine']} | {errors} |")
+
+
 def markdown(r: dict) -> str:
     lines = [
         "# Serving benchmark (Ray Serve vs raw forward pass)",
@@ -482,6 +532,14 @@ def markdown(r: dict) -> str:
         + (f" Batch inspection requests (32 images in flight): best {100 * r['batch_overhead_ratio']:.1f} % "
            "overhead." if r.get("batch_overhead_ratio") is not None else ""),
         "",
+        "## Layouts (max batch 8; one replica each, same torch threads)",
+        "",
+        "| layout | config | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | c=32 p50 (ms) | "
+        "c=32 p99 (ms) | batch requests of 8 (4 in flight) images/s | of 32 images/s | CPU ms per image at c=32 "
+        "(replicas / proxy / machine) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[_layout_line(x, r) for x in r.get("layouts", [])],
+        "",
         "## Raw forward pass in process",
         "",
         "| batch | images/s | runs (before, after Serve) | batch p50 (ms) | batch p99 (ms) |",
@@ -491,7 +549,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['batch_size']} | {x['images_per_s']:.2f} | "
                      f"{', '.join(f'{v:.2f}' for v in x['runs_images_per_s'])} | {x['batch_p50_ms']:.0f} | "
                      f"{x['batch_p99_ms']:.0f} |")
-    lines += ["", "## Through Serve (HTTP, one Gateway and one ModelServer replica)", "",
+    lines += ["", f"## Through Serve, {r['layouts'][0]['layout']} layout (HTTP, one replica per deployment)", "",
               "| max batch | concurrency | images/s | vs raw same batch | p50 (ms) | p90 (ms) | p99 (ms) | "
               "server inference p50 (ms) | mean batch | errors |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -504,8 +562,8 @@ def markdown(r: dict) -> str:
     lines += ["", "CPU per request (ms, all cores) while each cell ran: what the replica spends against what "
               "HTTP and Serve's hops cost around it (`other` is everything else on the machine, other users' "
               "work included):", "",
-              "| max batch | concurrency | model server | gateway | proxy | other Ray | client | other | machine |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| max batch | concurrency | model server | gateway | inspector | proxy | other Ray | client | other | machine |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["serve"]:
         lines.append(f"| {c['batch_size']} | {c['concurrency']} | {_cpu_cells(c)} |")
     if r.get("batch_requests"):
@@ -522,8 +580,8 @@ def markdown(r: dict) -> str:
                          f"{c['images_per_s'] / raw8:.2f} | {100 * (1 - c['images_per_s'] / raw8):.1f} % | "
                          f"{c['p50_ms']:.0f} | {c['p99_ms']:.0f} | {c['server_inference_p50_ms']:.0f} | {c['errors']} |")
         lines += ["", "CPU per image (ms, all cores) during the batch cells:", "",
-                  "| images per request | model server | gateway | proxy | other Ray | client | other | machine |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| images per request | model server | gateway | inspector | proxy | other Ray | client | other | machine |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in r["batch_requests"]:
             lines.append(f"| {c['images_per_request']} | {_cpu_cells(c)} |")
     lt = r["load_test"]

@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -421,6 +422,34 @@ def test_metrics_and_status(served):
         assert name in text, f"{name} not exported"
     counts = [line for line in text.splitlines() if line.startswith("ray_flawline_predictions") and 'model="tiles"' in line]
     assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 3
+
+
+def test_the_single_deployment_layout_keeps_every_guarantee(served, tmp_path):
+    """serve/config-single.yaml deployed in place of the split layout (same address): one
+    deployment, Inspector, takes HTTP and holds the models; what the tests above prove holds again."""
+    result = _cli("serve", "up", "--config", REPO / "serve" / "config-single.yaml", "--timeout", 240)
+    assert result.exit_code == 0, result.output
+    info = json.loads(_cli("serve", "status", "--json").stdout)
+    assert {d["deployment"] for d in info["deployments"]} == {"Inspector"}
+    assert all(d["status"] == "HEALTHY" for d in info["deployments"])
+    test_predict_raw_multipart_and_s3_key(served)
+    test_heatmap_mask_and_region_polygons_on_request(served)
+    health = requests.get(f"{served['url']}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok", "catalog": "ok", "model_server": "ok"}
+    models = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]}
+    assert set(models) == {"tiles", "tiles-regions", "broken"} and models["tiles"]["serving"] == 1
+    test_promotion_and_rollback_switch_predictions_without_redeploy(served)
+    test_bad_input_gets_4xx_and_the_server_keeps_serving(served)
+    test_batch_request_answers_each_image_in_order_with_its_own_status(served)
+    test_a_broken_artifact_answers_503_for_that_model_only(served)
+    # requests for two models at once share the replica's batches: each model's run with its own
+    with ThreadPoolExecutor(8) as pool:
+        image = served["free"][28].read_bytes()
+        answers = list(pool.map(lambda m: _predict(served, model=m, data=image), ["tiles:1", "tiles:2"] * 8))
+    assert [a.status_code for a in answers] == [200] * 16
+    scores = {a.json()["model_version"]: a.json()["score"] for a in answers}
+    assert scores[1] == pytest.approx(_expected(served["v1"], image), rel=1e-4)
+    assert scores[2] == pytest.approx(_expected(served["v2"], image), rel=1e-4)
 
 
 def test_bad_serve_config_is_one_line_and_down_stops_serving(served, tmp_path):

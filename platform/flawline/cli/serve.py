@@ -93,12 +93,22 @@ def _client(settings: Settings):  # noqa: ANN202 (ServeSubmissionClient)
                            ) from None
 
 
-def _call(what: str, fn, *args):  # noqa: ANN001, ANN202
-    try:
-        return fn(*args)
-    except Exception as err:  # the SDK raises RuntimeError("Request failed with status code ...: <text>")
-        text = " ".join(str(err).split())
-        raise ServiceError(f"Ray Serve {what} failed: {text[:400]}") from None
+DEPLOY_ATTEMPTS = 3  # the dashboard answers 500 now and then while Serve's controller starts
+
+
+def _call(what: str, fn, *args, attempts: int = 1):  # noqa: ANN001, ANN202
+    """``fn(*args)``; a 5xx answer is tried again up to ``attempts`` times in all (for idempotent
+    calls: a declarative deploy, a status read). Raises ``ServiceError`` in one line."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args)
+        except Exception as err:  # the SDK raises RuntimeError("Request failed with status code ...: <text>")
+            text = " ".join(str(err).split())
+            if attempt < attempts and "status code 5" in text:
+                time.sleep(3.0 * attempt)
+                continue
+            where = f" (after {attempts} attempts)" if attempts > 1 else ""
+            raise ServiceError(f"Ray Serve {what} failed{where}: {text[:400]}") from None
 
 
 @app.command("up")
@@ -120,7 +130,7 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
     if have and have != want:
         raise InvalidInput(f"Serve already runs on this cluster at {have}; its address cannot change while it "
                            f"runs: `flawline serve down`, then `flawline serve up` for {want}")
-    _call("deploy", client.deploy_applications, deploy)
+    _call("deploy", client.deploy_applications, deploy, attempts=DEPLOY_ATTEMPTS)
     names = [a["name"] for a in deploy["applications"]]
     console.print(f"deploying {', '.join(names)} from {config} on {settings.ray_dashboard_url}")
     if not wait:

@@ -1,19 +1,29 @@
-"""The Ray Serve application: a FastAPI ``Gateway`` in front of a batched, multiplexed ``ModelServer``.
+"""The Ray Serve application, in one of two layouts (``layout`` in the application's args):
 
-- ``Gateway`` (HTTP ingress) reads and checks the request (bounded body and pixels; 4xx with a
-  one-line message), resolves the model reference to ``name:version`` (production version, else
-  the newest; a cheap catalog query cached ``resolve_ttl_s``), and calls the model server with that
-  id as the multiplexed model id. Promotion and rollback therefore take effect within
-  ``resolve_ttl_s`` without a restart.
+- ``split`` (the default, serve/config.yaml): a FastAPI ``Gateway`` in front of a batched,
+  multiplexed ``ModelServer``: front ends and model replicas scale apart, and Serve routes a
+  model id to the model replicas that hold it;
+- ``single`` (serve/config-single.yaml): one deployment, ``Inspector``, is the HTTP ingress and
+  holds the models, so a request crosses the proxy and one replica: no second hop, no second
+  serialisation of the image. ``docs/benchmarks/serve.md`` measures both.
+
+The HTTP front is the same code in both (``_HTTPFront``): it reads and checks the request (bounded
+body and pixels; 4xx with a one-line message), resolves the model reference to ``name:version``
+(production version, else the newest; a cheap catalog query cached ``resolve_ttl_s``), so
+promotion and rollback take effect within ``resolve_ttl_s`` without a restart, and answers.
+
+- ``POST /v1/models/{model}/predict``: one image (raw body, multipart or ``{"uri": ...}``).
 - ``POST /v1/models/{model}/predict/batch``: a batch inspection request, many images (multipart
-  parts or ``{"uris": [...]}``) in one request, answered per image in order: one HTTP exchange and
-  one hop to the model server for all of them, forward passes of up to ``max_batch_size``. A bad
-  image gets its own status in ``results``; the request fails as a whole only when it is bad as a
-  whole (no image, over ``max_batch_images``, unknown model).
-- ``ModelServer`` loads versions from S3 on demand (``@serve.multiplexed``, an LRU of
-  ``max_models_per_replica`` models per replica; Serve routes a model id to replicas that hold it)
-  and batches requests for one model id (``@serve.batch``; size and wait in ``user_config``,
-  changed in place). A version whose artifact cannot be loaded answers 503 for that model only.
+  parts or ``{"uris": [...]}``) in one request, answered per image in order: one HTTP exchange for
+  all of them, forward passes of up to ``max_batch_size``. A bad image gets its own status in
+  ``results``; the request fails as a whole only when it is bad as a whole (no image, over
+  ``max_batch_images``, unknown model).
+
+The model side is also one piece of code (``_ModelHolder``): versions load from S3 on demand
+(``@serve.multiplexed``, an LRU of ``max_models_per_replica`` models per replica), requests for one
+model are batched (``@serve.batch``; size and wait in ``user_config``, changed in place), every
+torch call runs on one thread, and a version whose artifact cannot be loaded answers 503 for that
+model only.
 
 Metrics (``ray.util.metrics``, defined in ``flawline.monitoring.metrics``): ``flawline_predictions``
 {model, version, verdict}, ``flawline_request_errors`` {model, status}, ``flawline_predict_latency_ms``
@@ -54,10 +64,10 @@ from flawline.serving.response import build_response
 GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
                                     "max_image_pixels": MAX_PIXELS, "max_batch_images": 64}
 SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None}
-APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto"}
+INSPECTOR_DEFAULTS: dict[str, Any] = {**GATEWAY_DEFAULTS, **SERVER_DEFAULTS}
+LAYOUTS = ("single", "split")
+APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto", "layout": "split"}
 LOAD_RETRY_AFTER_S = 10.0  # a failed load is answered from memory this long (no S3 fetch per request)
-
-api = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
 
 
 def _settings(config: dict[str, Any] | None, defaults: dict[str, Any], where: str) -> dict[str, Any]:
@@ -105,9 +115,11 @@ class _Metrics:
                 self.ratio.observe(outcome.score / outcome.threshold["value"], tags={"model": model})
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=32)
-class ModelServer:
-    def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
+class _ModelHolder:
+    """The model side of a replica: versions loaded on demand (multiplexed LRU), every torch call on
+    one thread, forward passes of up to ``max_batch_size`` images."""
+
+    def _init_models(self, max_models_per_replica: int, device: str) -> None:
         settings = get_settings()
         self.catalog, self.store = open_catalog(settings), open_store(settings)
         self.device = device
@@ -121,10 +133,8 @@ class ModelServer:
             return await self._load(model_id)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=int(max_models_per_replica))(load)
-        self.reconfigure({})
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        c = _settings(config, SERVER_DEFAULTS, "ModelServer user_config")
+    def _reconfigure_models(self, c: dict[str, Any]) -> None:
         self.max_batch_size = int(c["max_batch_size"])
         self.predict_batch.set_max_batch_size(self.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(float(c["batch_wait_timeout_s"]))
@@ -147,26 +157,41 @@ class ModelServer:
         self._failed.pop(model_id, None)
         return model
 
-    @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
-                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
-    async def predict_batch(self, items: list[Item]) -> list[Outcome]:
-        # Serve splits batches by multiplexed model id: every item here is for this model.
-        model = await self.get_model(serve.get_multiplexed_model_id())
-        self._batch_sizes.observe(len(items))
-        return await asyncio.get_running_loop().run_in_executor(self._torch, predict_items, model, items)
-
-    async def predict(self, item: Item) -> Outcome:
-        return await self.predict_batch(item)
-
-    async def predict_many(self, items: list[Item]) -> list[Outcome]:
-        """A batch inspection request's images, in order: forward passes of up to max_batch_size."""
-        model = await self.get_model(serve.get_multiplexed_model_id())
+    async def _forward(self, model_id: str, items: list[Item]) -> list[Outcome]:
+        """``items`` of one model, in order, in forward passes of up to ``max_batch_size``."""
+        model = await self.get_model(model_id)
         loop, outcomes = asyncio.get_running_loop(), []
         for start in range(0, len(items), self.max_batch_size):
             chunk = items[start:start + self.max_batch_size]
             self._batch_sizes.observe(len(chunk))
             outcomes += await loop.run_in_executor(self._torch, predict_items, model, chunk)
         return outcomes
+
+
+@serve.deployment(name="ModelServer", max_ongoing_requests=32)
+class ModelServer(_ModelHolder):
+    """The ``split`` layout's model replicas, called by the Gateway with the model id as Serve's
+    multiplexed model id (Serve routes it to replicas that hold the model, and batches by it)."""
+
+    def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
+        self._init_models(max_models_per_replica, device)
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self._reconfigure_models(_settings(config, SERVER_DEFAULTS, "ModelServer user_config"))
+
+    @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
+                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
+    async def predict_batch(self, items: list[Item]) -> list[Outcome]:
+        # Serve splits batches by multiplexed model id: every item here is for this model.
+        return await self._forward(serve.get_multiplexed_model_id(), items)
+
+    async def predict(self, item: Item) -> Outcome:
+        return await self.predict_batch(item)
+
+    async def predict_many(self, items: list[Item]) -> list[Outcome]:
+        """A batch inspection request's images, in order: forward passes of up to max_batch_size."""
+        return await self._forward(serve.get_multiplexed_model_id(), items)
 
     def ping(self) -> str:
         return "ok"
@@ -185,18 +210,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@serve.deployment(name="Gateway", max_ongoing_requests=64)
-@serve.ingress(api)
-class Gateway:
-    def __init__(self, model_server: DeploymentHandle) -> None:
+class _HTTPFront:
+    """The HTTP handlers both layouts share (``_routes`` registers them). A subclass provides
+    ``_predict_one(ref, item)``, ``_predict_many(ref, items)`` and ``_ping()``."""
+
+    def _init_front(self) -> None:
         settings = get_settings()
-        self.server = model_server
         self.catalog, self.store = open_catalog(settings), open_store(settings)
         self.metrics = _Metrics()
-        self.reconfigure({})
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        c = _settings(config, GATEWAY_DEFAULTS, "Gateway user_config")
+    def _reconfigure_front(self, c: dict[str, Any]) -> None:
         self.limits = Limits(int(c["max_request_bytes"]), int(c["max_image_pixels"]))
         self.max_batch_images = int(c["max_batch_images"])
         self.resolver = ModelResolver(self.catalog, float(c["resolve_ttl_s"]))
@@ -236,7 +259,6 @@ class Gateway:
             f"internal error ({type(cause).__name__}: {one_line(cause)})"
         return status, message
 
-    @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         checks = {}
         try:
@@ -251,10 +273,6 @@ class Gateway:
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
 
-    async def _ping(self) -> str:
-        return await self.server.ping.remote()
-
-    @api.get("/v1/models")
     async def models(self) -> JSONResponse:
         try:
             return JSONResponse({"models": await asyncio.to_thread(list_models, self.catalog),
@@ -268,7 +286,6 @@ class Gateway:
         flags = tuple(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions"))
         return flags, await _read_body(request, self.limits.max_request_bytes)  # type: ignore[return-value]
 
-    @api.post("/v1/models/{model}/predict")
     async def predict(self, model: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         tag = "unresolved"
@@ -277,7 +294,7 @@ class Gateway:
             ref, image = await asyncio.to_thread(self._prepare, model, request.headers.get("content-type"), body)
             tag = ref.name
             item = Item(image.data, image.name, ref.threshold, heatmap or mask or with_regions)
-            outcome: Outcome = await self.server.options(multiplexed_model_id=ref.model_id).predict.remote(item)
+            outcome = await self._predict_one(ref, item)
             if outcome.error:
                 raise _Status(outcome.error, outcome.status)
             latency_ms = (time.perf_counter() - started) * 1e3
@@ -289,7 +306,6 @@ class Gateway:
         except Exception as err:  # noqa: BLE001 — every failure is one answer; the server keeps serving
             return _error(*self._failure(err, tag))
 
-    @api.post("/v1/models/{model}/predict/batch")
     async def predict_many(self, model: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         tag = "unresolved"
@@ -302,8 +318,8 @@ class Gateway:
             good = [(i, image) for i, (_, image) in enumerate(images) if isinstance(image, CheckedImage)]
             outcomes: dict[int, Outcome] = {}
             if good:
-                answered = await self.server.options(multiplexed_model_id=ref.model_id).predict_many.remote(
-                    [Item(image.data, image.name, ref.threshold, want_map) for _, image in good])
+                answered = await self._predict_many(
+                    ref, [Item(image.data, image.name, ref.threshold, want_map) for _, image in good])
                 outcomes = {i: outcome for (i, _), outcome in zip(good, answered)}
             latency_ms = (time.perf_counter() - started) * 1e3
             build = functools.partial(self._batch_results, images, outcomes, ref, latency_ms, heatmap=heatmap,
@@ -334,9 +350,92 @@ class Gateway:
         return results
 
 
+
+
+def _routes() -> FastAPI:
+    """A FastAPI app with ``_HTTPFront``'s routes (one per ingress class: Serve freezes each)."""
+    app = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
+    app.add_api_route("/healthz", _HTTPFront.healthz, methods=["GET"])
+    app.add_api_route("/v1/models", _HTTPFront.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model}/predict", _HTTPFront.predict, methods=["POST"])
+    app.add_api_route("/v1/models/{model}/predict/batch", _HTTPFront.predict_many, methods=["POST"])
+    return app
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=64)
+@serve.ingress(_routes())
+class Gateway(_HTTPFront):
+    """The ``split`` layout's HTTP ingress: calls the ModelServer with the model id as Serve's
+    multiplexed model id."""
+
+    def __init__(self, model_server: DeploymentHandle) -> None:
+        self.server = model_server
+        self._init_front()
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self._reconfigure_front(_settings(config, GATEWAY_DEFAULTS, "Gateway user_config"))
+
+    async def _predict_one(self, ref: Any, item: Item) -> Outcome:
+        return await self.server.options(multiplexed_model_id=ref.model_id).predict.remote(item)
+
+    async def _predict_many(self, ref: Any, items: list[Item]) -> list[Outcome]:
+        return await self.server.options(multiplexed_model_id=ref.model_id).predict_many.remote(items)
+
+    async def _ping(self) -> str:
+        return await self.server.ping.remote()
+
+
+@serve.deployment(name="Inspector", max_ongoing_requests=64)
+@serve.ingress(_routes())
+class Inspector(_HTTPFront, _ModelHolder):
+    """The ``single`` layout: HTTP ingress and model holder in one replica. Requests are batched
+    per model id here (a batch may hold several models' requests: each model's run together)."""
+
+    def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
+        self._init_front()
+        self._init_models(max_models_per_replica, device)
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        c = _settings(config, INSPECTOR_DEFAULTS, "Inspector user_config")
+        self._reconfigure_front(c)
+        self._reconfigure_models(c)
+
+    @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
+                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
+    async def predict_batch(self, requests: list[tuple[str, Item]]) -> list[Outcome]:
+        by_model: dict[str, list[int]] = {}
+        for i, (model_id, _) in enumerate(requests):
+            by_model.setdefault(model_id, []).append(i)
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        for model_id, index in by_model.items():
+            try:
+                answered = await self._forward(model_id, [requests[i][1] for i in index])
+            except Exception as err:  # noqa: BLE001 — a model that cannot load fails its own requests only
+                answered = [Outcome(error=one_line(err), status=http_status(err)) for _ in index]
+            for i, outcome in zip(index, answered):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def _predict_one(self, ref: Any, item: Item) -> Outcome:
+        return await self.predict_batch((ref.model_id, item))
+
+    async def _predict_many(self, ref: Any, items: list[Item]) -> list[Outcome]:
+        return await self._forward(ref.model_id, items)
+
+    async def _ping(self) -> str:
+        return "ok"
+
+
 def build_app(args: dict[str, Any] | None = None):  # noqa: ANN201 — serve.Application
-    """The application (``serve/app.py`` exposes it; ``args`` from serve/config.yaml)."""
+    """The application in ``args["layout"]`` (``serve/app.py`` exposes it; ``args`` from
+    serve/config.yaml). Raises ``ValueError`` for an unknown arg or layout."""
     a = _settings(args, APP_ARGS, "application args")
     if int(a["max_models_per_replica"]) < 1:
         raise ValueError("application args: max_models_per_replica must be at least 1")
+    if a["layout"] not in LAYOUTS:
+        raise ValueError(f"application args: layout {a['layout']!r} must be one of {', '.join(LAYOUTS)}")
+    if a["layout"] == "single":
+        return Inspector.bind(int(a["max_models_per_replica"]), str(a["device"]))
     return Gateway.bind(ModelServer.bind(int(a["max_models_per_replica"]), str(a["device"])))
