@@ -309,3 +309,35 @@ def test_push_with_model_pre_annotations(tiles, ls_client, catalog, store):
     (version,) = {p["model_version"] for p in preds}  # the model and the threshold its verdicts come from
     assert len(preds) == N and version.startswith(f"{metrics['model']} (threshold ")
     assert all(p["result"][0]["from_name"] == "verdict" for p in preds)
+
+
+def test_a_slow_service_is_asked_again_before_it_is_called_down():
+    """A server that accepted the connection but answers after the first timeout (a busy machine)
+    is waited for once more; a refused connection fails at once."""
+    import socket
+    import threading
+    import time
+    import urllib.error
+
+    from flawline import health
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def answer_late() -> None:
+        while True:
+            conn, _ = server.accept()
+            conn.recv(1000)
+            time.sleep(2.5)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"status\": \"UP\"}")
+            conn.close()
+
+    threading.Thread(target=answer_late, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/health"
+    assert health._http_json(url, timeout=1.0) == (200, {"status": "UP"})
+    started = time.monotonic()
+    with pytest.raises(urllib.error.URLError):
+        health._http_json("http://127.0.0.1:9/health")
+    assert time.monotonic() - started < 1.5
+    server.close()

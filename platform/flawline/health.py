@@ -25,10 +25,22 @@ class ServiceHealth:
         return self.state in ("ok", "idle")
 
 
+SLOW_TIMEOUT_S = 10.0  # a server that accepted the connection but did not answer in time gets this long
+
+
 def _http_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    """(HTTP status, parsed body). A refused connection fails at once; a server that is up but slow
+    (the ``timeout`` passes) is asked once more with ``SLOW_TIMEOUT_S``, so a busy machine's service
+    is not reported down. Raises ``OSError`` / ``URLError`` when it cannot be reached."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (URLs from settings)
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 (URLs from settings)
+        except (TimeoutError, urllib.error.URLError) as err:
+            if not isinstance(getattr(err, "reason", err), TimeoutError) or timeout >= SLOW_TIMEOUT_S:
+                raise
+            resp = urllib.request.urlopen(req, timeout=SLOW_TIMEOUT_S)  # noqa: S310
+        with resp:
             body = resp.read()
             status = resp.status
     except urllib.error.HTTPError as err:
