@@ -130,6 +130,16 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def smooth_textures(n: int, seed: int, size: int = SIZE):  # -> torch.Tensor (torch imported lazily)
+    """[n, 1, size, size] smooth gray textures in [0.35, 0.65] (noise at a quarter of the side,
+    bilinearly enlarged): the 'normal' parts of the in-memory detector tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size // 4, size // 4, generator=g)
+    return 0.35 + 0.3 * torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def _texture(rng: np.random.Generator) -> np.ndarray:
     small = rng.uniform(90, 160, (8, 8))
     return np.kron(small, np.ones((8, 8))).astype(np.uint8)  # 64 x 64 gray tiles

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import smooth_textures
 from flawline.errors import ConfigError, InvalidInput
 from flawline.evaluate.metrics import roc_auc
 from flawline.evaluate.thresholds import manual, quantile
@@ -33,11 +34,7 @@ def make(method: str):
 
 
 def textures(n: int, seed: int) -> torch.Tensor:
-    """Smooth gray textures, the 'normal' parts."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, SIZE // 4, SIZE // 4, generator=g)
-    x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    return 0.35 + 0.3 * x
+    return smooth_textures(n, seed, SIZE)
 
 
 def with_defects(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from sqlalchemy import func, select
 
 from conftest import SIZE, crack_tiles
+from conftest import smooth_textures as textures
 from flawline.catalog import Annotation, AnnotationSource, Dataset, Image, Label
 from flawline.catalog.queries import image_labels
 from flawline.data.ingest import import_dataset
@@ -27,12 +28,6 @@ from flawline.train.mixed import MixedSupervision, head_threshold
 from flawline.train.runner import finish_run, plan_run, train_local
 
 FAST = {"image_size": SIZE, "batch_size": 16}
-
-
-def textures(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, SIZE // 4, SIZE // 4, generator=g)
-    return 0.35 + 0.3 * torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 
 
 def scratched(x: torch.Tensor, seed: int, amp: float) -> tuple[torch.Tensor, torch.Tensor]:

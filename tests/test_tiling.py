@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import smooth_textures
 from flawline.errors import ConfigError
 from flawline.evaluate.metrics import roc_auc
 from flawline.models import create_detector
@@ -21,10 +22,7 @@ DEFECT = (slice(150, 156), slice(40, 46))
 
 def textures(n: int, seed: int) -> torch.Tensor:
     """Fine gray textures (a period of a few pixels), BIG px a side."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, BIG // 4, BIG // 4, generator=g)
-    x = torch.nn.functional.interpolate(x, size=(BIG, BIG), mode="bilinear", align_corners=False)
-    return 0.35 + 0.3 * x
+    return smooth_textures(n, seed, BIG)
 
 
 def with_small_defects(x: torch.Tensor) -> torch.Tensor:
