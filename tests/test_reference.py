@@ -196,3 +196,11 @@ def test_serving_answers_a_reference_model_with_one_clear_error_per_image(data):
     assert [o.status for o in outcomes] == [400, 400]
     assert "reference compares each image with its reference image" in outcomes[0].error
     assert "flawline evaluate" in outcomes[0].error and "\n" not in outcomes[0].error
+
+
+def test_a_pair_counts_both_images_against_the_shard_cache():
+    """An image/reference pair decodes to 6 channels: the shard-cache budget must count them."""
+    from flawline.train.distributed import decoded_bytes
+
+    assert decoded_bytes(64) == 5 * 64 * 64 + 32
+    assert decoded_bytes(64, reference=True) - decoded_bytes(64) == 3 * 64 * 64

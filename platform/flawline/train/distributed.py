@@ -88,10 +88,10 @@ def rows_dataset(rows: list[ImageRecord], image_size: int, parallelism: int,
     return ds.materialize() if materialize else ds
 
 
-def decoded_bytes(image_size: int) -> int:
-    """Bytes one decoded row takes in a worker (``decode_rows``: uint8 image, mask and region, and
-    the per-row scalars)."""
-    return (3 + 1 + 1) * image_size * image_size + 32
+def decoded_bytes(image_size: int, reference: bool = False) -> int:
+    """Bytes one decoded row takes in a worker (``decode_rows``: uint8 image (3 channels, 6 for an
+    image/reference pair), mask and region, and the per-row scalars)."""
+    return ((6 if reference else 3) + 1 + 1) * image_size * image_size + 32
 
 
 class RayShardBatches:
@@ -113,7 +113,7 @@ class RayShardBatches:
         self.shards = {name: ray.train.get_dataset_shard(name) for name in plan.streams}
         budget, used, memory = spec.shard_cache_mb * 2 ** 20, 0, {}
         for name in sorted(plan.streams, key=lambda n: self.sizes[n]):  # small streams first
-            need = self.sizes[name] * decoded_bytes(spec.image_size)
+            need = self.sizes[name] * decoded_bytes(spec.image_size, plan.reference)
             if used + need <= budget:
                 parts = list(self.shards[name].iter_torch_batches(batch_size=256))
                 memory[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
