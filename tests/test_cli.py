@@ -103,8 +103,9 @@ def test_quickstart_main_job(local_env, labelstudio, tmp_path):
     # A Ray token left by an earlier local `ray.init()` (~/.ray/auth_token; here at its env path): Ray 2.60's
     # `ray start` turns token authentication on when one exists; `up` must still make a working cluster.
     (tmp_path / "auth_token").write_text("0" * 64)
-    env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url, FLAWLINE_SERVE_PORT=str(free_ports(1)[0]),
-               RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
+    serve_port, grpc_port = free_ports(2)
+    env = dict(os.environ, FLAWLINE_LABELSTUDIO_URL=labelstudio.url, FLAWLINE_SERVE_PORT=str(serve_port),
+               FLAWLINE_SERVE_GRPC_PORT=str(grpc_port), RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
     try:  # within pytest-timeout's 1200 s, so that what it printed is shown
         proc = subprocess.run([sys.executable, "-m", "flawline.cli", "quickstart", "--source", str(root), "--rounds",
                                "1", "--budget", "3", "--retrain-after", "3", "--image-size", "64"],

@@ -50,10 +50,11 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
     Label Studio round trip, serving, the metrics on the nodes' Prometheus endpoints and
     `flawline status`."""
     assert get_settings().catalog_url.startswith("postgresql")
-    serve_port, = free_ports(1)
+    serve_port, grpc_port = free_ports(2)
     monkeypatch.setenv("FLAWLINE_LABELSTUDIO_URL", labelstudio.url)
     monkeypatch.setenv("FLAWLINE_LABELSTUDIO_TOKEN", labelstudio.token)
     monkeypatch.setenv("FLAWLINE_SERVE_PORT", str(serve_port))
+    monkeypatch.setenv("FLAWLINE_SERVE_GRPC_PORT", str(grpc_port))
     get_settings.cache_clear()
     started = _cli("monitor", "start", "--interval", 1)
     assert started.exit_code == 0 and "started as Ray job flawline-monitor-" in started.stdout, started.output

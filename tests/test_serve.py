@@ -5,7 +5,8 @@ catalog with artifacts in the real S3 server, and requests go over loopback HTTP
 Covers: raw, multipart and s3:// requests; batch inspection requests answered per image; heatmap, mask and region polygons on request; the model
 list and health endpoints; promotion and rollback switching predictions without a redeploy; bad
 input answered 4xx while the server keeps serving; a broken artifact answering 503 for that model
-only; `flawline predict` over HTTP and --local writing overlays; Ray metrics; `serve status|down`.
+only; the gRPC API answering as HTTP does, errors as gRPC status codes; `flawline predict` over
+HTTP, gRPC and --local writing overlays; Ray metrics; `serve status|down`.
 """
 
 from __future__ import annotations
@@ -83,13 +84,14 @@ def served(s3_server, tmp_path_factory):
         url = f"sqlite:///{tmp / 'catalog.db'}"
         upgrade(make_engine(url))
         bucket = f"t-{uuid.uuid4().hex[:12]}"
-        port, = free_ports(1)
+        port, grpc_port = free_ports(2)
         env = {
             "FLAWLINE_DATA_DIR": str(tmp / "data"), "FLAWLINE_CATALOG_URL": url,
             "FLAWLINE_S3_ENDPOINT": s3_server.endpoint, "FLAWLINE_S3_ACCESS_KEY": s3_server.access_key,
             "FLAWLINE_S3_SECRET_KEY": s3_server.secret_key, "FLAWLINE_S3_BUCKET": bucket,
             "FLAWLINE_UPLOAD_WORKERS": "4", "FLAWLINE_LABELSTUDIO_URL": "http://127.0.0.1:9",
             "FLAWLINE_RAY_DASHBOARD_URL": cluster.dashboard_url, "FLAWLINE_SERVE_PORT": str(port),
+            "FLAWLINE_SERVE_GRPC_PORT": str(grpc_port),
         }
         mp.delenv("FLAWLINE_CONFIG", raising=False)
         for key, value in env.items():
@@ -123,9 +125,10 @@ def served(s3_server, tmp_path_factory):
             promote(s, "tiles:1")
         result = _cli("serve", "up", "--config", REPO / "serve" / "config.yaml", "--timeout", 240)
         assert result.exit_code == 0, result.output + (tmp / "ray.log").read_text()[-3000:]
-        assert f"127.0.0.1:{port}" in result.output
+        assert f"127.0.0.1:{port}" in result.output and f"gRPC (serve/flawline.proto) on port {grpc_port}" in result.output
         yield {"url": f"http://127.0.0.1:{port}", "store": store, "catalog": catalog, "cluster": cluster,
-               "free": free, "blowholes": blowholes, "v1": v1, "v2": v2, "port": port}
+               "free": free, "blowholes": blowholes, "v1": v1, "v2": v2, "port": port,
+               "grpc": f"127.0.0.1:{grpc_port}", "grpc_port": grpc_port}
     finally:
         _cli("serve", "down")
         cluster.stop()
@@ -393,6 +396,93 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
     assert len(down.output.strip().splitlines()) == 1
 
 
+def test_grpc_answers_as_http_does_with_status_codes_for_errors(served):
+    """The gRPC API (serve/flawline.proto) through Serve's gRPC proxy: the same verdicts, maps and
+    regions as HTTP for the same image, a batch answered per image with each image's own status
+    code, and errors as gRPC status codes with one-line details."""
+    from flawline.serving.grpc_client import InspectionClient, InspectionError
+
+    image = served["free"][20].read_bytes()
+    blowhole = served["blowholes"][0].read_bytes()
+    with InspectionClient(served["grpc"]) as client:
+        http = _predict(served, data=image).json()
+        verdict = client.predict("tiles", image, name="tile.jpg")
+        assert verdict["model"] == "tiles" and verdict["model_version"] == http["model_version"] == 1
+        assert verdict["score"] == pytest.approx(http["score"], rel=1e-6)
+        assert verdict["score"] == pytest.approx(_expected(served["v1"], image), rel=1e-4)
+        same = {"is_defect", "threshold", "threshold_method", "defect_class", "model", "model_version"}
+        assert {k: verdict[k] for k in same} == {k: http[k] for k in same}
+        assert set(verdict) == set(http) and verdict["latency_ms"] >= verdict["inference_ms"] > 0
+        # maps and regions: the same post-processing, so the same PNGs and polygons
+        maps = client.predict("tiles-regions", blowhole, heatmap=True, mask=True, regions=True)
+        http_maps = _predict(served, model="tiles-regions", data=blowhole,
+                             query="?heatmap=true&mask=true&regions=true").json()
+        for key in ("heatmap_png", "mask_png", "regions", "heatmap_scale", "map_size", "image_size", "is_defect"):
+            assert maps[key] == http_maps[key], key
+        assert maps["regions"]
+        served["store"].put_bytes("incoming/grpc.jpg", image)
+        by_key = client.predict("tiles", uri=served["store"].uri("incoming/grpc.jpg"))
+        assert by_key["score"] == pytest.approx(http["score"], rel=1e-6)
+        assert client.predict("tiles:2", image)["model_version"] == 2
+
+        refused = [(("tiles", b"not an image"), {"name": "junk.jpg"}, "INVALID_ARGUMENT", "junk.jpg: not an image"),
+                   (("tiles", b""), {}, "INVALID_ARGUMENT", "empty body"),
+                   (("tiles", _huge_png(9_000, 9_000)), {}, "INVALID_ARGUMENT", "exceeds the limit"),
+                   (("nope", image), {}, "NOT_FOUND", "no model 'nope'"),
+                   (("tiles:x", image), {}, "INVALID_ARGUMENT", "version must be a number"),
+                   (("tiles",), {"uri": served["store"].uri("incoming/missing.jpg")}, "NOT_FOUND", "does not exist"),
+                   (("tiles",), {"uri": "s3://elsewhere/k.jpg"}, "INVALID_ARGUMENT", "this server reads images from"),
+                   (("broken", image), {}, "UNAVAILABLE", "broken:1 cannot be loaded")]
+        for args, kwargs, code, message in refused:
+            with pytest.raises(InspectionError) as err:
+                client.predict(*args, **kwargs)
+            assert err.value.code == code and message in str(err.value), (code, str(err.value))
+            assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+        good = [served["free"][i].read_bytes() for i in (25, 26)]
+        batch = client.predict_many("tiles", [("a.jpg", good[0]), ("junk.jpg", b"not an image"), ("b.jpg", good[1]),
+                                              served["store"].uri("incoming/missing.jpg")])
+        assert (batch["model"], batch["model_version"], batch["images"], batch["errors"]) == ("tiles", 1, 4, 2)
+        results = batch["results"]
+        assert [r["image"] for r in results][:3] == ["a.jpg", "junk.jpg", "b.jpg"]
+        assert [r["code"] for r in results] == ["OK", "INVALID_ARGUMENT", "OK", "NOT_FOUND"]
+        assert results[1]["error"].startswith("junk.jpg: not an image") and "score" not in results[1]
+        for r, data in zip((results[0], results[2]), good):
+            assert r["score"] == pytest.approx(_expected(served["v1"], data), rel=1e-4) and r["batch_size"] == 2
+        for model, code in (("nope", "NOT_FOUND"), ("tiles", "INVALID_ARGUMENT")):  # bad as a whole
+            with pytest.raises(InspectionError) as err:
+                client.predict_many(model, [] if model == "tiles" else [("a.jpg", good[0])])
+            assert err.value.code == code
+        assert "carries no image" in str(err.value)
+        assert client.predict("tiles", image)["score"] == pytest.approx(http["score"], rel=1e-6)  # still serving
+
+
+def test_flawline_predict_over_grpc(served, tmp_path):
+    images = [served["free"][24], served["blowholes"][1]]
+    http = json.loads(_cli("predict", *images, "--model", "tiles", "--json").stdout)
+    answer = _cli("predict", *images, "--model", "tiles", "--grpc", "--json", "--out", tmp_path)
+    assert answer.exit_code == 0, answer.output
+    remote = json.loads(answer.stdout)
+    assert [a["batch_size"] for a in remote] == [2, 2]  # one PredictMany, one forward pass
+    assert [a["score"] for a in remote] == pytest.approx([a["score"] for a in http], rel=1e-5)
+    for path in images:
+        assert Image.open(tmp_path / f"{path.stem}.overlay.png").size == Image.open(path).size
+    text = _cli("predict", images[0], "--model", "tiles", "--grpc")
+    assert text.exit_code == 0 and "tiles:1" in text.stdout and "score" in text.stdout
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a jpeg")
+    mixed = _cli("predict", junk, images[0], "--model", "tiles", "--grpc")
+    assert mixed.exit_code == 1 and f"error: {junk}: not an image" in mixed.output and "(INVALID_ARGUMENT)" in mixed.output
+    assert str(images[0]) in mixed.stdout
+    unknown = _cli("predict", images[0], "--model", "nope", "--grpc")
+    assert unknown.exit_code == 1 and "no model 'nope'" in unknown.output and "(NOT_FOUND)" in unknown.output
+    assert len(unknown.output.strip().splitlines()) == 1
+    dead, = free_ports(1)
+    down = _cli("predict", images[0], "--model", "tiles", "--grpc", "--url", f"127.0.0.1:{dead}", "--timeout", 2)
+    assert down.exit_code == 1 and "no flawline gRPC server answers" in down.output
+    assert len(down.output.strip().splitlines()) == 1
+
+
 def test_metrics_and_status(served):
     import ray
 
@@ -401,7 +491,7 @@ def test_metrics_and_status(served):
     status = _cli("serve", "status", "--json")
     assert status.exit_code == 0, status.output
     info = json.loads(status.stdout)
-    assert info["address"] == served["url"]
+    assert info["address"] == served["url"] and info["grpc_port"] == served["grpc_port"]
     assert {d["deployment"] for d in info["deployments"]} == {"Gateway", "ModelServer"}
     assert all(d["status"] == "HEALTHY" and d["replicas_running"] >= 1 for d in info["deployments"])
 
@@ -442,6 +532,7 @@ def test_the_single_deployment_layout_keeps_every_guarantee(served, tmp_path):
     test_bad_input_gets_4xx_and_the_server_keeps_serving(served)
     test_batch_request_answers_each_image_in_order_with_its_own_status(served)
     test_a_broken_artifact_answers_503_for_that_model_only(served)
+    test_grpc_answers_as_http_does_with_status_codes_for_errors(served)  # Inspector's gRPC methods
     # requests for two models at once share the replica's batches: each model's run with its own
     with ThreadPoolExecutor(8) as pool:
         image = served["free"][28].read_bytes()
@@ -462,6 +553,9 @@ def test_bad_serve_config_is_one_line_and_down_stops_serving(served, tmp_path):
     assert missing.exit_code == 1 and "no such Serve config file" in missing.output
     moved = _cli("serve", "up", "--port", free_ports(1)[0])
     assert moved.exit_code == 1 and "Serve already runs on this cluster" in moved.output
+    regrpc = _cli("serve", "up", "--grpc-port", free_ports(1)[0])
+    assert regrpc.exit_code == 1 and f"Serve already runs on this cluster with gRPC on port {served['grpc_port']}" \
+        in regrpc.output
 
     down = _cli("serve", "down")
     assert down.exit_code == 0 and "shut down" in down.output
@@ -550,3 +644,37 @@ def test_model_cache_keeps_the_most_recent_and_remembers_failures(settings_env, 
         promote(s, "a:1")
     clock[0] = 3.0
     assert resolver.resolve("a").model_id == "a:1"  # production wins over newer candidates
+
+
+def test_grpc_modules_match_the_proto_and_carry_the_json_answers():
+    """The committed flawline_pb2*.py are what serve/flawline.proto generates now (with the pinned
+    grpcio-tools), and a verdict survives the trip JSON answer → gRPC reply → JSON answer."""
+    from flawline.serving.grpc_api import convert, generate
+    from flawline.serving.models import ModelRef
+    from flawline.serving.pipeline import Outcome
+    from flawline.serving.response import build_response
+
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) compares the generated modules")
+    from importlib.metadata import version
+
+    header = (generate.HERE / "flawline_pb2.py").read_text().splitlines()[0]
+    if f"grpcio-tools {version('grpcio-tools')};" not in header:
+        pytest.skip(f"grpcio-tools {version('grpcio-tools')} here; the modules were generated by {header}")
+    assert generate.stale() == [], "run python -m flawline.serving.grpc_api.generate"
+
+    amap = np.zeros((32, 32), dtype=np.float32)
+    amap[4:12, 8:24] = 5.0
+    ref = ModelRef("m", 3, "production", "padim", "s3://b/k", None)
+    th_ = {"value": 1.0, "method": "quantile"}
+    for outcome, flags in ((Outcome(score=9.0, is_defect=True, threshold=th_, map=amap, inference_ms=3.5), {}),
+                           (Outcome(score=9.0, is_defect=True, threshold=th_, map=amap, defect_class="crack"),
+                            {"heatmap": True, "mask": True, "with_regions": True}),
+                           (Outcome(score=0.5, is_defect=None, map=amap), {"with_regions": True})):
+        body = build_response(outcome, ref, (64, 128), 12.5, **flags)
+        back = convert.response_from_reply(convert.reply_from_response(body), regions=flags.get("with_regions", False))
+        assert back == body and list(back) == list(body)
+    many = {"model": "m", "model_version": 3, "images": 2, "errors": 1, "latency_ms": 4.0,
+            "results": [{"image": "a", "status": 200, **body}, {"image": "b", "status": 413, "error": "b: too big"}]}
+    back = convert.response_from_many_reply(convert.many_reply_from_response(many), regions=True)
+    assert back["results"] == [{"image": "a", "code": "OK", **body},
+                               {"image": "b", "code": "INVALID_ARGUMENT", "error": "b: too big"}]

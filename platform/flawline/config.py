@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # default 8000 collides with other services. When set, it overrides the port in serve/config.yaml.
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=18000, ge=1, le=65535)
+    # Its gRPC proxy (serve/flawline.proto; `flawline predict --grpc`), when the config turns gRPC on.
+    # When set, it overrides grpc_options.port in serve/config.yaml.
+    serve_grpc_port: int = Field(default=18001, ge=1, le=65535)
 
     labelstudio_url: str = "http://127.0.0.1:18080"
     labelstudio_token: SecretStr | None = Field(
@@ -130,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def serve_url(self) -> str:
         return f"http://{self.serve_host}:{self.serve_port}"
+
+    @property
+    def serve_grpc_address(self) -> str:
+        return f"{self.serve_host}:{self.serve_grpc_port}"
 
     @property
     def s3_url(self) -> str:

@@ -35,7 +35,7 @@ app.add_typer(loop_cli.app, name="loop")
 app.add_typer(monitor_cli.app, name="monitor")
 app.command()(models_cli.evaluate)
 app.add_typer(serve_cli.app, name="serve")
-app.command()(serve_cli.predict)
+predict = app.command()(serve_cli.predict)  # quickstart calls it too: leaving out an option gives its default
 
 config_app = FlawlineTyper(help="Show the effective settings (secrets masked).")
 app.add_typer(config_app, name="config")
@@ -127,7 +127,7 @@ def _serve_and_predict(dataset: str, model: str, seed: int) -> None:
     serve_cli.up(config=serve_cli.DEFAULT_CONFIG, app_dir=serve_cli.REPO, port=None, timeout=300.0, wait=True)
     console.print(f"predicting the held-out test image {image} (labelled {truth} in the catalog) through "
                   f"{settings.serve_url}:")
-    serve_cli.predict(images=[image], model=model, local=False, out=folder, url=None, timeout=120.0, as_json=False)
+    predict(images=[image], model=model, local=False, out=folder, url=None, timeout=120.0, as_json=False)
 
 
 def main() -> None:

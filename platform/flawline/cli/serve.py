@@ -17,8 +17,8 @@ from rich.table import Table
 
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import Settings, get_settings
-from flawline.errors import ConfigError, InvalidInput, ServiceError
-from flawline.serving.status import serve_address, serve_running, serve_summary
+from flawline.errors import ConfigError, FlawlineError, InvalidInput, ServiceError
+from flawline.serving.status import serve_address, serve_grpc_port, serve_running, serve_summary
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO / "serve" / "config.yaml"
@@ -36,11 +36,13 @@ def _first_validation_error(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
-def load_config(path: Path, settings: Settings, app_dir: Path, port: int | None = None) -> dict[str, Any]:
+def load_config(path: Path, settings: Settings, app_dir: Path, port: int | None = None,
+                grpc_port: int | None = None) -> dict[str, Any]:
     """A Serve config file, checked, with what this installation adds: the HTTP port
-    (``--port``, else FLAWLINE_SERVE_PORT when set, else the file's), the settings replicas need to
-    reach the same catalog and S3 (runtime_env env_vars), and ``app_dir`` on their PYTHONPATH so
-    ``import_path`` resolves there as it does here."""
+    (``--port``, else FLAWLINE_SERVE_PORT when set, else the file's), the gRPC port when the file
+    turns gRPC on (``--grpc-port``, else FLAWLINE_SERVE_GRPC_PORT when set, else the file's), the
+    settings replicas need to reach the same catalog and S3 (runtime_env env_vars), and
+    ``app_dir`` on their PYTHONPATH so ``import_path`` resolves there as it does here."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -68,12 +70,24 @@ def load_config(path: Path, settings: Settings, app_dir: Path, port: int | None 
     if "serve_host" in settings.model_fields_set or "host" not in http:
         http["host"] = settings.serve_host
     raw["http_options"] = http
+    grpc = dict(raw.get("grpc_options") or {})
+    if grpc.get("grpc_servicer_functions"):  # gRPC on: the port as for HTTP
+        if grpc_port is not None:
+            grpc["port"] = grpc_port
+        elif "serve_grpc_port" in settings.model_fields_set or "port" not in grpc:
+            grpc["port"] = settings.serve_grpc_port
+        raw["grpc_options"] = grpc
+    elif grpc_port is not None:
+        raise InvalidInput(f"{path}: --grpc-port given, but the config turns gRPC off (no "
+                           "grpc_options.grpc_servicer_functions)")
     for application in raw["applications"]:
         runtime_env = dict(application.get("runtime_env") or {})
         env = {**job_env(settings), **dict(runtime_env.get("env_vars") or {})}
         module = str(application["import_path"]).replace(":", ".").rsplit(".", 1)[0]
         if (app_dir / (module.replace(".", "/") + ".py")).is_file():
-            env["PYTHONPATH"] = str(app_dir.resolve()) + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+            # ${PYTHONPATH}: Ray expands it in the replica to the node's own, so app_dir comes first
+            # without dropping what the node was started with (e.g. a checkout's platform/)
+            env["PYTHONPATH"] = str(app_dir.resolve()) + f":{env.get('PYTHONPATH') or '${PYTHONPATH}'}"
         runtime_env["env_vars"] = env
         application["runtime_env"] = runtime_env
     return raw
@@ -116,20 +130,29 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
        app_dir: Path = typer.Option(REPO, help="Folder the config's import_path is relative to."),
        port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port (default: FLAWLINE_SERVE_PORT "
                                                                          "when set, else the config's)."),
+       grpc_port: Optional[int] = typer.Option(None, min=1, max=65535, help="gRPC port, when the config turns "
+                                              "gRPC on (default: FLAWLINE_SERVE_GRPC_PORT when set, else the "
+                                              "config's)."),
        timeout: float = typer.Option(300.0, help="Seconds to wait for the application to run."),
        wait: bool = typer.Option(True, help="Wait until every application runs.")) -> None:
     """Deploy the serving application (serve/config.yaml) on the Ray cluster at
     FLAWLINE_RAY_DASHBOARD_URL (the local one `flawline up` starts). Running it again applies a
     changed config in place (batch settings) or by rolling replicas (arguments, resources)."""
     settings = get_settings()
-    deploy = load_config(config, settings, app_dir, port)
+    deploy = load_config(config, settings, app_dir, port, grpc_port)
     client = _client(settings)
     before = _call("status", client.get_serve_details)
     want = f"http://{deploy['http_options']['host']}:{deploy['http_options']['port']}"
-    have = serve_address(before) if serve_running(before) else None
-    if have and have != want:
-        raise InvalidInput(f"Serve already runs on this cluster at {have}; its address cannot change while it "
-                           f"runs: `flawline serve down`, then `flawline serve up` for {want}")
+    want_grpc = (deploy.get("grpc_options") or {}).get("port")
+    if serve_running(before):  # Serve keeps the proxies' options it started with: refuse a change
+        have, have_grpc = serve_address(before), serve_grpc_port(before)
+        if have and have != want:
+            raise InvalidInput(f"Serve already runs on this cluster at {have}; its address cannot change while "
+                               f"it runs: `flawline serve down`, then `flawline serve up` for {want}")
+        if have_grpc != want_grpc:
+            now, then = (f"gRPC on port {p}" if p else "gRPC off" for p in (have_grpc, want_grpc))
+            raise InvalidInput(f"Serve already runs on this cluster with {now}; that cannot change while it runs: "
+                               f"`flawline serve down`, then `flawline serve up` for {then}")
     _call("deploy", client.deploy_applications, deploy, attempts=DEPLOY_ATTEMPTS)
     names = [a["name"] for a in deploy["applications"]]
     console.print(f"deploying {', '.join(names)} from {config} on {settings.ray_dashboard_url}")
@@ -155,6 +178,9 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
     console.print(f"serving at {serve_address(details) or want} ({time.monotonic() - started:.0f} s): "
                   f"POST /v1/models/<model>/predict (one image) and /predict/batch (many), GET /v1/models, "
                   "GET /healthz")
+    if serve_grpc_port(details):
+        console.print(f"gRPC (serve/flawline.proto) on port {serve_grpc_port(details)}, every interface: "
+                      "flawline.Inspection/Predict and /PredictMany")
 
 
 @app.command("status")
@@ -165,7 +191,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     rows = serve_summary(details)
     address = serve_address(details) if serve_running(details) else None
     if as_json:
-        print_json({"address": address, "dashboard": settings.ray_dashboard_url, "deployments": rows})
+        print_json({"address": address, "grpc_port": serve_grpc_port(details) if address else None,
+                    "dashboard": settings.ray_dashboard_url, "deployments": rows})
     elif not rows:
         console.print(f"Ray Serve runs no application on {settings.ray_dashboard_url}")
     else:
@@ -174,7 +201,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
             table.add_row(r["application"], r["app_status"], r["deployment"], r["status"],
                           f"{r['replicas_running']}/{r['replicas_target']}", r["message"][:80])
         console.print(table)
-        console.print(f"HTTP {address}")
+        console.print(f"HTTP {address}" + (f", gRPC port {serve_grpc_port(details)}" if serve_grpc_port(details) else ""))
     if not rows or any(r["app_status"] != "RUNNING" for r in rows):
         raise typer.Exit(1)
 
@@ -256,14 +283,94 @@ def _post(url: str, data: bytes, timeout: float, content_type: str = "applicatio
         raise ServiceError(f"the server at {url.split('/v1/')[0]} did not answer within {timeout:.0f} s") from None
 
 
+class _HTTPServer:
+    """``flawline predict``'s requests over HTTP: one image per request, or batch requests."""
+
+    def __init__(self, base: str, model: str, want_maps: bool, timeout: float) -> None:
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError(f"--url {base!r}: expected http://host:port")
+        query = "?heatmap=true&regions=true" if want_maps else ""
+        self.endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict{query}"
+        self.batch_endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict/batch{query}"
+        self.timeout = timeout
+
+    def one(self, data: bytes, name: str) -> dict[str, Any]:
+        return _post(self.endpoint, data, self.timeout)
+
+    def many(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any] | Exception]:
+        body, content_type = _multipart(files)
+        try:
+            answer = _post(self.batch_endpoint, body, self.timeout * len(files), content_type)
+        except InvalidInput as err:  # the request as a whole (e.g. too large): each of its images
+            return [err] * len(files)
+        return [InvalidInput(f"{r['error']} (HTTP {r['status']})") if r["status"] != 200 else
+                {**{k: v for k, v in r.items() if k != "status"}, "request_images": len(files)}
+                for r in answer["results"]]
+
+
+class _GRPCServer:
+    """``flawline predict --grpc``: the same requests through the gRPC API (``grpc_client``)."""
+
+    def __init__(self, address: str, model: str, want_maps: bool, timeout: float) -> None:
+        from flawline.serving.grpc_client import InspectionClient
+
+        if "://" in address or ":" not in address:
+            raise ConfigError(f"--url {address!r}: with --grpc, expected host:port")
+        self.client = InspectionClient(address, timeout=timeout, connect_timeout=min(timeout, 10.0))
+        self.model, self.want_maps, self.timeout = model, want_maps, timeout
+
+    def _refused(self, err: Exception) -> Exception:
+        from flawline.serving.grpc_client import InspectionError
+
+        if not isinstance(err, InspectionError):
+            return err
+        if err.code in ("NOT_FOUND", "UNAVAILABLE"):
+            return _ModelLevel(f"{err} ({err.code})")
+        return InvalidInput(f"{err} ({err.code})")
+
+    def one(self, data: bytes, name: str) -> dict[str, Any]:
+        try:
+            return self.client.predict(self.model, data, name=name, heatmap=self.want_maps, regions=self.want_maps)
+        except FlawlineError as err:
+            raise self._refused(err) from None
+
+    def many(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any] | Exception]:
+        try:
+            answer = self.client.predict_many(self.model, files, heatmap=self.want_maps, regions=self.want_maps,
+                                              timeout=self.timeout * len(files))
+        except FlawlineError as err:
+            refused = self._refused(err)
+            if not isinstance(refused, InvalidInput):
+                raise refused from None
+            return [refused] * len(files)
+        return [InvalidInput(f"{r['error']} ({r['code']})") if r["code"] != "OK" else
+                {**{k: v for k, v in r.items() if k != "code"}, "request_images": len(files)}
+                for r in answer["results"]]
+
+
+class _InProcess:
+    """``flawline predict --local``: the serving path in this process."""
+
+    def __init__(self, settings: Settings, model: str, want_maps: bool) -> None:
+        from flawline.serving.local import LocalPredictor
+
+        self.predictor, self.model, self.want_maps = LocalPredictor(settings), model, want_maps
+
+    def one(self, data: bytes, name: str) -> dict[str, Any]:
+        return self.predictor.predict(self.model, data, name, heatmap=self.want_maps, regions=self.want_maps)
+
+
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     model: str = typer.Option(..., "--model", "-m", help="name (its production version, else its newest) or "
                               "name:version."),
     local: bool = typer.Option(False, "--local", help="Run the model in this process instead of asking the server."),
+    use_grpc: bool = typer.Option(False, "--grpc", help="Ask the server through its gRPC API (serve/flawline.proto) "
+                                  "at FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT instead of HTTP."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write <image>.overlay.png (heatmap and defect "
                                        "regions over the image) into this folder."),
-    url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT)."),
+    url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT; with "
+                                      "--grpc host:port, default FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each answer."),
     batch: int = typer.Option(32, "--batch", min=1, max=64, help="Images per request to the server: several "
                               "files go as batch inspection requests of up to this many images (and 24 MiB), "
@@ -277,30 +384,26 @@ def predict(
     from flawline.serving.response import overlay_png
 
     settings = get_settings()
+    if local and use_grpc:
+        raise InvalidInput("--local and --grpc: choose one (--local asks no server)")
     if out is not None:
         if out.exists() and not out.is_dir():
             raise InvalidInput(f"{out}: exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
     want_maps = out is not None
     if local:
-        from flawline.serving.local import LocalPredictor
-
-        predictor = LocalPredictor(settings)
+        server: Any = _InProcess(settings, model, want_maps)
+    elif use_grpc:
+        server = _GRPCServer(url or settings.serve_grpc_address, model, want_maps, timeout)
     else:
-        base = (url or settings.serve_url).rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError(f"--url {base!r}: expected http://host:port")
-        query = "?heatmap=true&regions=true" if want_maps else ""
-        endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict{query}"
-        batch_endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict/batch{query}"
+        server = _HTTPServer((url or settings.serve_url).rstrip("/"), model, want_maps, timeout)
 
     def answers():  # noqa: ANN202 — (path, its bytes, its answer or the error it alone gets), in order
         if local or batch == 1 or len(images) == 1:
             for path in images:
                 try:
                     data = _read_file(path)
-                    yield path, data, (predictor.predict(model, data, path.name, heatmap=want_maps,
-                                                         regions=want_maps) if local else _post(endpoint, data, timeout))
+                    yield path, data, server.one(data, path.name)
                 except (InvalidInput, RequestError) as err:
                     yield path, b"", err
             return
@@ -312,20 +415,9 @@ def predict(
                 except InvalidInput as err:
                     unread[at] = err
             answered: dict[int, Any] = {}
-            if files:
-                body, content_type = _multipart([(path.name, data) for _, path, data in files])
-                try:
-                    answer = _post(batch_endpoint, body, timeout * len(files), content_type)
-                except InvalidInput as err:  # the request as a whole (e.g. too large): each of its images
-                    answer = {"results": [{"status": 0, "error": err}] * len(files)}
-                for (at, _, data), result in zip(files, answer["results"]):
-                    if result["status"] == 0:
-                        answered[at] = (data, result["error"])
-                    elif result["status"] != 200:
-                        answered[at] = (data, InvalidInput(f"{result['error']} (HTTP {result['status']})"))
-                    else:  # latency_ms is the whole request's
-                        answered[at] = (data, {**{k: v for k, v in result.items() if k != "status"},
-                                               "request_images": len(files)})
+            if files:  # latency_ms in each answer is the whole request's
+                results = server.many([(path.name, data) for _, path, data in files])
+                answered = {at: (data, result) for (at, _, data), result in zip(files, results)}
             for at, path in enumerate(group):  # in the order given
                 yield (path, b"", unread[at]) if at in unread else (path, *answered[at])
 

@@ -3,14 +3,15 @@
 - ``split`` (the default, serve/config.yaml): a FastAPI ``Gateway`` in front of a batched,
   multiplexed ``ModelServer``: front ends and model replicas scale apart, and Serve routes a
   model id to the model replicas that hold it;
-- ``single`` (serve/config-single.yaml): one deployment, ``Inspector``, is the HTTP ingress and
+- ``single`` (serve/config-single.yaml): one deployment, ``Inspector``, is the ingress and
   holds the models, so a request crosses the proxy and one replica: no second hop, no second
   serialisation of the image. ``docs/benchmarks/serve.md`` measures both.
 
-The HTTP front is the same code in both (``_HTTPFront``): it reads and checks the request (bounded
-body and pixels; 4xx with a one-line message), resolves the model reference to ``name:version``
-(production version, else the newest; a cheap catalog query cached ``resolve_ttl_s``), so
-promotion and rollback take effect within ``resolve_ttl_s`` without a restart, and answers.
+The front is the same code in both (``_Front``), for HTTP and for gRPC: it reads and checks the
+request (bounded body and pixels; 4xx with a one-line message), resolves the model reference to
+``name:version`` (production version, else the newest; a cheap catalog query cached
+``resolve_ttl_s``), so promotion and rollback take effect within ``resolve_ttl_s`` without a
+restart, and answers.
 
 - ``POST /v1/models/{model}/predict``: one image (raw body, multipart or ``{"uri": ...}``).
 - ``POST /v1/models/{model}/predict/batch``: a batch inspection request, many images (multipart
@@ -18,6 +19,10 @@ promotion and rollback take effect within ``resolve_ttl_s`` without a restart, a
   all of them, forward passes of up to ``max_batch_size``. A bad image gets its own status in
   ``results``; the request fails as a whole only when it is bad as a whole (no image, over
   ``max_batch_images``, unknown model).
+- gRPC (serve/flawline.proto, on Serve's gRPC proxy when the config's ``grpc_options`` names
+  ``add_InspectionServicer_to_server``): ``flawline.Inspection/Predict`` and ``/PredictMany``, the
+  same two inspections; the messages map to and from the JSON answers in ``grpc_api.convert``, and
+  an error is the call's gRPC status code (``errors.grpc_code``) with the same one-line details.
 
 The model side is also one piece of code (``_ModelHolder``): versions load from S3 on demand
 (``@serve.multiplexed``, an LRU of ``max_models_per_replica`` models per replica), requests for one
@@ -34,9 +39,12 @@ Metrics (``ray.util.metrics``, defined in ``flawline.monitoring.metrics``): ``fl
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -47,14 +55,25 @@ from flawline.context import open_catalog, open_store
 from flawline.data.images import MAX_PIXELS
 from flawline.errors import FlawlineError
 from flawline.monitoring.metrics import metric
-from flawline.serving.errors import ModelUnavailable, PayloadTooLarge, RequestError, http_status, one_line
+from flawline.serving.errors import (
+    ModelUnavailable,
+    PayloadTooLarge,
+    RequestError,
+    grpc_code,
+    http_status,
+    one_line,
+)
+from flawline.serving.grpc_api import convert
+from flawline.serving.grpc_api import flawline_pb2 as pb
 from flawline.serving.inputs import (
     MAX_REQUEST_BYTES,
     CheckedImage,
     Limits,
     check_image,
     image_from_request,
+    image_from_source,
     images_from_batch_request,
+    images_from_sources,
     parse_flag,
 )
 from flawline.serving.models import ModelResolver, list_models, load_model
@@ -210,8 +229,44 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _HTTPFront:
-    """The HTTP handlers both layouts share (``_routes`` registers them). A subclass provides
+@dataclass
+class _Ask:
+    """What a request asks, whichever protocol brought it: the model reference, what to add to the
+    verdicts (``build_response``'s keywords) and how to read its image(s), run in a thread (it may
+    fetch from S3): one image → (bytes, name); a batch → [(name, bytes or the error it alone gets)]."""
+
+    model: str
+    flags: dict[str, bool]
+    read: Callable[[], Any]
+
+    @property
+    def want_map(self) -> bool:
+        return any(self.flags.values())
+
+
+def _flags(heatmap: bool, mask: bool, regions: bool) -> dict[str, bool]:
+    return {"heatmap": heatmap, "mask": mask, "with_regions": regions}
+
+
+async def _asked(ask: _Ask) -> _Ask:
+    return ask
+
+
+def _grpc_answer(status: int, body: dict[str, Any], grpc_context: Any, reply: Callable[[dict[str, Any]], Any],
+                 empty: Callable[[], Any]) -> Any:
+    """An answer as a gRPC reply, or (an error) as the call's status code and one-line details."""
+    if status == 200:
+        return reply(body)
+    if grpc_context is not None:
+        grpc_context.set_code(grpc.StatusCode[grpc_code(status)])
+        grpc_context.set_details(body["error"])
+    return empty()
+
+
+class _Front:
+    """The request side both layouts share, over HTTP (``_routes`` registers its handlers) and gRPC
+    (``Predict``, ``PredictMany``: serve/flawline.proto); one home for request checks, model
+    resolution, metrics and answers, whichever protocol. A subclass provides
     ``_predict_one(ref, item)``, ``_predict_many(ref, items)`` and ``_ping()``."""
 
     def _init_front(self) -> None:
@@ -230,17 +285,16 @@ class _HTTPFront:
             raise RequestError(f"{uri}: this server reads images from {prefix}... only")
         return self.store.get_bytes(self.store.key_from_uri(uri))
 
-    def _prepare(self, model: str, content_type: str | None, body: bytes):  # noqa: ANN202
-        ref = self.resolver.resolve(model)
-        data, name = image_from_request(content_type, body, self._fetch, limits=self.limits)
+    def _prepare(self, ask: _Ask):  # noqa: ANN202
+        ref = self.resolver.resolve(ask.model)
+        data, name = ask.read()
         return ref, check_image(data, name, limits=self.limits)
 
-    def _prepare_batch(self, model: str, content_type: str | None, body: bytes):  # noqa: ANN202
+    def _prepare_batch(self, ask: _Ask):  # noqa: ANN202
         """(model reference, [(name, CheckedImage or the error that image answers with)])."""
-        ref = self.resolver.resolve(model)  # an unknown model fails the whole request first
+        ref = self.resolver.resolve(ask.model)  # an unknown model fails the whole request first
         images: list[tuple[str, CheckedImage | Exception]] = []
-        for name, data in images_from_batch_request(content_type, body, self._fetch, limits=self.limits,
-                                                    max_images=self.max_batch_images):
+        for name, data in ask.read():
             if isinstance(data, Exception):
                 images.append((name, data))
                 continue
@@ -259,6 +313,72 @@ class _HTTPFront:
             f"internal error ({type(cause).__name__}: {one_line(cause)})"
         return status, message
 
+    async def _one(self, asked: Awaitable[_Ask]) -> tuple[int, dict[str, Any]]:
+        """One image's answer: (200, its verdict) or (status, ``{"error": <one line>, "status": N}``)."""
+        started = time.perf_counter()
+        tag = "unresolved"
+        try:
+            ask = await asked
+            ref, image = await asyncio.to_thread(self._prepare, ask)
+            tag = ref.name
+            item = Item(image.data, image.name, ref.threshold, ask.want_map)
+            outcome = await self._predict_one(ref, item)
+            if outcome.error:
+                raise _Status(outcome.error, outcome.status)
+            latency_ms = (time.perf_counter() - started) * 1e3
+            build = functools.partial(build_response, outcome, ref, (image.width, image.height), latency_ms,
+                                      **ask.flags)
+            response = await asyncio.to_thread(build) if ask.want_map else build()
+            self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
+            return 200, response
+        except Exception as err:  # noqa: BLE001 — every failure is one answer; the server keeps serving
+            status, message = self._failure(err, tag)
+            return status, {"error": message, "status": status}
+
+    async def _many(self, asked: Awaitable[_Ask]) -> tuple[int, dict[str, Any]]:
+        """A batch's answer, one result per image in order (each its verdict or its own error), or
+        (status, ``{"error", "status"}``) when the request is bad as a whole."""
+        started = time.perf_counter()
+        tag = "unresolved"
+        try:
+            ask = await asked
+            ref, images = await asyncio.to_thread(self._prepare_batch, ask)
+            tag = ref.name
+            good = [(i, image) for i, (_, image) in enumerate(images) if isinstance(image, CheckedImage)]
+            outcomes: dict[int, Outcome] = {}
+            if good:
+                answered = await self._predict_many(
+                    ref, [Item(image.data, image.name, ref.threshold, ask.want_map) for _, image in good])
+                outcomes = {i: outcome for (i, _), outcome in zip(good, answered)}
+            latency_ms = (time.perf_counter() - started) * 1e3
+            build = functools.partial(self._batch_results, images, outcomes, ref, latency_ms, **ask.flags)
+            results = await asyncio.to_thread(build) if ask.want_map else build()
+            return 200, {"model": ref.name, "model_version": ref.version, "images": len(results),
+                         "errors": sum(r["status"] != 200 for r in results), "latency_ms": round(latency_ms, 3),
+                         "results": results}
+        except Exception as err:  # noqa: BLE001 — the request as a whole is bad: one answer
+            status, message = self._failure(err, tag)
+            return status, {"error": message, "status": status}
+
+    def _batch_results(self, images: list[tuple[str, CheckedImage | Exception]], outcomes: dict[int, Outcome],
+                       ref: Any, latency_ms: float, **flags: bool) -> list[dict[str, Any]]:
+        """One answer per image, in the request's order: its verdict, or its own error and status."""
+        results = []
+        for i, (name, image) in enumerate(images):
+            if isinstance(image, Exception):  # refused before the model saw it
+                status, message = self._failure(image, ref.name)
+            elif outcomes[i].error:  # it did not decode in the model server
+                status, message = outcomes[i].status, outcomes[i].error
+                self.metrics.errors.inc(tags={"model": ref.name, "status": str(status)})
+            else:
+                body = build_response(outcomes[i], ref, (image.width, image.height), latency_ms, **flags)
+                self.metrics.prediction(ref.name, ref.version, outcomes[i], latency_ms)
+                results.append({"image": name, "status": 200, **body})
+                continue
+            results.append({"image": name, "status": status, "error": message})
+        return results
+
+    # -- HTTP ----------------------------------------------------------------------------------------
     async def healthz(self) -> JSONResponse:
         checks = {}
         try:
@@ -280,93 +400,57 @@ class _HTTPFront:
         except FlawlineError as err:
             return _error(http_status(err), one_line(err))
 
-    async def _read(self, request: Request) -> tuple[tuple[bool, bool, bool], bytes]:
-        """The query's (heatmap, mask, regions) flags and the bounded body (4xx errors on bad ones)."""
+    async def _http_ask(self, model: str, request: Request, *, batch: bool) -> _Ask:
+        """The query's flags and the bounded body (4xx errors on bad ones), and how to read the image(s)."""
         query = request.query_params
-        flags = tuple(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions"))
-        return flags, await _read_body(request, self.limits.max_request_bytes)  # type: ignore[return-value]
+        flags = _flags(*(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions")))
+        body = await _read_body(request, self.limits.max_request_bytes)
+        content_type = request.headers.get("content-type")
+        if batch:
+            return _Ask(model, flags, lambda: images_from_batch_request(
+                content_type, body, self._fetch, limits=self.limits, max_images=self.max_batch_images))
+        return _Ask(model, flags, lambda: image_from_request(content_type, body, self._fetch, limits=self.limits))
 
     async def predict(self, model: str, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        tag = "unresolved"
-        try:
-            (heatmap, mask, with_regions), body = await self._read(request)
-            ref, image = await asyncio.to_thread(self._prepare, model, request.headers.get("content-type"), body)
-            tag = ref.name
-            item = Item(image.data, image.name, ref.threshold, heatmap or mask or with_regions)
-            outcome = await self._predict_one(ref, item)
-            if outcome.error:
-                raise _Status(outcome.error, outcome.status)
-            latency_ms = (time.perf_counter() - started) * 1e3
-            build = functools.partial(build_response, outcome, ref, (image.width, image.height), latency_ms,
-                                      heatmap=heatmap, mask=mask, with_regions=with_regions)
-            response = await asyncio.to_thread(build) if item.want_map else build()
-            self.metrics.prediction(ref.name, ref.version, outcome, latency_ms)
-            return JSONResponse(response)
-        except Exception as err:  # noqa: BLE001 — every failure is one answer; the server keeps serving
-            return _error(*self._failure(err, tag))
+        status, body = await self._one(self._http_ask(model, request, batch=False))
+        return JSONResponse(body, status_code=status)
 
     async def predict_many(self, model: str, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        tag = "unresolved"
-        try:
-            (heatmap, mask, with_regions), body = await self._read(request)
-            ref, images = await asyncio.to_thread(self._prepare_batch, model, request.headers.get("content-type"),
-                                                  body)
-            tag = ref.name
-            want_map = heatmap or mask or with_regions
-            good = [(i, image) for i, (_, image) in enumerate(images) if isinstance(image, CheckedImage)]
-            outcomes: dict[int, Outcome] = {}
-            if good:
-                answered = await self._predict_many(
-                    ref, [Item(image.data, image.name, ref.threshold, want_map) for _, image in good])
-                outcomes = {i: outcome for (i, _), outcome in zip(good, answered)}
-            latency_ms = (time.perf_counter() - started) * 1e3
-            build = functools.partial(self._batch_results, images, outcomes, ref, latency_ms, heatmap=heatmap,
-                                      mask=mask, with_regions=with_regions)
-            results = await asyncio.to_thread(build) if want_map else build()
-            return JSONResponse({"model": ref.name, "model_version": ref.version, "images": len(results),
-                                 "errors": sum(r["status"] != 200 for r in results),
-                                 "latency_ms": round(latency_ms, 3), "results": results})
-        except Exception as err:  # noqa: BLE001 — the request as a whole is bad: one answer
-            return _error(*self._failure(err, tag))
+        status, body = await self._many(self._http_ask(model, request, batch=True))
+        return JSONResponse(body, status_code=status)
 
-    def _batch_results(self, images: list[tuple[str, CheckedImage | Exception]], outcomes: dict[int, Outcome],
-                       ref: Any, latency_ms: float, **flags: bool) -> list[dict[str, Any]]:
-        """One answer per image, in the request's order: its verdict, or its own error and status."""
-        results = []
-        for i, (name, image) in enumerate(images):
-            if isinstance(image, Exception):  # refused before the model saw it
-                status, message = self._failure(image, ref.name)
-            elif outcomes[i].error:  # it did not decode in the model server
-                status, message = outcomes[i].status, outcomes[i].error
-                self.metrics.errors.inc(tags={"model": ref.name, "status": str(status)})
-            else:
-                body = build_response(outcomes[i], ref, (image.width, image.height), latency_ms, **flags)
-                self.metrics.prediction(ref.name, ref.version, outcomes[i], latency_ms)
-                results.append({"image": name, "status": 200, **body})
-                continue
-            results.append({"image": name, "status": status, "error": message})
-        return results
+    # -- gRPC (serve/flawline.proto; Serve calls the method named like the RPC) ------------------------
+    async def Predict(self, request: pb.PredictRequest, grpc_context: Any = None) -> pb.PredictReply:
+        image = request.image
+        status, body = await self._one(_asked(_Ask(
+            request.model, _flags(request.heatmap, request.mask, request.regions),
+            lambda: image_from_source(image.data, image.uri, image.name, self._fetch))))
+        return _grpc_answer(status, body, grpc_context, convert.reply_from_response, pb.PredictReply)
 
-
+    async def PredictMany(self, request: pb.PredictManyRequest,
+                          grpc_context: Any = None) -> pb.PredictManyReply:
+        sources = [(image.data, image.uri, image.name) for image in request.images]
+        status, body = await self._many(_asked(_Ask(
+            request.model, _flags(request.heatmap, request.mask, request.regions),
+            lambda: images_from_sources(sources, self._fetch, limits=self.limits, max_images=self.max_batch_images))))
+        return _grpc_answer(status, body, grpc_context, convert.many_reply_from_response, pb.PredictManyReply)
 
 
 def _routes() -> FastAPI:
-    """A FastAPI app with ``_HTTPFront``'s routes (one per ingress class: Serve freezes each)."""
+    """A FastAPI app with ``_Front``'s routes (one per ingress class: Serve freezes each)."""
     app = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
-    app.add_api_route("/healthz", _HTTPFront.healthz, methods=["GET"])
-    app.add_api_route("/v1/models", _HTTPFront.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model}/predict", _HTTPFront.predict, methods=["POST"])
-    app.add_api_route("/v1/models/{model}/predict/batch", _HTTPFront.predict_many, methods=["POST"])
+    app.add_api_route("/healthz", _Front.healthz, methods=["GET"])
+    app.add_api_route("/v1/models", _Front.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model}/predict", _Front.predict, methods=["POST"])
+    app.add_api_route("/v1/models/{model}/predict/batch", _Front.predict_many, methods=["POST"])
     return app
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=64)
 @serve.ingress(_routes())
-class Gateway(_HTTPFront):
-    """The ``split`` layout's HTTP ingress: calls the ModelServer with the model id as Serve's
-    multiplexed model id."""
+class Gateway(_Front):
+    """The ``split`` layout's ingress (HTTP and gRPC): calls the ModelServer with the model id as
+    Serve's multiplexed model id."""
 
     def __init__(self, model_server: DeploymentHandle) -> None:
         self.server = model_server
@@ -388,9 +472,9 @@ class Gateway(_HTTPFront):
 
 @serve.deployment(name="Inspector", max_ongoing_requests=64)
 @serve.ingress(_routes())
-class Inspector(_HTTPFront, _ModelHolder):
-    """The ``single`` layout: HTTP ingress and model holder in one replica. Requests are batched
-    per model id here (a batch may hold several models' requests: each model's run together)."""
+class Inspector(_Front, _ModelHolder):
+    """The ``single`` layout: ingress (HTTP and gRPC) and model holder in one replica. Requests are
+    batched per model id here (a batch may hold several models' requests: each model's run together)."""
 
     def __init__(self, max_models_per_replica: int = 4, device: str = "auto") -> None:
         self._init_front()

@@ -1,7 +1,9 @@
-"""What a serving request can fail with, and the HTTP status each failure answers with.
+"""What a serving request can fail with, and the HTTP status each failure answers with (and, for
+the gRPC API, the gRPC status code that status maps to).
 
 Every error is a ``FlawlineError`` with a one-line message; the server answers
-``{"error": message, "status": code}`` and keeps serving.
+``{"error": message, "status": code}`` (gRPC: that code and the message as its details) and keeps
+serving.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def http_status(err: BaseException) -> int:
         # A missing object is the client's key; anything else is the S3 server's trouble.
         return 404 if "does not exist" in str(err) else 502
     return 500
+
+
+# A bad image or request (400, 413 over a limit, 415) is the client's argument; 502/503: S3 or the
+# model cannot serve now.
+_GRPC_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
+               415: "INVALID_ARGUMENT", 502: "UNAVAILABLE", 503: "UNAVAILABLE"}
+
+
+def grpc_code(status: int) -> str:
+    """The name of the ``grpc.StatusCode`` an HTTP status answers with over gRPC."""
+    return _GRPC_CODES.get(status, "INTERNAL")
 
 
 def one_line(err: BaseException) -> str:

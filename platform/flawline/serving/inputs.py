@@ -9,6 +9,9 @@ raises a ``RequestError`` with the HTTP status it answers with and a one-line me
 
 A batch inspection request (``images_from_batch_request``) carries many images, each answered on
 its own: a bad one gets its own status and the others their verdicts.
+
+The gRPC API's messages carry the image (or its URI) as a field instead of a body:
+``image_from_source`` and ``images_from_sources`` read them, with the same limits and messages.
 """
 
 from __future__ import annotations
@@ -135,8 +138,9 @@ def images_from_batch_request(content_type: str | None, body: bytes, fetch: Call
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limits.max_request_bytes}")
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        parts = [(filename or name or "image", data) for name, filename, data in parse_multipart(body, content_type or "")
-                 if filename or name in ("image", "file", "images")]
+        parts: list[tuple[str, bytes | None, str]] = [
+            (filename or name or "image", data, "") for name, filename, data in parse_multipart(body, content_type or "")
+            if filename or name in ("image", "file", "images")]
     elif kind == "application/json":
         doc = _json(body)
         uris = doc.get("uris") if isinstance(doc, dict) else None
@@ -146,25 +150,56 @@ def images_from_batch_request(content_type: str | None, body: bytes, fetch: Call
         if wrong is not None:
             raise RequestError(f'"uris" entry {wrong} is {type(uris[wrong]).__name__}, not a string; '
                                'send {"uris": ["s3://bucket/key", ...]}')
-        parts = uris
+        parts = [(uri, None, uri) for uri in uris]
     else:
         raise UnsupportedMediaType(f"a batch request is {BATCH_ACCEPTED}, not {kind or 'a body without Content-Type'}")
+    return _gather(parts, fetch, max_images, BATCH_ACCEPTED)
+
+
+def _fetched(uri: str, fetch: Callable[[str], bytes]) -> bytes:
+    if not uri.startswith("s3://"):
+        raise RequestError(f"{uri}: not an s3:// URI")
+    return fetch(uri)
+
+
+def _gather(parts: list[tuple[str, bytes | None, str]], fetch: Callable[[str], bytes], max_images: int,
+            accepted: str) -> list[tuple[str, bytes | Exception]]:
+    """A batch's images [(name, bytes, or None to fetch the s3:// URI)] → [(name, bytes, or the
+    error that image alone answers with)], once the batch as a whole is accepted (an image, at
+    most ``max_images``)."""
     if not parts:
-        raise RequestError(f"the batch request carries no image; send {BATCH_ACCEPTED}")
+        raise RequestError(f"the batch request carries no image; send {accepted}")
     if len(parts) > max_images:
         raise PayloadTooLarge(f"the batch request carries {len(parts)} images, more than the limit of {max_images}")
-    if kind == "multipart/form-data":
-        return parts
     found: list[tuple[str, bytes | Exception]] = []
-    for uri in parts:  # fetched once the request as a whole is accepted
-        if not uri.startswith("s3://"):
-            found.append((uri, RequestError(f"{uri}: not an s3:// URI")))
-            continue
+    for name, data, uri in parts:
         try:
-            found.append((uri, fetch(uri)))
+            found.append((name, data if data is not None else _fetched(uri, fetch)))
         except Exception as err:  # noqa: BLE001 — this image only (a missing key, another bucket)
-            found.append((uri, err))
+            found.append((name, err))
     return found
+
+
+def image_from_source(data: bytes, uri: str, name: str, fetch: Callable[[str], bytes]) -> tuple[bytes, str]:
+    """An image given as its encoded bytes or an s3:// URI (a gRPC ``Image``) → its bytes and a
+    name for messages (``name``, else the URI, else "image"); ``check_image`` bounds its size."""
+    return (_fetched(uri, fetch), name or uri) if uri else (data, name or "image")
+
+
+GRPC_ACCEPTED = "images, each its bytes (data) or an s3:// uri"
+
+
+def images_from_sources(sources: list[tuple[bytes, str, str]], fetch: Callable[[str], bytes], *,
+                        limits: Limits = Limits(), max_images: int = 64) -> list[tuple[str, bytes | Exception]]:
+    """A gRPC batch's images [(bytes, uri, name)] → [(name, bytes or the error that image alone
+    answers with)], under ``images_from_batch_request``'s limits (the images' bytes together count
+    as its body)."""
+    total = sum(len(data) for data, _, _ in sources)
+    if total > limits.max_request_bytes:
+        raise PayloadTooLarge(f"the batch request's images are {total} bytes, over the limit of "
+                              f"{limits.max_request_bytes}")
+    return _gather([(name or uri, None, uri) if uri else (name or "image", data, "") for data, uri, name in sources],
+                   fetch, max_images, GRPC_ACCEPTED)
 
 
 def check_image(data: bytes, name: str = "image", *, limits: Limits = Limits()) -> CheckedImage:

@@ -17,6 +17,13 @@ def serve_address(details: dict[str, Any]) -> str | None:
     return f"http://{http['host']}:{http['port']}" if http.get("host") and http.get("port") else None
 
 
+def serve_grpc_port(details: dict[str, Any]) -> int | None:
+    """The gRPC proxy's port when Serve runs it (servicer functions configured), else None. Serve
+    listens for gRPC on every interface ([::]), whatever the HTTP host."""
+    grpc = details.get("grpc_options") or {}
+    return int(grpc["port"]) if grpc.get("grpc_servicer_functions") and grpc.get("port") else None
+
+
 def serve_summary(details: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per application and deployment: status and running / target replicas."""
     rows = []
