@@ -229,12 +229,14 @@ def test_a_command_called_from_another_gets_its_real_defaults():
 
 def test_help_loads_no_database_storage_or_array_library():
     """`flawline --help` (and every command's help) loads the CLI's modules only: SQLAlchemy, the S3
-    client, numpy, torch, Ray and the Label Studio SDK are imported by the commands that use them.
+    client, numpy, torch, Ray, gRPC and the Label Studio SDK are imported by the commands that use them.
     Speed itself is measured outside the tests; this keeps the heavy imports from creeping back."""
     probe = ("import sys\nfrom typer.testing import CliRunner\nfrom flawline.cli.main import app\n"
              "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
              "assert CliRunner().invoke(app, ['data', 'import', '--help']).exit_code == 0\n"
-             "heavy = ('sqlalchemy', 'minio', 'numpy', 'torch', 'ray', 'label_studio_sdk', 'PIL', 'cv2')\n"
+             "assert CliRunner().invoke(app, ['predict', '--help']).exit_code == 0\n"
+             "heavy = ('sqlalchemy', 'minio', 'numpy', 'torch', 'ray', 'label_studio_sdk', 'PIL', 'cv2', 'grpc',\n"
+             "         'google.protobuf')\n"
              "print(','.join(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
