@@ -131,11 +131,20 @@ def test_manual_threshold_overrides(data):
     (torch.rand(1, 3, 16, 9000), "outside 16..8192"),
     (torch.full((2, 3, 64, 64), float("nan")), "NaN or infinite"),
     (torch.rand(0, 3, 64, 64), "no images"),
+    (torch.rand(2, 3, 64, 64) * 255, "values span .*255; expected \\[0, 1\\]"),  # 0..255 as floats
+    ((torch.rand(2, 3, 64, 64) - 0.45) / 0.226, "not normalised by a mean and std"),  # ImageNet-normalised
 ])
 def test_bad_input_is_refused(bad, message, data):
     det = create_detector("padim", **FAST).fit(data[0])
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
         det.predict(bad)
+
+
+def test_uint8_images_score_as_their_float_scaling(data):
+    """uint8 0..255 (torchvision.io, numpy) means x / 255: the same scores, not 255x brighter images."""
+    det = create_detector("padim", **FAST).fit(data[0])
+    as_uint8 = (data[2] * 255).round().to(torch.uint8)
+    np.testing.assert_allclose(det.predict(as_uint8).scores, det.predict(as_uint8.float() / 255).scores, rtol=1e-5)
 
 
 def test_empty_training_set_and_unfitted_model():

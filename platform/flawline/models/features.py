@@ -9,11 +9,15 @@ from flawline.errors import InvalidInput
 
 MIN_SIDE = 16
 MAX_SIDE = 8192
+VALUE_SLACK = 0.05  # how far outside [0, 1] a float image may stray (bicubic/antialias overshoot)
 
 
 def as_model_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Check and prepare a batch: [N, C, H, W] (or [C, H, W]), C = 1 (gray) or 3 (RGB), values in
-    [0, 1], finite; resized to ``size`` x ``size``; gray repeated to 3 channels."""
+    """Check and prepare a batch: [N, C, H, W] (or [C, H, W]), C = 1 (gray) or 3 (RGB), floats in
+    [0, 1] (``VALUE_SLACK`` allowed for resampling overshoot) or uint8 0..255 (scaled by 1/255),
+    finite; resized to ``size`` x ``size``; gray repeated to 3 channels. Raises ``InvalidInput``
+    for values outside that range (0..255 floats, mean/std-normalised tensors), which would
+    otherwise score silently wrong."""
     if not isinstance(x, torch.Tensor):
         raise InvalidInput(f"expected a tensor batch, got {type(x).__name__}")
     if x.dim() == 3:
@@ -27,9 +31,15 @@ def as_model_batch(x: torch.Tensor, size: int) -> torch.Tensor:
         raise InvalidInput(f"images have {c} channels; expected 1 (gray) or 3 (RGB)")
     if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
         raise InvalidInput(f"image size {w}x{h} is outside {MIN_SIDE}..{MAX_SIDE} px a side")
+    if x.dtype == torch.uint8:  # torchvision.io / numpy images: 0..255 by convention
+        x = x.float().div_(255.0)
     x = x.float()
     if not torch.isfinite(x).all():
         raise InvalidInput("images contain NaN or infinite values")
+    lo, hi = torch.aminmax(x)
+    if lo < -VALUE_SLACK or hi > 1 + VALUE_SLACK:  # 0..255 floats, or mean/std-normalised tensors
+        raise InvalidInput(f"image values span {lo.item():.3g}..{hi.item():.3g}; expected [0, 1] (floats "
+                           "scaled to [0, 1], or uint8 0..255; not normalised by a mean and std)")
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.expand(-1, 3, -1, -1) if c == 1 else x
