@@ -200,3 +200,24 @@ def test_reference_removed_earlier_stops_the_import(catalog, store, tmp_path):
         import_dataset(catalog, store, root, dataset="pcb")
     with catalog.session() as s:
         assert s.scalar(select(func.count()).select_from(Image)) == 0
+
+
+def test_the_readme_manifest_example_imports_as_documented(catalog, store, tmp_path):
+    """The manifest shown in README.md, pasted as a user would (its files made up): it imports."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("    file,label,class,group,reference,split,mask,lot\n", 1)[1].split("\n\n", 1)[0]
+    lines = ["file,label,class,group,reference,split,mask,lot"] + [ln.strip() for ln in block.splitlines()]
+    root = tmp_path / "example"
+    rows = list(csv.DictReader(lines))
+    for n, row in enumerate(rows):
+        write(root / row["file"], image_bytes(900 + n))
+        if row["mask"]:
+            write(root / row["mask"], mask_bytes())
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    report = import_dataset(catalog, store, root, dataset="readme-example")
+    assert report.new_images == len(rows) == 3 and report.masks == 1
+    with catalog.session() as s:
+        shown = summarize_dataset(s, get_dataset(s, "readme-example"), detail=True)
+    assert shown.with_reference == 2 and shown.by_preset == {"test": 2}

@@ -133,8 +133,10 @@ def test_tiled_segmenter_trains_on_crops_in_the_supervised_setting(data):
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"image_size": 128, "tile": 256}, "tile 256 px must be 0 (no tiling) or lie in 32..128"),
-    ({"image_size": 128, "tile": 16}, "lie in 32..128"),
+    ({"image_size": 128, "tile": 256}, "tile 256 px must be 0 (no tiling) or lie in 32..127, under the "
+                                       "image_size (--image-size)"),
+    ({"image_size": 128, "tile": 16}, "lie in 32..127"),
+    ({"image_size": 256, "tile": 256}, "a tile of the whole image is no tiling: raise image_size"),  # --image-size forgotten
     ({"image_size": 128, "tile": 64, "tile_overlap": 0.95}, "tile_overlap 0.95 must lie in 0..0.9"),
     ({"image_size": 128, "tile": 64, "tile_overlap": 1.5}, "is a share"),
     ({"image_size": 128, "tile": -1}, "must be at least 0"),
@@ -153,7 +155,7 @@ def test_detectors_that_cannot_be_tiled_say_why(method):
 
 @pytest.mark.parametrize(("method", "options", "message"), [
     ("classifier", {"tile": 64}, "classifier: cannot be tiled"),
-    ("padim", {"tile": 512}, "tile 512 px must be 0 .* lie in 32..256"),  # the run's --image-size 256
+    ("padim", {"tile": 512}, "tile 512 px must be 0 .* lie in 32..255"),  # the run's --image-size 256
 ])
 def test_a_run_asking_for_impossible_tiling_is_refused_before_submission(method, options, message):
     from flawline.train.runner import plan_run

@@ -34,12 +34,13 @@ MAX_OVERLAP = 0.9
 
 def check_tiling(image_size: int, tile: int, overlap: float, who: str = "detector") -> None:
     """Raise ``ConfigError`` (one line) unless ``tile`` is 0 (off) or a side in
-    ``MIN_TILE..image_size`` px and ``overlap`` a share in ``[0, MAX_OVERLAP]``."""
+    ``MIN_TILE..image_size - 1`` px (a tile as large as the image would be no tiling) and ``overlap`` a share in ``[0, MAX_OVERLAP]``."""
     if tile == 0:
         return
-    if not MIN_TILE <= tile <= image_size:
-        raise ConfigError(f"{who}: tile {tile} px must be 0 (no tiling) or lie in {MIN_TILE}..{image_size} "
-                          f"(the image_size the image is brought to before it is cut into tiles)")
+    if not MIN_TILE <= tile < image_size:
+        raise ConfigError(f"{who}: tile {tile} px must be 0 (no tiling) or lie in {MIN_TILE}..{image_size - 1}, "
+                          f"under the image_size (--image-size) the image is brought to before it is cut into "
+                          f"tiles{'; a tile of the whole image is no tiling: raise image_size' if tile == image_size else ''}")
     if not 0 <= overlap <= MAX_OVERLAP:
         raise ConfigError(f"{who}: tile_overlap {overlap} must lie in 0..{MAX_OVERLAP} (a share of the tile)")
 
