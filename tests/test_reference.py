@@ -179,6 +179,9 @@ def test_a_training_run_decodes_pairs(catalog, store, tmp_path):
     plan = plan_run(catalog, TrainSpec(datasets=["pcb"], setting="unsupervised", method="reference", image_size=256))
     assert all(r.reference_key for rows in plan.streams.values() for r in rows)
     assert len(plan.streams["normal"]) + len(plan.data.val) == 14 and len(plan.data.test) == 16
+    assert plan.unpaired == 30 and plan.summary()["unpaired_left_out"] == 30  # the reference photos
+    assert plan.notes() == ["30 image(s) without a reference image (the references themselves among them) were "
+                            "left out: reference compares each image with its reference"]
     detector, history = train_local(store, plan)
     metrics = finish_run(catalog, store, plan, detector, history=history)
     assert metrics["image_auroc"] >= 0.95

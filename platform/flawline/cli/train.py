@@ -91,13 +91,16 @@ def submit(
         _show(run_in_process(catalog, settings, spec), as_json)
         return
     waits: list[str] = []
-    run_id, job_id = submit_run(catalog, settings, spec, on_wait=waits.append)
+    notes: list[str] = []
+    run_id, job_id = submit_run(catalog, settings, spec, on_wait=waits.append, on_note=notes.append)
     if as_json and not wait:
         print_json({"run": run_id, "ray_job_id": job_id, "dashboard": settings.ray_dashboard_url,
-                    "waiting": waits[0] if waits else None})
+                    "waiting": waits[0] if waits else None, "notes": notes})
         return
     console.print(f"run {run_id} submitted as Ray job {job_id}; watch it at {settings.ray_dashboard_url} "
                   f"or with `flawline runs show {run_id}`")
+    for note in notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     for line in waits:
         console.print(f"run {run_id} is {line}; it starts when they are free", highlight=False, soft_wrap=True)
     if not wait:

@@ -40,6 +40,8 @@ def run_training_job(run_id: int) -> dict:
         workers = spec.workers if spec.min_workers is None else f"{spec.min_workers}-{spec.workers}"
         print(f"run {run_id}: {spec.setting}/{plan.method} on {'+'.join(spec.datasets)}, {workers} worker(s); "
               f"{plan.summary()['streams']}", flush=True)
+        for note in plan.notes():
+            print(f"run {run_id}: {note}", flush=True)
         run_on_ray(plan, run_id, trainer_name(row))
         recorded = get_run(catalog, run_id).metrics or {}  # progress, placement and the workers' result
         if "model" not in recorded:

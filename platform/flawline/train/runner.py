@@ -41,6 +41,7 @@ class RunPlan:
     method: str
     data: RunData
     streams: dict[str, list[ImageRecord]]  # records per stream the workers read
+    unpaired: int = 0  # images left out for having no reference image (reference detectors)
 
     @property
     def reference(self) -> bool:
@@ -57,7 +58,13 @@ class RunPlan:
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "classes": self.data.classes, "class_counts": self.class_counts,
                 "streams": {k: len(v) for k, v in self.streams.items()},
-                "val": len(self.data.val), "test": len(self.data.test)}
+                "val": len(self.data.val), "test": len(self.data.test),
+                **({"unpaired_left_out": self.unpaired} if self.unpaired else {})}
+
+    def notes(self) -> list[str]:
+        """What the plan left out, one line each, for the submitter and the job's log."""
+        return [f"{self.unpaired} image(s) without a reference image (the references themselves among them) "
+                f"were left out: {self.method} compares each image with its reference"] if self.unpaired else []
 
 
 CALIBRATION_FRACTION = 0.15  # of labelled train images, held back to calibrate label-trained detectors
@@ -71,9 +78,12 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
     check_settings(method, {"image_size": spec.image_size, **spec.options})  # a bad --option fails here, not on the cluster
     data = gather(catalog, spec.datasets, spec.label_fraction, spec.seed)
     where = "+".join(spec.datasets)
+    unpaired = 0
     if detector_class(method).uses_reference:  # only images paired with a reference (not the references)
         for name in ("labelled", "unlabelled", "val", "test"):
-            setattr(data, name, [r for r in getattr(data, name) if r.reference_key])
+            rows = getattr(data, name)
+            setattr(data, name, [r for r in rows if r.reference_key])
+            unpaired += len(rows) - len(getattr(data, name))
         if not data.labelled and not data.unlabelled:
             raise InvalidInput(f"{where}: no train images with a reference image; {method} compares each image "
                                "with its defect-free reference (a `reference` column in the import manifest)")
@@ -109,7 +119,7 @@ def plan_run(catalog: Catalog, spec: TrainSpec) -> RunPlan:
         cut = set(rng.permutation(len(normal))[:max(1, len(normal) // 10)].tolist()) if len(normal) > 1 else set()
         data.val = data.val + [r for i, r in enumerate(normal) if i in cut]
         streams["normal"] = [r for i, r in enumerate(normal) if i not in cut]
-    return RunPlan(spec, setting, method, data, streams)
+    return RunPlan(spec, setting, method, data, streams, unpaired)
 
 
 def _both_verdicts(rows: list[ImageRecord]) -> bool:

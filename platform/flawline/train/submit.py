@@ -96,10 +96,14 @@ def run_request(spec: TrainSpec) -> Any:
 
 
 def submit_run(catalog: Catalog, settings: Settings, spec: TrainSpec,
-               on_wait: Callable[[str], None] | None = None) -> tuple[int, str]:
+               on_wait: Callable[[str], None] | None = None,
+               on_note: Callable[[str], None] | None = None) -> tuple[int, str]:
     """Check, record and submit one run; returns (run id, Ray job id). ``on_wait`` gets the
-    "waiting for …" line when the cluster has not enough free for the run now."""
+    "waiting for …" line when the cluster has not enough free for the run now; ``on_note`` each
+    line of what the plan left out (``RunPlan.notes``)."""
     plan = plan_run(catalog, spec)  # raises before anything is recorded or submitted
+    for note in plan.notes() if on_note else ():
+        on_note(note)
     client = job_client(settings)
     waiting = check_resources(settings, client, run_request(spec))  # raises before anything is recorded
     run_id = create_run(catalog, spec, plan.method, plan.summary())
