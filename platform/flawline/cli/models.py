@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 import typer
-from rich.table import Table
+from rich import box
+from rich.table import Column, Table
 
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
@@ -148,11 +149,16 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
         console.print("no registered models yet: `flawline evaluate DATASET --method padim` or "
                       "`flawline train submit --dataset DATASET` trains and registers one", highlight=False)
         return
-    table = Table("model", "method", "stage", "threshold", "image AUROC", "artifact")
+    # the names people type never shrink to "…"; the artifact URI only where the terminal has room
+    # for it (`models show` and --json always give it)
+    wide = console.width >= 120
+    table = Table(*(Column(c, no_wrap=True) for c in ("model", "method", "stage")), "threshold", "image AUROC",
+                  *([Column("artifact", overflow="fold")] if wide else []), box=box.SIMPLE_HEAD)
     for i in items:
         table.add_row(i["model"], i["method"], i["stage"],
                       f"{i['threshold']:.4g} ({i['threshold_method']})" if i["threshold"] is not None else "-",
-                      f"{i['image_auroc']:.4f}" if i["image_auroc"] is not None else "-", i["artifact"])
+                      f"{i['image_auroc']:.4f}" if i["image_auroc"] is not None else "-",
+                      *([i["artifact"]] if wide else []))
     console.print(table)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich import box
+from rich.table import Column, Table
 
 from flawline.cli.app import FlawlineTyper, console, err_console, print_json
 from flawline.config import get_settings
@@ -220,13 +221,17 @@ def list_(limit: int = typer.Option(20, min=1, help="Newest N runs."),
     if as_json:
         print_json(rows)
         return
-    table = Table("run", "status", "setting", "method", "datasets", "progress", "accuracy", "image AUROC", "created")
+    # the names people type never shrink to "…": short headers, no accuracy column unless a run has one
+    accuracy = any("accuracy" in r["metrics"] for r in rows)
+    table = Table("run", *(Column(c, no_wrap=True) for c in ("status", "setting", "method")),
+                  Column("datasets", overflow="fold"),
+                  *(Column(c, no_wrap=True) for c in ("epoch", *(["acc."] if accuracy else []), "AUROC", "created")), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for r in rows:
         p, m = r["progress"] or {}, r["metrics"]
         table.add_row(str(r["run"]), r["status"], r["setting"], r["method"], "+".join(r["datasets"] or []),
                       f"{p['epoch']}/{p['epochs']}" if "epoch" in p else "-",
-                      f"{m['accuracy']:.4f}" if "accuracy" in m else "-",
-                      f"{m['image_auroc']:.4f}" if "image_auroc" in m else "-", f"{r['created_at']:%Y-%m-%d %H:%M}")
+                      *([f"{m['accuracy']:.3f}" if "accuracy" in m else "-"] if accuracy else []),
+                      f"{m['image_auroc']:.3f}" if "image_auroc" in m else "-", f"{r['created_at']:%m-%d %H:%M}")
     console.print(table)
 
 
