@@ -41,6 +41,18 @@ def test_sqlite_upgrade_downgrade_upgrade(tmp_path):
     _round_trip(f"sqlite:///{tmp_path / 'c.db'}")
 
 
+def test_schema_checks_leave_no_alembic_chatter_in_logs(tmp_path, caplog):
+    """Every Ray worker checks the schema; Alembic's INFO lines used to repeat in every run's log."""
+    import logging
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    with caplog.at_level(logging.DEBUG):
+        upgrade(engine)
+        assert current_revision(engine) == head_revision()
+    assert not [r for r in caplog.records if r.name.startswith("alembic") and r.levelno < logging.WARNING]
+    engine.dispose()
+
+
 @pytest.mark.postgres
 def test_postgres_upgrade_downgrade_upgrade(pg_url):
     _round_trip(pg_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,12 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from flawline.errors import CatalogError, SchemaOutOfDate
+
+# Alembic's INFO lines ("Will assume non-transactional DDL.", "Context impl SQLiteImpl.") come with
+# every schema check, so every Ray worker's log repeated them; flawline says what it migrated itself.
+# A level the user set on the "alembic" logger is kept.
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def migrations_dir() -> Path:
