@@ -51,8 +51,15 @@ def test_bundles_pack_per_node_and_the_elastic_minimum_is_what_must_fit():
     busy = _cluster(({"CPU": 2.0}, {"CPU": 2.0}), ({"CPU": 2.0}, {"CPU": 1.0}))
     verdict = check(busy, Request({"CPU": 1.5}, 2))
     assert verdict.now is False
-    assert verdict.message == ("waiting for 3 CPU (2 workers × 1.5 CPU; free: 3 of 4 CPU, on its nodes room for 1 "
-                               "of 2 workers)")
+    assert verdict.message == ("waiting for room on the nodes for 2 workers × 1.5 CPU (room now for 1 of 2; free "
+                               "per node: 2 CPU; 1 CPU)")
+    # The job's driver (pinned to the head) counts too: named, with the head's free share.
+    pinned = _cluster(({"CPU": 2.0, "node:__internal_head__": 1.0}, {"CPU": 0.5, "node:__internal_head__": 1.0}),
+                      ({"CPU": 2.0}, {"CPU": 2.0}))
+    verdict = check(pinned, Request({"CPU": 1.0}, 1, driver={"node:__internal_head__": 0.001, "CPU": 1.0}))
+    assert verdict.now is False and verdict.message == (
+        "waiting for room on the nodes for 1 worker × 1 CPU and the job's driver node:__internal_head__=0.001 + "
+        "1 CPU (room now for 0 of 1; free per node: 0.5 CPU + node:__internal_head__=1; 2 CPU)"), verdict.message
     assert check(busy, Request({"CPU": 1.5}, 2, min_count=1)).now is True  # elastic: starts with one
     assert fits([{"CPU": 2.0}, {"CPU": 2.0}], Request({"CPU": 1.0}, 4), 4)
     assert not fits([{"CPU": 2.0}, {"CPU": 2.0}], Request({"CPU": 1.0}, 4, driver={"CPU": 1.0}), 4)

@@ -229,23 +229,27 @@ def held_by(cluster: ClusterResources, resource: str) -> str:
 
 def waiting_line(cluster: ClusterResources, request: Request, count: int | None = None) -> str:
     """``waiting for 1 CPU (free: 0.5 of 2 CPU; held by: Serve replicas 1.5 CPU)``: for each
-    resource the request is short of, else (enough free, but no node has a bundle's room) the
-    largest free share on one node."""
+    resource the request is short of; else (enough free in all, but not together on one node)
+    ``waiting for room on the nodes for …`` with what each node has free."""
     n = request.start_count if count is None else count
     parts = []
     asked = {k: n * v + request.driver.get(k, 0.0) for k, v in request.bundle.items() if v > 0}
     for k, v in request.driver.items():
         asked.setdefault(k, v)
     short = [k for k, v in asked.items() if (free := cluster.free(k)) is not None and free + EPS < v]
+    if not short and cluster.free_known:  # enough free in all, but not together on one node
+        free_nodes = [x.free or {} for x in cluster.nodes]
+        room = max((c for c in range(n) if fits(free_nodes, request, c)), default=0)
+        keys = [k for k in asked if asked[k] > 0]
+        driver = f" and the job's driver {fmt_bundle(request.driver)}" if any(request.driver.values()) else ""
+        return (f"waiting for room on the nodes for {n} {request.unit}{'s' if n != 1 else ''} × {fmt_bundle(request.bundle)}{driver} "
+                f"(room now for {room} of {n}; free per node: "
+                + "; ".join(fmt_bundle({k: f.get(k, 0.0) for k in keys}) for f in free_nodes) + ")")
     for k in short or [k for k in asked if k in ("CPU", "GPU")] or list(asked)[:1]:
         free = cluster.free(k)
         who = held_by(cluster, k)
         notes = [f"{n} {request.unit}s × {fmt_amount(k, request.bundle[k])}"] if n > 1 and k in request.bundle else []
         notes.append(f"free: {'?' if free is None else fmt(free)} of {fmt_amount(k, cluster.total(k))}")
-        if not short and cluster.free_known:  # enough in all, but split over nodes
-            free_nodes = [x.free or {} for x in cluster.nodes]
-            room = max((c for c in range(n) if fits(free_nodes, request, c)), default=0)
-            notes[-1] += f", on its nodes room for {room} of {n} {request.unit}s"
         if who:
             notes.append(f"held by: {who}")
         parts.append(f"{fmt_amount(k, asked[k])} ({'; '.join(notes)})")
