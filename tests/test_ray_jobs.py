@@ -379,6 +379,9 @@ def test_runs_side_by_side_placed_killed_cancelled_resumed_and_in_process(elpv_s
     (run,) = [r for r in json.loads(_cli("runs", "list", "--json").stdout) if r["ray_job_id"] == kuberay]
     assert (run["status"], run["metrics"]["model"]) == ("succeeded", "elpv-unsupervised-padim:1")
     assert len(run["placement"]) == 2 and run["metrics"]["image_auroc"] > 0.5
+    # A run without epochs records its stages for `--wait` and `runs show` (embedding n/N, fitting,
+    # evaluating), none counted as a checkpoint
+    assert run["progress"] == {"stage": "evaluating"} and not run["checkpoints"]
     # Tiled (9 tiles of 32 px per 64 px image): both workers' tiles, back in image order, fit on rank 0.
     shown = json.loads(_cli("models", "show", "elpv-unsupervised-padim:1", "--json").stdout)
     assert (shown["config"]["tile"], shown["info"]["train_tiles"]) == (32, 9 * shown["info"]["train_images"])

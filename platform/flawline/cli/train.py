@@ -109,6 +109,14 @@ def submit(
     _follow(catalog, settings, run_id, as_json)
 
 
+def _stage(progress: dict) -> str:
+    """`` embedding 320/762 images``, `` fitting 762 images``, `` evaluating`` (runs without epochs)."""
+    if "stage" not in progress:
+        return ""
+    n, of = progress.get("images"), progress.get("of")
+    return f" {progress['stage']}" + (f" {n}/{of} images" if of else f" {n} images" if n else "")
+
+
 def _follow(catalog, settings, run_id: int, as_json: bool) -> None:  # noqa: ANN001
     from flawline.train.runs import get_run
     from flawline.train.submit import follow
@@ -117,7 +125,7 @@ def _follow(catalog, settings, run_id: int, as_json: bool) -> None:  # noqa: ANN
     for state in follow(catalog, settings, run_id):
         p = state["progress"] or {}
         line = state["status"] + (f" epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}"
-                                  if "epoch" in p else "") + (f": {state['waiting']}" if state.get("waiting") else "")
+                                  if "epoch" in p else _stage(p)) + (f": {state['waiting']}" if state.get("waiting") else "")
         if line != last:
             err_console.print(line)
             last = line
@@ -181,10 +189,10 @@ def _show(run_id: int, as_json: bool, settings=None) -> None:  # noqa: ANN001
                   f"{'+'.join(info['datasets'] or [])} (Ray job {info['ray_job_id'] or '-'})")
     if info.get("waiting"):
         console.print(f"[yellow]{info['waiting']}[/]", highlight=False, soft_wrap=True)
-    if info["progress"]:
+    if info["progress"] and ("epoch" in info["progress"] or info["status"] in ("pending", "running")):
         p = info["progress"]
         console.print(f"progress: epoch {p.get('epoch')}/{p.get('epochs')}, loss {p.get('loss', float('nan')):.4f}, "
-                      f"{info['checkpoints']} checkpoint(s)")
+                      f"{info['checkpoints']} checkpoint(s)" if "epoch" in p else f"progress:{_stage(p)}")
     if info["placement"]:
         where = ", ".join(f"rank {p['rank']} on {p['host']} node {p['node_id'][:8]} ({p['device']})"
                           for p in info["placement"])

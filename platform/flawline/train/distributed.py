@@ -159,9 +159,25 @@ class RayTrainContext:
         # reports, which wait for every rank); "epochs_cpu": this process's CPU seconds in the
         # gradient epochs (against "epochs": the share of a core the loop got).
         self.phases: dict[str, float] = {}
+        self._stage: tuple[str | None, float] = (None, 0.0)  # the last recorded stage, when (monotonic s)
 
     def timed(self, phase: str, seconds: float) -> None:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
+
+    STAGE_EVERY_S = 10.0  # a stage's counts reach the catalog at most this often (a changed stage at once)
+
+    def stage(self, name: str, **counts: int) -> None:
+        """Rank 0 records the stage a run without epochs is in (``runs show`` and ``train submit
+        --wait`` print it): ``stage("embedding", images=320, of=762)``, ``stage("fitting")``."""
+        if self.rank != 0 or self.run_id is None:
+            return
+        now = time.monotonic()
+        if name == self._stage[0] and now - self._stage[1] < self.STAGE_EVERY_S:
+            return
+        self._stage = (name, now)
+        from flawline.train.runs import record_progress
+
+        record_progress(self.run_id, {"stage": name, **counts}, checkpoint=False)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -290,6 +306,7 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / DETECTOR_FILE).write_bytes(detector_to_bytes(detector))
         ray.train.report(dict(final, stage="trained"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    ctx.stage("evaluating")  # threshold, test metrics, artifact, model version
     catalog = open_catalog()
     # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing);
     # fit_phases: where rank 0's share of it went.
@@ -370,9 +387,12 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
     cached: list[Any] = []
     count, streamed, kept = 0, False, 0
     embed_start = time.perf_counter()
+    images = len(plan.streams["normal"])
+    ctx.stage("embedding", images=0, of=images)
     for y in embedded():
         n = (y[0] if isinstance(y, tuple) else y).shape[0]
         count += n
+        ctx.stage("embedding", images=count * ctx.world_size // detector.tiles_per_image, of=images)  # rank 0's pace
         size = embedded_bytes(y)
         if trained and not streamed and size / n * rows_per_rank > budget:
             streamed = True  # from now on keep only a statistics sample
@@ -404,6 +424,7 @@ def _fit_normal(plan: RunPlan, ctx: RayTrainContext) -> tuple[Detector, list[dic
         if ctx.world_size > 1:
             torch.distributed.gather_object(mine, everyone if ctx.rank == 0 else None, dst=0)
         if ctx.rank == 0:
+            ctx.stage("fitting", images=total // detector.tiles_per_image)
             parts = [p for p in everyone if p is not None]
             order = torch.argsort(torch.cat([p[0] for p in parts]), stable=True)
             bank = concat([p[1] for p in parts])

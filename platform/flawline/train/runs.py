@@ -64,8 +64,10 @@ def update_run(catalog: Catalog, run_id: int, **values: Any) -> None:
             setattr(row, key, value)
 
 
-def record_progress(run_id: int, metrics: dict[str, Any], catalog: Catalog | None = None) -> None:
-    """Called by rank 0 after each checkpoint: the run's latest epoch metrics and checkpoint count."""
+def record_progress(run_id: int, metrics: dict[str, Any], catalog: Catalog | None = None,
+                    checkpoint: bool = True) -> None:
+    """Called by rank 0 after each checkpoint: the run's latest epoch metrics and checkpoint count;
+    ``checkpoint=False``: a stage without a checkpoint (``{"stage": "embedding", "images": 320}``)."""
     from flawline.context import open_catalog
 
     catalog = catalog or open_catalog()
@@ -75,7 +77,8 @@ def record_progress(run_id: int, metrics: dict[str, Any], catalog: Catalog | Non
             return
         current = dict(row.metrics or {})
         current["progress"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-        current["checkpoints"] = int(current.get("checkpoints", 0)) + 1
+        if checkpoint:
+            current["checkpoints"] = int(current.get("checkpoints", 0)) + 1
         row.metrics = current
 
 
