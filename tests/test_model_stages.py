@@ -63,7 +63,7 @@ def test_rollback_returns_to_the_version_before(catalog):
 def test_stage_errors(catalog):
     _register(catalog, "m", 2)
     with catalog.session() as s:
-        with pytest.raises(NotFound, match="no model 'm:7'"):
+        with pytest.raises(NotFound, match="no model 'm:7'; m has version\\(s\\) 1, 2$"):
             promote(s, "m:7")
         with pytest.raises(NotFound, match="no model 'nope'"):
             promote(s, "nope")

@@ -42,6 +42,10 @@ def get_version(session: Session, ref: str) -> ModelVersion:
         query = query.where(ModelVersion.version == int(version))
     row = session.scalar(query.order_by(ModelVersion.version.desc()).limit(1))
     if row is None:
+        versions = session.scalars(select(ModelVersion.version).where(ModelVersion.name == name)
+                                   .order_by(ModelVersion.version)).all()
+        if versions:  # the name exists, the version does not
+            raise NotFound(f"no model {ref!r}; {name} has version(s) {', '.join(map(str, versions))}")
         names = session.scalars(select(ModelVersion.name).distinct().order_by(ModelVersion.name)).all()
         raise NotFound(f"no model {ref!r}" + (f"; models: {', '.join(names)}" if names else "; none registered yet"))
     return row
