@@ -20,7 +20,7 @@ a fresh local S3 server and SQLite catalog, and promotes it. Then:
 - a row per ``--layouts`` entry (split and single over HTTP; grpc: serve/config.yaml through the
   gRPC API, serve/flawline.proto, with a grpc.aio client): concurrency 1 and 32 and the two batch
   request cells; ``--throughput-optimized ROW...`` measures rows again on a Ray cluster restarted
-  with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 and RAY_SERVE_ENABLE_HA_PROXY=1 (``throughput_env``).
+  with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 and RAY_SERVE_ENABLE_HA_PROXY=1 (``flawline.cluster.local_ray.serve_throughput_env``).
 
 The first ``--layouts`` entry gets the grid, the batch cells and the load test in its protocol.
 
@@ -334,30 +334,6 @@ ROWS = {"split": ("config.yaml", "http"), "single": ("config-single.yaml", "http
 MODES = ("default", "throughput-optimized")
 
 
-def throughput_env(folder: Path) -> dict[str, str]:
-    """The environment a Ray cluster starts with for Serve's throughput-optimized mode. In Ray 2.60
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on direct ingress (ingress replicas serve HTTP and gRPC
-    themselves), gRPC between deployments and lighter logging, and RAY_SERVE_ENABLE_HA_PROXY=1
-    puts HAProxy in front as the ingress; both, as Ray's high-throughput guide sets them. HAProxy's
-    files and its side ports get this run's own (its defaults are machine-wide: /tmp/haproxy-serve,
-    8404, 9101, and 8500/9500 for the fallback proxy). ``folder`` must be a short path: Ray puts
-    each node's sockets in a subfolder named by the node id (56 characters), and HAProxy refuses a
-    socket path over 97."""
-    from flawline.cluster.local_ray import free_ports
-
-    stats, metrics, fallback_http, fallback_grpc = free_ports(4)
-    folder.mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc)}
-
-
 class Target:
     """Where a row's requests go: the HTTP route or the gRPC API of the application deployed."""
 
@@ -464,7 +440,7 @@ def main() -> None:
     from flawline.catalog import Catalog, upgrade
     from flawline.catalog.db import make_engine
     from flawline.catalog.model_versions import promote, register_version
-    from flawline.cluster.local_ray import LocalRayCluster, free_ports
+    from flawline.cluster.local_ray import LocalRayCluster, free_ports, serve_throughput_env
     from flawline.config import get_settings
     from flawline.data.loading import decode_image, stack_rgb
     from flawline.evaluate import thresholds as th
@@ -571,8 +547,8 @@ def main() -> None:
                 log("restarting the Ray cluster in Serve's throughput-optimized mode")
                 cluster.stop()
                 fast = LocalRayCluster.on_free_ports(num_cpus=args.threads + 2, log_file=tmp / "ray-throughput.log")
-                haproxy_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: see throughput_env
-                fast.env = throughput_env(haproxy_dir)
+                haproxy_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: see serve_throughput_env
+                fast.env = serve_throughput_env(haproxy_dir)
                 os.environ["FLAWLINE_RAY_DASHBOARD_URL"] = fast.dashboard_url
                 get_settings.cache_clear()
                 fast.start()

@@ -3,10 +3,12 @@ README's main job (quickstart) on a slice of the Magnetic Tile set."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -164,6 +166,31 @@ def test_data_survives_a_restart(local_env, folder_tree):
         keys = list(s.scalars(select(Image.object_key)))
     store = open_store()
     assert len(keys) == 8 and all(store.exists(k) for k in keys)
+
+
+def test_up_starts_ray_in_serve_throughput_optimized_mode(local_env):
+    """`flawline up --serve-throughput-optimized`: Ray's processes (and so Serve's controller and
+    proxies) start with the mode's environment, HAProxy's files in a short folder of this cluster's
+    own; a second `up` on the running cluster says the mode takes effect only when Ray starts."""
+    from flawline.cli.services import local_ray
+
+    result = _run("up", "--serve-throughput-optimized")
+    try:
+        assert result.exit_code == 0, result.output
+        assert "Serve throughput-optimized (HAProxy ingress)" in result.output
+        cluster = local_ray(get_settings())
+        probe = (f"import os, ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); "
+                 "f = ray.remote(lambda: {k: v for k, v in os.environ.items() if k.startswith('RAY_SERVE_')}); "
+                 "print(repr(ray.get(f.remote())))")
+        seen = ast.literal_eval(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                   check=True).stdout.strip().splitlines()[-1])
+        assert seen["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and seen["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert seen["RAY_SERVE_HAPROXY_SOCKET_PATH"] == f"/tmp/flawline-hap-{cluster.dashboard_port}/admin.sock"
+        again = _run("up", "--serve-throughput-optimized")
+        assert again.exit_code == 0 and "takes effect when Ray starts; Ray already runs" in again.output
+    finally:
+        assert _run("down").exit_code == 0
+    assert not Path(f"/tmp/flawline-hap-{cluster.dashboard_port}").exists()  # `down` leaves nothing behind
 
 
 def test_a_process_is_alive_until_its_last_thread_has_exited():

