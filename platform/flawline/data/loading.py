@@ -48,8 +48,26 @@ def decode_mask(data: bytes | None, size: int, name: str = "mask") -> np.ndarray
     return np.asarray(mask_image(data, name).resize((size, size), Image.NEAREST)) > 0
 
 
+PAIR_CHANNELS = 6  # an image/reference pair: the image's 3 channels, then its reference's
+
+
+def pair(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Images and their defect-free references → pairs: [C, H, W] each → [6, H, W], or batches
+    [N, C, H, W] → [N, 6, H, W] (C = 1 or 3 on either side, gray repeated to 3 channels). The one
+    home of "image + reference → pair", what detectors that ``uses_reference`` take: records
+    (``flawline.data.records.decode_record``) and serving (``flawline.serving.pipeline``) pair here.
+    Raises ``InvalidInput`` when the two differ in shape (beyond gray against RGB)."""
+    if (images.dim() not in (3, 4) or images.dim() != references.dim() or images.shape[:-3] != references.shape[:-3]
+            or images.shape[-2:] != references.shape[-2:] or images.shape[-3] not in (1, 3)
+            or references.shape[-3] not in (1, 3)):
+        raise InvalidInput(f"an image {list(images.shape)} and its reference {list(references.shape)} differ in shape")
+    return torch.cat([images.expand(*images.shape[:-3], 3, *images.shape[-2:]),
+                      references.expand(*references.shape[:-3], 3, *references.shape[-2:])], -3)
+
+
 def stack_rgb(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Same-size [C, H, W] tensors → [N, 3, H, W] (gray repeated to 3 channels)."""
+    """Same-size [C, H, W] tensors → [N, 3, H, W] (gray repeated to 3 channels; pairs [6, H, W]
+    stack as they are)."""
     if not images:
         raise InvalidInput("no images")
     return torch.stack([im.expand(3, -1, -1) if im.shape[0] == 1 else im for im in images])

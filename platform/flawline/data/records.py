@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from flawline.catalog import Annotation, Catalog, Image, Label, Split
 from flawline.catalog.queries import LABEL_SOURCES, dataset_white, get_dataset, image_labels
-from flawline.data.loading import decode_image, decode_mask
+from flawline.data.loading import decode_image, decode_mask, pair
 from flawline.errors import InvalidInput
 from flawline.storage import ObjectStore
 
@@ -177,8 +177,8 @@ def decode_record(store: ObjectStore, record: ImageRecord, size: int, white: int
         if not record.reference_key:
             raise InvalidInput(f"{record.origin}: no reference image; this detector compares each image with its "
                                "defect-free reference (give a `reference` column in the import manifest)")
-        ref = decode_image(store.get_bytes(record.reference_key), size, f"{record.origin}'s reference", level)
-        img = torch.cat([img, ref.expand(3, -1, -1) if ref.shape[0] == 1 else ref])
+        img = pair(img, decode_image(store.get_bytes(record.reference_key), size, f"{record.origin}'s reference",
+                                     level))
     if not with_mask:
         return img, None
     return img, decode_mask(store.get_bytes(record.mask_key) if record.mask_key else None, size, record.origin)

@@ -13,7 +13,7 @@ at each position (mean and standard deviation of the distance); the map is the d
 those standard deviations, upsampled and blurred, and the image score its maximum.
 
 Input: pairs [N, 6, H, W] in [0, 1], the tested image's 3 channels then its reference's
-(``pair``); the catalog's ``reference`` attribute names each image's reference, and every decoder
+(``flawline.data.loading.pair``, re-exported here); the catalog's ``reference`` attribute names each image's reference, and every decoder
 of records (``flawline.data.records.decode_record`` with ``reference=True``) builds these pairs.
 """
 
@@ -27,18 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flawline.data.loading import PAIR_CHANNELS, pair  # noqa: F401 — pairs are built there (re-exported)
 from flawline.errors import InvalidInput
 from flawline.models.base import Detector, DetectorConfig, register_detector
 from flawline.models.features import as_model_batch, patch_features, upsample_map
-
-PAIR_CHANNELS = 6
-
-
-def pair(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Images and their references [N, C, H, W] (C = 1 or 3, same shapes) → pairs [N, 6, H, W]."""
-    if images.shape != references.shape:
-        raise InvalidInput(f"an image {list(images.shape)} and its reference {list(references.shape)} differ in shape")
-    return torch.cat([images.expand(-1, 3, -1, -1), references.expand(-1, 3, -1, -1)], 1)
 
 
 def aligned_distance(f: torch.Tensor, g: torch.Tensor, search: int) -> torch.Tensor:
