@@ -187,18 +187,32 @@ def test_a_training_run_decodes_pairs(catalog, store, tmp_path):
     assert metrics["image_auroc"] >= 0.95
 
 
-def test_serving_answers_a_reference_model_with_one_clear_error_per_image(data):
-    """Requests carry one image, not its reference: each is answered 400, naming the way that works."""
+def test_serving_pairs_each_image_with_its_requests_reference(data):
+    """Serving's model side (here without Ray): items carrying their request's reference image are
+    paired as evaluation pairs them (one shared ``pair``) and scored as ``predict`` scores the pair;
+    an item without one, or a reference that does not decode, is the request's error (``shared``)."""
+    from flawline.data.loading import decode_image
     from flawline.serving.models import LoadedModel, ModelRef
     from flawline.serving.pipeline import Item, predict_items
 
-    (ti, tr, _), (ni, _, _), _ = data
+    (ti, tr, _), (ni, nr, _), _ = data
     det = create_detector("reference", image_size=64).fit(pair(tensor(ti[:4]), tensor(tr[:4])))
     model = LoadedModel(ModelRef("pcb-reference", 1, "production", "reference", "s3://b/m.pt", None), det, 0.0)
-    outcomes = predict_items(model, [Item(_png(ni[0])), Item(_png(ni[1]))])
-    assert [o.status for o in outcomes] == [400, 400]
-    assert "reference compares each image with its reference image" in outcomes[0].error
-    assert "flawline evaluate" in outcomes[0].error and "\n" not in outcomes[0].error
+    golden = _png(nr[0])
+    outcomes = predict_items(model, [Item(_png(ni[0]), reference=golden),
+                                     Item(b"junk", "junk.png", reference=golden)])
+    expected = det.predict(pair(decode_image(_png(ni[0]), 64), decode_image(golden, 64))[None]).scores[0]
+    assert outcomes[0].error is None and outcomes[0].score == pytest.approx(float(expected), rel=1e-4)
+    assert outcomes[1].status == 400 and outcomes[1].error.startswith("junk.png: ") and not outcomes[1].shared
+
+    missing = predict_items(model, [Item(_png(ni[0])), Item(_png(ni[1]))])
+    assert [o.status for o in missing] == [400, 400] and all(o.shared for o in missing)
+    assert missing[0].error == ("pcb-reference compares each image with its defect-free reference: "
+                                "pass ?reference=s3://... (gRPC: reference_uri)")
+    bad = predict_items(model, [Item(_png(ni[0]), reference=b"not a png", reference_name="reference golden.png")])
+    assert bad[0].shared and bad[0].status == 400 and bad[0].error.startswith("reference golden.png: ")
+    gray_rgb = pair(decode_image(_png(ni[0]), 64), decode_image(golden, 64).expand(3, -1, -1))
+    assert gray_rgb.shape == (6, 64, 64)  # gray against RGB pairs as gray against gray
 
 
 def test_a_pair_counts_both_images_against_the_shard_cache():

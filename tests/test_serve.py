@@ -3,7 +3,8 @@ free port), small PaDiM models fitted on real Magnetic Tile images are registere
 catalog with artifacts in the real S3 server, and requests go over loopback HTTP.
 
 Covers: raw, multipart and s3:// requests; batch inspection requests answered per image; heatmap, mask and region polygons on request; the model
-list and health endpoints; promotion and rollback switching predictions without a redeploy; bad
+list and health endpoints; a `reference` model (each image against the request's reference image)
+over HTTP and gRPC; promotion and rollback switching predictions without a redeploy; bad
 input answered 4xx while the server keeps serving; a broken artifact answering 503 for that model
 only; the gRPC API answering as HTTP does, errors as gRPC status codes; `flawline predict` over
 HTTP, gRPC and --local writing overlays; Ray metrics; `serve status|down`.
@@ -69,6 +70,27 @@ def _fit(images: list[bytes], seed: int):
     return det
 
 
+def _reference_model() -> dict:
+    """A tiny `reference` detector fitted on synthetic board pairs (tests/test_reference.py), and
+    one board's golden image with three more photos of it."""
+    import torch
+
+    from flawline.data.loading import decode_image, pair
+    from flawline.models import create_detector
+    from test_reference import _png as board_png
+    from test_reference import boards, capture, design
+
+    images, refs, _ = boards(6, 20)
+    batch = torch.stack([pair(decode_image(board_png(i), SIZE), decode_image(board_png(r), SIZE))
+                         for i, r in zip(images, refs)])
+    det = create_detector("reference", image_size=SIZE, batch_size=8).fit(batch)
+    det.set_threshold(th.max_score(det.predict(batch).scores, {"images": len(images)}))
+    rng = np.random.default_rng(21)
+    board = design(rng)
+    return {"det": det, "golden": board_png(capture(board, rng)),
+            "shots": [board_png(capture(board, rng)) for _ in range(3)]}
+
+
 @pytest.fixture(scope="module")
 def served(s3_server, tmp_path_factory):
     """A Ray cluster, a catalog and bucket with models, and the application deployed by the CLI."""
@@ -105,6 +127,7 @@ def served(s3_server, tmp_path_factory):
         blowholes = sorted((MAGNETIC_TILE / "MT_Blowhole" / "Imgs").glob("*.jpg"))
         normals = [p.read_bytes() for p in free[:8]]
         v1, v2 = _fit(normals, seed=0), _fit(normals, seed=1)
+        pcb = _reference_model()
         # "tiles-regions": v1's artifact with a threshold at the 90th percentile of a blowhole's map,
         # so that image has defect regions to outline.
         probe = v1.predict(torch_image(blowholes[0].read_bytes()))
@@ -119,6 +142,11 @@ def served(s3_server, tmp_path_factory):
                                  backbone="efficientnet_lite0", threshold=det.threshold.as_dict(), metrics=None)
             register_version(s, name="tiles-regions", artifact_uri=uris[0], method="padim", backbone=None,
                              threshold=low.as_dict(), metrics=None)
+            store.put_bytes("models/pcb-ref.pt", detector_to_bytes(pcb["det"]))
+            register_version(s, name="pcb-ref", artifact_uri=store.uri("models/pcb-ref.pt"), method="reference",
+                             backbone=None, threshold=pcb["det"].threshold.as_dict(), metrics=None)
+            store.put_bytes("references/board.png", pcb["golden"])  # the product's golden image, uploaded once
+            store.put_bytes("references/junk.png", b"not an image")
             store.put_bytes("models/broken.pt", b"this is not a model")
             register_version(s, name="broken", artifact_uri=store.uri("models/broken.pt"), method="padim",
                              backbone=None, threshold=None, metrics=None)
@@ -128,7 +156,7 @@ def served(s3_server, tmp_path_factory):
         assert f"127.0.0.1:{port}" in result.output and f"gRPC (serve/flawline.proto) on port {grpc_port}" in result.output
         yield {"url": f"http://127.0.0.1:{port}", "store": store, "catalog": catalog, "cluster": cluster,
                "free": free, "blowholes": blowholes, "v1": v1, "v2": v2, "port": port,
-               "grpc": f"127.0.0.1:{grpc_port}", "grpc_port": grpc_port}
+               "grpc": f"127.0.0.1:{grpc_port}", "grpc_port": grpc_port, "pcb": pcb}
     finally:
         _cli("serve", "down")
         cluster.stop()
@@ -210,7 +238,7 @@ def test_model_list_and_health(served):
     health = requests.get(f"{served['url']}/healthz", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok", "catalog": "ok", "model_server": "ok"}
     models = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]}
-    assert set(models) == {"tiles", "tiles-regions", "broken"}
+    assert set(models) == {"tiles", "tiles-regions", "broken", "pcb-ref"}
     assert models["tiles"]["production"] == 1 and models["tiles"]["serving"] == 1
     assert [(v["version"], v["stage"]) for v in models["tiles"]["versions"]] == [(1, "production"), (2, "candidate")]
     assert models["broken"]["production"] is None and models["broken"]["serving"] == 1  # the newest
@@ -483,6 +511,80 @@ def test_flawline_predict_over_grpc(served, tmp_path):
     assert len(down.output.strip().splitlines()) == 1
 
 
+def _pair_score(det, image: bytes, reference: bytes) -> float:
+    """What the detector itself scores the decoded pair (the training and evaluation decode)."""
+    from flawline.data.loading import decode_image, pair
+
+    return float(det.predict(pair(decode_image(image, SIZE), decode_image(reference, SIZE))[None]).scores[0])
+
+
+def test_a_reference_model_compares_each_image_with_the_requests_reference(served):
+    """A model of the `reference` detector: a request names the product's golden image in the store
+    (HTTP ?reference=, gRPC reference_uri) and each image is scored as the detector scores it paired
+    with that reference. A missing, unwanted, absent or bad reference is one line; a batch's bad
+    reference fails the batch (it is every image's), a bad image only itself."""
+    from urllib.parse import urlencode
+
+    from flawline.serving.grpc_client import InspectionClient, InspectionError
+
+    pcb, store = served["pcb"], served["store"]
+    golden, junk, missing = (store.uri(f"references/{n}.png") for n in ("board", "junk", "missing"))
+    expected = [_pair_score(pcb["det"], shot, pcb["golden"]) for shot in pcb["shots"]]
+    png = {"Content-Type": "image/png"}
+    one = _predict(served, "pcb-ref", pcb["shots"][0], "?" + urlencode({"reference": golden, "heatmap": "true"}),
+                   headers=png)
+    assert one.status_code == 200, one.text
+    assert one.json()["score"] == pytest.approx(expected[0], rel=1e-4) and one.json()["map_size"] == [SIZE, SIZE]
+    assert one.json()["is_defect"] == (one.json()["score"] >= one.json()["threshold"])
+
+    batch_url = f"{served['url']}/v1/models/pcb-ref/predict/batch"
+    files = [("image", ("a.png", pcb["shots"][0])), ("image", ("junk.png", b"not an image")),
+             ("image", ("b.png", pcb["shots"][1])), ("image", ("c.png", pcb["shots"][2]))]
+    many = requests.post(batch_url, params={"reference": golden}, files=files, timeout=60)
+    assert many.status_code == 200, many.text
+    results = many.json()["results"]
+    assert [r["status"] for r in results] == [200, 400, 200, 200] and results[1]["error"].startswith("junk.png: ")
+    assert [results[i]["score"] for i in (0, 2, 3)] == pytest.approx(expected, rel=1e-4)
+    assert results[0]["batch_size"] == 3
+
+    needs = ("pcb-ref compares each image with its defect-free reference: pass ?reference=s3://... "
+             "(gRPC: reference_uri)")
+    refused = [("pcb-ref", None, 400, needs),
+               ("tiles", golden, 400, "tiles does not use a reference image (padim scores each image alone)"),
+               ("pcb-ref", junk, 400, f"reference {junk}: not an image"),
+               ("pcb-ref", missing, 404, f"reference {missing} does not exist"),
+               ("pcb-ref", "s3://elsewhere/board.png", 400,
+                "reference s3://elsewhere/board.png: this server reads images from s3://t-"),
+               ("pcb-ref", "http://example.com/board.png", 400, "not an s3:// URI")]
+    for model, reference, status, message in refused:
+        params = {"reference": reference} if reference else {}
+        for url, kwargs in ((f"{served['url']}/v1/models/{model}/predict", {"data": pcb["shots"][0], "headers": png}),
+                            (f"{served['url']}/v1/models/{model}/predict/batch", {"files": files})):
+            r = requests.post(url, params=params, timeout=60, **kwargs)  # a batch fails as a whole
+            assert r.status_code == status, (url, reference, r.text)
+            assert message in r.json()["error"] and "\n" not in r.json()["error"], r.json()
+
+    with InspectionClient(served["grpc"]) as client:
+        verdict = client.predict("pcb-ref", pcb["shots"][1], name="b.png", reference_uri=golden)
+        assert verdict["score"] == pytest.approx(expected[1], rel=1e-4)
+        answer = client.predict_many("pcb-ref", [("a.png", pcb["shots"][0]), ("junk.png", b"junk"),
+                                                 ("c.png", pcb["shots"][2])], reference_uri=golden)
+        assert [r["code"] for r in answer["results"]] == ["OK", "INVALID_ARGUMENT", "OK"]
+        assert [answer["results"][i]["score"] for i in (0, 2)] == pytest.approx(expected[::2], rel=1e-4)
+        shot = pcb["shots"][0]
+        for call, code, message in (
+                (lambda: client.predict("pcb-ref", shot), "INVALID_ARGUMENT", needs),
+                (lambda: client.predict("tiles", shot, reference_uri=golden), "INVALID_ARGUMENT",
+                 "tiles does not use a reference image"),
+                (lambda: client.predict_many("pcb-ref", [("a.png", shot)], reference_uri=missing), "NOT_FOUND",
+                 f"reference {missing} does not exist"),
+                (lambda: client.predict_many("pcb-ref", [("a.png", shot)], reference_uri=junk), "INVALID_ARGUMENT",
+                 f"reference {junk}: not an image")):
+            with pytest.raises(InspectionError) as err:
+                call()
+            assert err.value.code == code and message in str(err.value), str(err.value)
+
+
 def test_metrics_and_status(served):
     import ray
 
@@ -527,12 +629,13 @@ def test_the_single_deployment_layout_keeps_every_guarantee(served, tmp_path):
     health = requests.get(f"{served['url']}/healthz", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok", "catalog": "ok", "model_server": "ok"}
     models = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]}
-    assert set(models) == {"tiles", "tiles-regions", "broken"} and models["tiles"]["serving"] == 1
+    assert set(models) == {"tiles", "tiles-regions", "broken", "pcb-ref"} and models["tiles"]["serving"] == 1
     test_promotion_and_rollback_switch_predictions_without_redeploy(served)
     test_bad_input_gets_4xx_and_the_server_keeps_serving(served)
     test_batch_request_answers_each_image_in_order_with_its_own_status(served)
     test_a_broken_artifact_answers_503_for_that_model_only(served)
     test_grpc_answers_as_http_does_with_status_codes_for_errors(served)  # Inspector's gRPC methods
+    test_a_reference_model_compares_each_image_with_the_requests_reference(served)
     # requests for two models at once share the replica's batches: each model's run with its own
     with ThreadPoolExecutor(8) as pool:
         image = served["free"][28].read_bytes()

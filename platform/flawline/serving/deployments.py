@@ -14,6 +14,10 @@ request (bounded body and pixels; 4xx with a one-line message), resolves the mod
 restart, and answers.
 
 - ``POST /v1/models/{model}/predict``: one image (raw body, multipart or ``{"uri": ...}``).
+  ``?reference=s3://...`` (both routes; gRPC ``reference_uri``) names the defect-free reference
+  image a model that compares each image with its reference needs (``Detector.uses_reference``):
+  fetched and checked once per request, refused for other models, shared by a batch's images
+  (a bad reference fails the whole request).
 - ``POST /v1/models/{model}/predict/batch``: a batch inspection request, many images (multipart
   parts or ``{"uris": [...]}``) in one request, answered per image in order: one HTTP exchange for
   all of them, forward passes of up to ``max_batch_size``. A bad image gets its own status in
@@ -54,11 +58,11 @@ from flawline.config import get_settings
 from flawline.context import open_catalog, open_store
 from flawline.data.images import MAX_PIXELS
 from flawline.errors import FlawlineError
+from flawline.models.base import detector_class
 from flawline.monitoring.metrics import metric
 from flawline.serving.errors import (
     ModelUnavailable,
     PayloadTooLarge,
-    RequestError,
     grpc_code,
     http_status,
     one_line,
@@ -70,14 +74,17 @@ from flawline.serving.inputs import (
     CheckedImage,
     Limits,
     check_image,
+    fetch_from_store,
     image_from_request,
     image_from_source,
     images_from_batch_request,
     images_from_sources,
     parse_flag,
+    reference_from_uri,
+    reference_policy,
 )
 from flawline.serving.models import ModelResolver, list_models, load_model
-from flawline.serving.pipeline import Item, Outcome, predict_items
+from flawline.serving.pipeline import Item, Outcome, make_item, predict_items
 from flawline.serving.response import build_response
 
 GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
@@ -180,10 +187,11 @@ class _ModelHolder:
         """``items`` of one model, in order, in forward passes of up to ``max_batch_size``."""
         model = await self.get_model(model_id)
         loop, outcomes = asyncio.get_running_loop(), []
+        references: dict = {}  # a reference image decoded once for all the passes (a batch request shares one)
         for start in range(0, len(items), self.max_batch_size):
             chunk = items[start:start + self.max_batch_size]
             self._batch_sizes.observe(len(chunk))
-            outcomes += await loop.run_in_executor(self._torch, predict_items, model, chunk)
+            outcomes += await loop.run_in_executor(self._torch, predict_items, model, chunk, references)
         return outcomes
 
 
@@ -232,12 +240,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
 @dataclass
 class _Ask:
     """What a request asks, whichever protocol brought it: the model reference, what to add to the
-    verdicts (``build_response``'s keywords) and how to read its image(s), run in a thread (it may
-    fetch from S3): one image → (bytes, name); a batch → [(name, bytes or the error it alone gets)]."""
+    verdicts (``build_response``'s keywords), how to read its image(s), run in a thread (it may
+    fetch from S3): one image → (bytes, name); a batch → [(name, bytes or the error it alone gets)],
+    and the s3:// URI of the reference image its images are compared with (None: it names none)."""
 
     model: str
     flags: dict[str, bool]
     read: Callable[[], Any]
+    reference: str | None = None
 
     @property
     def want_map(self) -> bool:
@@ -280,19 +290,31 @@ class _Front:
         self.resolver = ModelResolver(self.catalog, float(c["resolve_ttl_s"]))
 
     def _fetch(self, uri: str) -> bytes:
-        prefix = self.store.uri("")
-        if not uri.startswith(prefix) or uri == prefix:
-            raise RequestError(f"{uri}: this server reads images from {prefix}... only")
-        return self.store.get_bytes(self.store.key_from_uri(uri))
+        return fetch_from_store(self.store, uri)
+
+    def _reference(self, ref: Any, uri: str | None) -> CheckedImage | None:
+        """The request's reference image, fetched and checked once per request (None: it names
+        none). Refuses a model that compares each image with its reference without one, and a
+        reference for a model that does not (``ReferenceRefused``; the model server checks again)."""
+        try:
+            uses = detector_class(ref.method).uses_reference
+        except FlawlineError:  # a method no longer registered: the model server decides (it cannot load it)
+            uses = uri is not None
+        reference_policy(ref.name, ref.method, uses, uri is not None)
+        return reference_from_uri(uri, self._fetch, limits=self.limits) if uri else None
 
     def _prepare(self, ask: _Ask):  # noqa: ANN202
+        """(model reference, its reference image or None, the CheckedImage)."""
         ref = self.resolver.resolve(ask.model)
+        reference = self._reference(ref, ask.reference)
         data, name = ask.read()
-        return ref, check_image(data, name, limits=self.limits)
+        return ref, reference, check_image(data, name, limits=self.limits)
 
     def _prepare_batch(self, ask: _Ask):  # noqa: ANN202
-        """(model reference, [(name, CheckedImage or the error that image answers with)])."""
+        """(model reference, its reference image or None, [(name, CheckedImage or the error that
+        image answers with)])."""
         ref = self.resolver.resolve(ask.model)  # an unknown model fails the whole request first
+        reference = self._reference(ref, ask.reference)  # then a bad reference: it is every image's
         images: list[tuple[str, CheckedImage | Exception]] = []
         for name, data in ask.read():
             if isinstance(data, Exception):
@@ -302,7 +324,7 @@ class _Front:
                 images.append((name, check_image(data, name, limits=self.limits)))
             except Exception as err:  # noqa: BLE001 — this image only
                 images.append((name, err))
-        return ref, images
+        return ref, reference, images
 
     def _failure(self, err: BaseException, tag: str) -> tuple[int, str]:
         """An error → (HTTP status, one-line message), counted in the error metric."""
@@ -319,9 +341,9 @@ class _Front:
         tag = "unresolved"
         try:
             ask = await asked
-            ref, image = await asyncio.to_thread(self._prepare, ask)
+            ref, reference, image = await asyncio.to_thread(self._prepare, ask)
             tag = ref.name
-            item = Item(image.data, image.name, ref.threshold, ask.want_map)
+            item = make_item(image, ref.threshold, ask.want_map, reference)
             outcome = await self._predict_one(ref, item)
             if outcome.error:
                 raise _Status(outcome.error, outcome.status)
@@ -342,13 +364,16 @@ class _Front:
         tag = "unresolved"
         try:
             ask = await asked
-            ref, images = await asyncio.to_thread(self._prepare_batch, ask)
+            ref, reference, images = await asyncio.to_thread(self._prepare_batch, ask)
             tag = ref.name
             good = [(i, image) for i, (_, image) in enumerate(images) if isinstance(image, CheckedImage)]
             outcomes: dict[int, Outcome] = {}
             if good:
                 answered = await self._predict_many(
-                    ref, [Item(image.data, image.name, ref.threshold, ask.want_map) for _, image in good])
+                    ref, [make_item(image, ref.threshold, ask.want_map, reference) for _, image in good])
+                shared = next((outcome for outcome in answered if outcome.shared), None)
+                if shared:  # the reference every image shares did not decode: the request fails
+                    raise _Status(shared.error, shared.status)
                 outcomes = {i: outcome for (i, _), outcome in zip(good, answered)}
             latency_ms = (time.perf_counter() - started) * 1e3
             build = functools.partial(self._batch_results, images, outcomes, ref, latency_ms, **ask.flags)
@@ -406,10 +431,12 @@ class _Front:
         flags = _flags(*(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions")))
         body = await _read_body(request, self.limits.max_request_bytes)
         content_type = request.headers.get("content-type")
+        reference = query.get("reference") or None
         if batch:
             return _Ask(model, flags, lambda: images_from_batch_request(
-                content_type, body, self._fetch, limits=self.limits, max_images=self.max_batch_images))
-        return _Ask(model, flags, lambda: image_from_request(content_type, body, self._fetch, limits=self.limits))
+                content_type, body, self._fetch, limits=self.limits, max_images=self.max_batch_images), reference)
+        return _Ask(model, flags, lambda: image_from_request(content_type, body, self._fetch, limits=self.limits),
+                    reference)
 
     async def predict(self, model: str, request: Request) -> JSONResponse:
         status, body = await self._one(self._http_ask(model, request, batch=False))
@@ -424,7 +451,8 @@ class _Front:
         image = request.image
         status, body = await self._one(_asked(_Ask(
             request.model, _flags(request.heatmap, request.mask, request.regions),
-            lambda: image_from_source(image.data, image.uri, image.name, self._fetch))))
+            lambda: image_from_source(image.data, image.uri, image.name, self._fetch),
+            convert.reference_uri(request))))
         return _grpc_answer(status, body, grpc_context, convert.reply_from_response, pb.PredictReply)
 
     async def PredictMany(self, request: pb.PredictManyRequest,
@@ -432,7 +460,8 @@ class _Front:
         sources = [(image.data, image.uri, image.name) for image in request.images]
         status, body = await self._many(_asked(_Ask(
             request.model, _flags(request.heatmap, request.mask, request.regions),
-            lambda: images_from_sources(sources, self._fetch, limits=self.limits, max_images=self.max_batch_images))))
+            lambda: images_from_sources(sources, self._fetch, limits=self.limits, max_images=self.max_batch_images),
+            convert.reference_uri(request))))
         return _grpc_answer(status, body, grpc_context, convert.many_reply_from_response, pb.PredictManyReply)
 
 

@@ -25,6 +25,17 @@ class UnsupportedMediaType(RequestError):
     status = 415
 
 
+class ReferenceRefused(RequestError):
+    """The request's reference image cannot be used (none for a model that compares each image with
+    its reference, one for a model that does not, one that cannot be read or decoded): it is shared by
+    every image of the request, so the request fails as a whole. 400 unless ``status`` says otherwise
+    (404: a missing S3 key)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ModelUnavailable(FlawlineError):
     """A registered model version whose artifact cannot be loaded: 503 for that model only."""
 

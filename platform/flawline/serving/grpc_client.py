@@ -8,6 +8,7 @@ verdict) where the HTTP answer carries ``status``.
     with InspectionClient("127.0.0.1:18001") as client:
         verdict = client.predict("tiles", open("part.jpg", "rb").read(), name="part.jpg")
         batch = client.predict_many("tiles:3", [("a.jpg", a_bytes), "s3://flawline/images/b.png"])
+        board = client.predict("pcb", board_bytes, reference_uri="s3://flawline/golden/board7.png")
 
 A call the server refuses raises ``InspectionError`` (its ``code``, e.g. INVALID_ARGUMENT,
 NOT_FOUND, UNAVAILABLE, and the server's one-line message); no server at the address raises
@@ -90,16 +91,22 @@ class InspectionClient:
             raise InspectionError(" ".join((err.details() or name).split()), name) from None
 
     def predict(self, model: str, data: bytes = b"", *, uri: str = "", name: str = "", heatmap: bool = False,
-                mask: bool = False, regions: bool = False, timeout: float | None = None) -> dict[str, Any]:
-        """One image (its bytes, or an s3:// ``uri`` in the server's bucket) → its verdict."""
+                mask: bool = False, regions: bool = False, reference_uri: str = "",
+                timeout: float | None = None) -> dict[str, Any]:
+        """One image (its bytes, or an s3:// ``uri`` in the server's bucket) → its verdict;
+        ``reference_uri``: its defect-free reference image in the server's bucket (models that
+        compare each image with its reference need one, the others refuse one)."""
         image = pb.Image(uri=uri, name=name) if uri else pb.Image(data=data, name=name)
-        request = pb.PredictRequest(model=model, image=image, heatmap=heatmap, mask=mask, regions=regions)
+        request = pb.PredictRequest(model=model, image=image, heatmap=heatmap, mask=mask, regions=regions,
+                                    reference_uri=reference_uri)
         return convert.response_from_reply(self._call(self.stub.Predict, request, timeout), regions=regions)
 
     def predict_many(self, model: str, images: Sequence[tuple[str, bytes] | str], *, heatmap: bool = False,
-                     mask: bool = False, regions: bool = False, timeout: float | None = None) -> dict[str, Any]:
+                     mask: bool = False, regions: bool = False, reference_uri: str = "",
+                     timeout: float | None = None) -> dict[str, Any]:
         """Many images, each ``(name, bytes)`` or an s3:// URI → ``{model, model_version, images,
-        errors, latency_ms, results}``, one result per image in order."""
+        errors, latency_ms, results}``, one result per image in order; ``reference_uri``: the one
+        reference image they are all compared with (as in ``predict``)."""
         request = pb.PredictManyRequest(model=model, images=[_image(i) for i in images], heatmap=heatmap, mask=mask,
-                                        regions=regions)
+                                        regions=regions, reference_uri=reference_uri)
         return convert.response_from_many_reply(self._call(self.stub.PredictMany, request, timeout), regions=regions)

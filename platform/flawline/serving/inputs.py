@@ -12,6 +12,11 @@ its own: a bad one gets its own status and the others their verdicts.
 
 The gRPC API's messages carry the image (or its URI) as a field instead of a body:
 ``image_from_source`` and ``images_from_sources`` read them, with the same limits and messages.
+
+A model that compares each image with its defect-free reference image (``Detector.uses_reference``)
+needs the request to name that reference: an s3:// URI in the server's store (``?reference=`` over
+HTTP, ``reference_uri`` over gRPC), one per request, shared by all its images. ``reference_policy``
+says whether the model takes one, ``reference_from_uri`` reads and checks it as images are checked.
 """
 
 from __future__ import annotations
@@ -22,11 +27,23 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
 from flawline.data.images import MAX_PIXELS, MIN_SIDE, SUPPORTED_MODES, verify_image
-from flawline.serving.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+from flawline.errors import FlawlineError
+from flawline.serving.errors import (
+    PayloadTooLarge,
+    ReferenceRefused,
+    RequestError,
+    UnsupportedMediaType,
+    http_status,
+    one_line,
+)
+
+if TYPE_CHECKING:
+    from flawline.storage import ObjectStore
 
 MAX_REQUEST_BYTES = 32 * 2**20
 ACCEPTED = "image/* or application/octet-stream (raw bytes), multipart/form-data (field 'image'), " \
@@ -200,6 +217,46 @@ def images_from_sources(sources: list[tuple[bytes, str, str]], fetch: Callable[[
                               f"{limits.max_request_bytes}")
     return _gather([(name or uri, None, uri) if uri else (name or "image", data, "") for data, uri, name in sources],
                    fetch, max_images, GRPC_ACCEPTED)
+
+
+def fetch_from_store(store: ObjectStore, uri: str) -> bytes:
+    """The object an s3:// URI names in ``store``'s bucket: what a request may name (an image, a
+    reference). ``RequestError`` for anything outside the bucket; the store's errors as they are
+    (a missing key answers 404)."""
+    prefix = store.uri("")
+    if not uri.startswith(prefix) or uri == prefix:
+        raise RequestError(f"{uri}: this server reads images from {prefix}... only")
+    return store.get_bytes(store.key_from_uri(uri))
+
+
+REFERENCE_WANTED = "pass ?reference=s3://... (gRPC: reference_uri)"
+
+
+def reference_policy(model: str, method: str, uses_reference: bool, given: bool) -> None:
+    """Refuse (``ReferenceRefused``) a request for ``model`` without a reference image when its
+    detector ``method`` compares each image with its reference, and one with a reference when it
+    does not (a reference silently ignored would hide a client's mistake)."""
+    if uses_reference and not given:
+        raise ReferenceRefused(f"{model} compares each image with its defect-free reference: {REFERENCE_WANTED}")
+    if given and not uses_reference:
+        raise ReferenceRefused(f"{model} does not use a reference image ({method} scores each image alone): "
+                               "leave out ?reference (gRPC: reference_uri)")
+
+
+def reference_from_uri(uri: str, fetch: Callable[[str], bytes], *, limits: Limits = Limits()) -> CheckedImage:
+    """The request's reference image: the s3:// ``uri`` fetched (``fetch`` decides which bucket it
+    may name) and checked as images are (``check_image``). Every error names it ("reference
+    <uri>...") and is ``ReferenceRefused`` with its status (400; 404 for a missing key; 413 over a limit)."""
+    name = f"reference {uri}"
+    if not uri.startswith("s3://"):
+        raise ReferenceRefused(f"{name}: not an s3:// URI; name the golden image stored in this server's bucket")
+    try:
+        return check_image(fetch(uri), name, limits=limits)
+    except FlawlineError as err:
+        message = one_line(err)
+        if not message.startswith(name):
+            message = f"reference {message}" if message.startswith(uri) else f"{name}: {message}"
+        raise ReferenceRefused(message, http_status(err)) from None
 
 
 def check_image(data: bytes, name: str = "image", *, limits: Limits = Limits()) -> CheckedImage:

@@ -151,7 +151,7 @@ def load_model(catalog: Catalog, store, model_id: str, device: str = "auto",  # 
         detector = load_version(catalog, store, model_id, device=device)  # with the catalog's threshold
         if warm_up:
             size = int(detector.config.image_size)
-            detector.predict(torch.zeros(1, 3, size, size))
+            detector.predict(torch.zeros(1, detector.input_channels, size, size))  # pairs for reference models
     except NotFound:
         raise
     except Exception as err:  # noqa: BLE001 — any failure of a registered version: that model only

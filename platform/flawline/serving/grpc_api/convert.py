@@ -3,7 +3,8 @@ sends as JSON (``response.build_response`` and the batch answer of ``deployments
 turns its answers into replies here, and ``grpc_client`` turns replies back into the same dicts,
 so everything downstream of an answer (``flawline predict``'s output and overlays) is one code path.
 
-PNGs are bytes in the messages and base64 text in the dicts, as in the JSON.
+PNGs are bytes in the messages and base64 text in the dicts, as in the JSON. A request's
+``reference_uri`` is the HTTP route's ``?reference=`` (``reference_uri`` reads it for the server).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def code_number(status: int) -> int:
 
 def code_name(number: int) -> str:
     return _NAMES.get(number, "UNKNOWN")
+
+
+def reference_uri(request: pb.PredictRequest | pb.PredictManyRequest) -> str | None:
+    """The s3:// URI of the reference image a request names, None when it names none (proto3 sends
+    an unset string as empty, as the HTTP route takes ``?reference=`` left empty)."""
+    return request.reference_uri or None
 
 
 def reply_from_response(body: dict[str, Any]) -> pb.PredictReply:

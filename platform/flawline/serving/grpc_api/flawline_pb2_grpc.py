@@ -52,8 +52,8 @@ class InspectionServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Predict(self, request, context):
-        """One image: its verdict. A bad image answers INVALID_ARGUMENT, an unknown model or S3 key
-        NOT_FOUND, a model whose artifact cannot be loaded UNAVAILABLE; the status details are one line.
+        """One image: its verdict. A bad image (or reference) answers INVALID_ARGUMENT, an unknown model or
+        S3 key NOT_FOUND, a model whose artifact cannot be loaded UNAVAILABLE; the status details are one line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,7 +62,8 @@ class InspectionServicer:
     def PredictMany(self, request, context):
         """A batch inspection request: many images for one model, answered per image in order, each with
         its own status (a bad image does not fail the others). The call fails as a whole only when it
-        is bad as a whole: no image, more than the server's max_batch_images, an unknown model.
+        is bad as a whole: no image, more than the server's max_batch_images, an unknown model, a bad
+        or missing reference_uri.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
