@@ -4,7 +4,7 @@ catalog with artifacts in the real S3 server, and requests go over loopback HTTP
 
 Covers: raw, multipart and s3:// requests; batch inspection requests answered per image; heatmap, mask and region polygons on request; the model
 list and health endpoints; a `reference` model (each image against the request's reference image)
-over HTTP and gRPC; promotion and rollback switching predictions without a redeploy; bad
+over HTTP, gRPC and `flawline predict`; promotion and rollback switching predictions without a redeploy; bad
 input answered 4xx while the server keeps serving; a broken artifact answering 503 for that model
 only; the gRPC API answering as HTTP does, errors as gRPC status codes; `flawline predict` over
 HTTP, gRPC and --local writing overlays; Ray metrics; `serve status|down`.
@@ -583,6 +583,30 @@ def test_a_reference_model_compares_each_image_with_the_requests_reference(serve
             with pytest.raises(InspectionError) as err:
                 call()
             assert err.value.code == code and message in str(err.value), str(err.value)
+
+
+def test_flawline_predict_with_a_reference(served, tmp_path):
+    """`flawline predict --reference`: over HTTP and gRPC an s3:// URI, with --local also a file."""
+    pcb = served["pcb"]
+    golden = served["store"].uri("references/board.png")
+    shots = []
+    for i, data in enumerate(pcb["shots"][:2]):
+        shots.append(tmp_path / f"shot{i}.png")
+        shots[-1].write_bytes(data)
+    (tmp_path / "golden.png").write_bytes(pcb["golden"])
+    expected = [_pair_score(pcb["det"], data, pcb["golden"]) for data in pcb["shots"][:2]]
+    for extra in ([], ["--grpc"], ["--local"]):
+        reference = str(tmp_path / "golden.png") if extra == ["--local"] else golden
+        answer = _cli("predict", *shots, "--model", "pcb-ref", "--reference", reference, "--json", *extra)
+        assert answer.exit_code == 0, (extra, answer.output)
+        assert [a["score"] for a in json.loads(answer.stdout)] == pytest.approx(expected, rel=1e-4)
+    alone = _cli("predict", shots[0], "--model", "pcb-ref")
+    assert alone.exit_code == 1 and "pcb-ref compares each image with its defect-free reference" in alone.output
+    local_file = _cli("predict", shots[0], "--model", "pcb-ref", "--reference", tmp_path / "golden.png")
+    assert local_file.exit_code == 1 and "give an s3://<bucket>/<key> URI (a local file works with --local)" \
+        in local_file.output
+    absent = _cli("predict", shots[0], "--model", "pcb-ref", "--local", "--reference", tmp_path / "absent.png")
+    assert absent.exit_code == 1 and f"--reference {tmp_path / 'absent.png'}: no such file" in absent.output
 
 
 def test_metrics_and_status(served):

@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import typer
 from rich.table import Table
@@ -286,10 +286,13 @@ def _post(url: str, data: bytes, timeout: float, content_type: str = "applicatio
 class _HTTPServer:
     """``flawline predict``'s requests over HTTP: one image per request, or batch requests."""
 
-    def __init__(self, base: str, model: str, want_maps: bool, timeout: float) -> None:
+    def __init__(self, base: str, model: str, want_maps: bool, timeout: float, reference: str | None = None) -> None:
         if not base.startswith(("http://", "https://")):
             raise ConfigError(f"--url {base!r}: expected http://host:port")
-        query = "?heatmap=true&regions=true" if want_maps else ""
+        params = {"heatmap": "true", "regions": "true"} if want_maps else {}
+        if reference:
+            params["reference"] = reference
+        query = f"?{urlencode(params)}" if params else ""
         self.endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict{query}"
         self.batch_endpoint = f"{base}/v1/models/{quote(model, safe=':')}/predict/batch{query}"
         self.timeout = timeout
@@ -311,13 +314,14 @@ class _HTTPServer:
 class _GRPCServer:
     """``flawline predict --grpc``: the same requests through the gRPC API (``grpc_client``)."""
 
-    def __init__(self, address: str, model: str, want_maps: bool, timeout: float) -> None:
+    def __init__(self, address: str, model: str, want_maps: bool, timeout: float, reference: str | None = None) -> None:
         from flawline.serving.grpc_client import InspectionClient
 
         if "://" in address or ":" not in address:
             raise ConfigError(f"--url {address!r}: with --grpc, expected host:port")
         self.client = InspectionClient(address, timeout=timeout, connect_timeout=min(timeout, 10.0))
         self.model, self.want_maps, self.timeout = model, want_maps, timeout
+        self.reference = reference or ""
 
     def _refused(self, err: Exception) -> Exception:
         from flawline.serving.grpc_client import InspectionError
@@ -330,14 +334,15 @@ class _GRPCServer:
 
     def one(self, data: bytes, name: str) -> dict[str, Any]:
         try:
-            return self.client.predict(self.model, data, name=name, heatmap=self.want_maps, regions=self.want_maps)
+            return self.client.predict(self.model, data, name=name, heatmap=self.want_maps, regions=self.want_maps,
+                                       reference_uri=self.reference)
         except FlawlineError as err:
             raise self._refused(err) from None
 
     def many(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any] | Exception]:
         try:
             answer = self.client.predict_many(self.model, files, heatmap=self.want_maps, regions=self.want_maps,
-                                              timeout=self.timeout * len(files))
+                                              reference_uri=self.reference, timeout=self.timeout * len(files))
         except FlawlineError as err:
             refused = self._refused(err)
             if not isinstance(refused, InvalidInput):
@@ -349,15 +354,25 @@ class _GRPCServer:
 
 
 class _InProcess:
-    """``flawline predict --local``: the serving path in this process."""
+    """``flawline predict --local``: the serving path in this process; the reference image (an s3://
+    URI in the store or a local file) read and checked once, for every image."""
 
-    def __init__(self, settings: Settings, model: str, want_maps: bool) -> None:
+    def __init__(self, settings: Settings, model: str, want_maps: bool, reference: str | None = None) -> None:
         from flawline.serving.local import LocalPredictor
 
         self.predictor, self.model, self.want_maps = LocalPredictor(settings), model, want_maps
+        self.reference = None
+        if reference and reference.startswith("s3://"):
+            self.reference = self.predictor.reference(reference)
+        elif reference:
+            try:
+                self.reference = self.predictor.reference(reference, _read_file(Path(reference)))
+            except InvalidInput as err:
+                raise InvalidInput(f"--reference {str(err).removeprefix('reference ')}") from None
 
     def one(self, data: bytes, name: str) -> dict[str, Any]:
-        return self.predictor.predict(self.model, data, name, heatmap=self.want_maps, regions=self.want_maps)
+        return self.predictor.predict(self.model, data, name, heatmap=self.want_maps, regions=self.want_maps,
+                                      reference=self.reference)
 
 
 def predict(
@@ -376,10 +391,16 @@ def predict(
                               "files go as batch inspection requests of up to this many images (and 24 MiB), "
                               "paying the HTTP cost once per batch; 1 sends one request per image."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (maps and PNGs left out)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The defect-free reference image every "
+                                            "image is compared with, for models that compare each image with its "
+                                            "reference (the `reference` detector; other models refuse one): an "
+                                            "s3://<bucket>/<key> in the server's store (the product's golden image, "
+                                            "uploaded once); with --local also a local file."),
 ) -> None:
     """Score images with a registered model: verdict, score and threshold per image; with --out,
     overlay images. Bad or missing images get one `error:` line each (with --json: an entry with
-    "error") and exit code 1; the others are scored."""
+    "error") and exit code 1; the others are scored. A model that compares each image with its
+    defect-free reference needs --reference (one for all the images: one product)."""
     from flawline.serving.errors import RequestError
     from flawline.serving.response import overlay_png
 
@@ -390,13 +411,16 @@ def predict(
         if out.exists() and not out.is_dir():
             raise InvalidInput(f"{out}: exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
+    if reference is not None and not local and not reference.startswith("s3://"):
+        raise InvalidInput(f"--reference {reference}: the server reads references from its store; give an "
+                           "s3://<bucket>/<key> URI (a local file works with --local)")
     want_maps = out is not None
     if local:
-        server: Any = _InProcess(settings, model, want_maps)
+        server: Any = _InProcess(settings, model, want_maps, reference)
     elif use_grpc:
-        server = _GRPCServer(url or settings.serve_grpc_address, model, want_maps, timeout)
+        server = _GRPCServer(url or settings.serve_grpc_address, model, want_maps, timeout, reference)
     else:
-        server = _HTTPServer((url or settings.serve_url).rstrip("/"), model, want_maps, timeout)
+        server = _HTTPServer((url or settings.serve_url).rstrip("/"), model, want_maps, timeout, reference)
 
     def answers():  # noqa: ANN202 — (path, its bytes, its answer or the error it alone gets), in order
         if local or batch == 1 or len(images) == 1:
