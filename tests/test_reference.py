@@ -207,8 +207,8 @@ def test_serving_pairs_each_image_with_its_requests_reference(data):
 
     missing = predict_items(model, [Item(_png(ni[0])), Item(_png(ni[1]))])
     assert [o.status for o in missing] == [400, 400] and all(o.shared for o in missing)
-    assert missing[0].error == ("pcb-reference compares each image with its defect-free reference: "
-                                "pass ?reference=s3://... (gRPC: reference_uri)")
+    assert missing[0].error == ("pcb-reference compares each image with its defect-free reference: pass "
+                                "?reference=s3://... (gRPC: reference_uri; flawline predict --reference)")
     bad = predict_items(model, [Item(_png(ni[0]), reference=b"not a png", reference_name="reference golden.png")])
     assert bad[0].shared and bad[0].status == 400 and bad[0].error.startswith("reference golden.png: ")
     gray_rgb = pair(decode_image(_png(ni[0]), 64), decode_image(golden, 64).expand(3, -1, -1))

@@ -548,7 +548,7 @@ def test_a_reference_model_compares_each_image_with_the_requests_reference(serve
     assert results[0]["batch_size"] == 3
 
     needs = ("pcb-ref compares each image with its defect-free reference: pass ?reference=s3://... "
-             "(gRPC: reference_uri)")
+             "(gRPC: reference_uri; flawline predict --reference)")
     refused = [("pcb-ref", None, 400, needs),
                ("tiles", golden, 400, "tiles does not use a reference image (padim scores each image alone)"),
                ("pcb-ref", junk, 400, f"reference {junk}: not an image"),

@@ -229,7 +229,7 @@ def fetch_from_store(store: ObjectStore, uri: str) -> bytes:
     return store.get_bytes(store.key_from_uri(uri))
 
 
-REFERENCE_WANTED = "pass ?reference=s3://... (gRPC: reference_uri)"
+REFERENCE_WANTED = "pass ?reference=s3://... (gRPC: reference_uri; flawline predict --reference)"
 
 
 def reference_policy(model: str, method: str, uses_reference: bool, given: bool) -> None:
