@@ -154,6 +154,11 @@ def served(s3_server, tmp_path_factory):
         result = _cli("serve", "up", "--config", REPO / "serve" / "config.yaml", "--timeout", 240)
         assert result.exit_code == 0, result.output + (tmp / "ray.log").read_text()[-3000:]
         assert f"127.0.0.1:{port}" in result.output and f"gRPC (serve/flawline.proto) on port {grpc_port}" in result.output
+        # The first request loads the model into the replica (S3, warm-up pass): on a loaded machine
+        # that alone took over the tests' 60 s per request, so it happens here, with time to spare.
+        warm = requests.post(f"http://127.0.0.1:{port}/v1/models/tiles/predict", data=normals[0],
+                             headers={"Content-Type": "image/jpeg"}, timeout=300)
+        assert warm.status_code == 200, warm.text
         yield {"url": f"http://127.0.0.1:{port}", "store": store, "catalog": catalog, "cluster": cluster,
                "free": free, "blowholes": blowholes, "v1": v1, "v2": v2, "port": port,
                "grpc": f"127.0.0.1:{grpc_port}", "grpc_port": grpc_port, "pcb": pcb}
