@@ -160,6 +160,7 @@ class RayTrainContext:
         # gradient epochs (against "epochs": the share of a core the loop got).
         self.phases: dict[str, float] = {}
         self._stage: tuple[str | None, float] = (None, 0.0)  # the last recorded stage, when (monotonic s)
+        self._epochs_reported = False  # after an epoch's report, stages no longer replace its progress
 
     def timed(self, phase: str, seconds: float) -> None:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
@@ -169,8 +170,8 @@ class RayTrainContext:
     def stage(self, name: str, **counts: int) -> None:
         """Rank 0 records the stage a run without epochs is in (``runs show`` and ``train submit
         --wait`` print it): ``stage("embedding", images=320, of=762)``, ``stage("fitting")``."""
-        if self.rank != 0 or self.run_id is None:
-            return
+        if self.rank != 0 or self.run_id is None or self._epochs_reported:
+            return  # a run with epochs shows its last epoch's metrics (world size, resumed from) instead
         now = time.monotonic()
         if name == self._stage[0] and now - self._stage[1] < self.STAGE_EVERY_S:
             return
@@ -206,6 +207,7 @@ class RayTrainContext:
         import ray.train
 
         started = time.perf_counter()
+        self._epochs_reported = True
         if "epoch_seconds" in metrics:
             self.timed("epochs", metrics["epoch_seconds"])
             self.timed("epochs_cpu", metrics.get("epoch_cpu_seconds", 0.0))
@@ -306,7 +308,10 @@ def _finish(config: dict[str, Any], ctx: RayTrainContext, detector: Detector, hi
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / DETECTOR_FILE).write_bytes(detector_to_bytes(detector))
         ray.train.report(dict(final, stage="trained"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    ctx.stage("evaluating")  # threshold, test metrics, artifact, model version
+    from flawline.models.base import TrainedDetector
+
+    if not plan.setting.gradient and not isinstance(detector, TrainedDetector):  # runs with epochs keep theirs
+        ctx.stage("evaluating")  # threshold, test metrics, artifact, model version
     catalog = open_catalog()
     # fit_seconds: this worker group's reading, decoding, embedding and training (not finishing);
     # fit_phases: where rank 0's share of it went.
