@@ -810,3 +810,65 @@ def test_grpc_modules_match_the_proto_and_carry_the_json_answers():
     back = convert.response_from_many_reply(convert.many_reply_from_response(many), regions=True)
     assert back["results"] == [{"image": "a", "code": "OK", **body},
                                {"image": "b", "code": "INVALID_ARGUMENT", "error": "b: too big"}]
+
+
+def test_decoding_and_the_forward_pass_are_separate_stages_on_separate_threads():
+    """The model server decodes on worker threads (uint8 pixels, no torch) and runs the model on its
+    torch thread: the two stages called apart give exactly what ``predict_items`` gives, an image
+    that does not decode keeps its own 400 outcome, and the decode path is the training one."""
+    import threading
+
+    from flawline.data.loading import decode_image, decode_pixels, stack_rgb, to_tensor
+    from flawline.serving.models import LoadedModel, ModelRef
+    from flawline.serving.pipeline import Item, decode_items, forward_items, predict_items
+
+    files = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))
+    normals = [p.read_bytes() for p in files[:4]]
+    det = _fit(normals, seed=0)
+    model = LoadedModel(ModelRef("m", 1, "production", "padim", "s3://b/m.pt", None), det, 0.0)
+    tested = [p.read_bytes() for p in files[4:7]]
+    items = [Item(tested[0], "a.jpg"), Item(b"junk", "junk.png"), Item(tested[1], "b.jpg", want_map=True),
+             Item(tested[2], "c.jpg")]
+
+    seen = {}
+
+    def decode() -> object:
+        seen["thread"] = threading.current_thread().name
+        return decode_items(model, items)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="decoder") as pool:
+        decoded = pool.submit(decode).result()
+    assert seen["thread"].startswith("decoder") and decoded.index == [0, 2, 3]
+    assert all(p.dtype == np.uint8 and p.shape == (SIZE, SIZE) and r is None for p, r in decoded.pixels)
+    junk = decoded.failed[1]
+    assert junk.status == 400 and junk.error.startswith("junk.png: cannot decode image")
+
+    staged, together = forward_items(model, items, decoded), predict_items(model, items)
+    expected = det.predict(stack_rgb([decode_image(b, SIZE) for b in tested])).scores
+    assert [o.score for o in staged] == [o.score for o in together]
+    scores = [o.score for o in staged if o.score is not None]
+    assert scores == pytest.approx([float(s) for s in expected], rel=1e-5)
+    assert staged[1].status == 400 and staged[1].score is None
+    assert staged[2].map is not None and staged[2].map.shape == (SIZE, SIZE) and staged[0].map is None
+    assert all(o.batch_size == 4 and o.inference_ms > 0 for o in staged)
+    assert torch_equal(decode_image(tested[0], SIZE), to_tensor(decode_pixels(tested[0], SIZE)))
+
+
+def torch_equal(a, b) -> bool:  # noqa: ANN001 — torch tensors (torch imported lazily)
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_the_predict_routes_declare_their_query_parameters_in_openapi():
+    """``/docs`` shows what a predict request may ask (the flags and the reference) with their
+    meaning: the routes declare them instead of reading the raw query string."""
+    from flawline.serving.deployments import _routes
+
+    paths = _routes().openapi()["paths"]
+    for route in ("/v1/models/{model}/predict", "/v1/models/{model}/predict/batch"):
+        params = {p["name"]: p for p in paths[route]["post"]["parameters"]}
+        assert set(params) == {"model", "heatmap", "mask", "regions", "reference"}
+        assert params["model"]["in"] == "path" and "name:version" in params["model"]["description"]
+        flags = [params[n] for n in ("heatmap", "mask", "regions")]
+        assert all(p["in"] == "query" and not p["required"] for p in flags)
+        assert "s3://" in params["reference"]["description"]
+        assert "true or false" in params["mask"]["description"]

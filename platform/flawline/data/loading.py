@@ -13,12 +13,14 @@ from flawline.data.images import MAX_PIXELS, mask_image, open_image, to_canonica
 from flawline.errors import InvalidInput
 
 
-def decode_image(data: bytes, size: int | None = None, name: str = "image", white: int | None = None
-                 ) -> torch.Tensor:
-    """[C, H, W] float32 in [0, 1], C = 1 (gray) or 3 (RGB), in the shown frame; resized to
+def decode_pixels(data: bytes, size: int | None = None, name: str = "image", white: int | None = None
+                  ) -> np.ndarray:
+    """Image bytes → uint8 pixels, [H, W] (gray) or [H, W, 3] (RGB), in the shown frame; resized to
     ``size`` x ``size``. Modes, orientation and bit depth follow the one decoding policy
     (``flawline.data.images.to_canonical``); ``white``: the dataset's or model's white level for
-    images of more than 8 bits. Raises ``InvalidInput`` naming ``name``."""
+    images of more than 8 bits. No torch: Pillow releases the GIL while it decodes and resizes, so
+    serving runs this on threads other than the one that runs the model. Raises ``InvalidInput``
+    naming ``name``."""
     try:
         with open_image(data) as img:
             if img.width * img.height > MAX_PIXELS:  # the import's bound, before any pixel is decoded
@@ -29,14 +31,25 @@ def decode_image(data: bytes, size: int | None = None, name: str = "image", whit
             img = to_canonical(img, name, white)
             if size:
                 img = img.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)
     except InvalidInput:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InvalidInput(f"{name}: cannot decode image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
                            ) from None
-    t = torch.from_numpy(arr.copy()).float().div_(255.0)
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 pixels [H, W] or [H, W, 3] (``decode_pixels``) → [C, H, W] float32 in [0, 1]."""
+    t = torch.from_numpy(pixels).float().div_(255.0)
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def decode_image(data: bytes, size: int | None = None, name: str = "image", white: int | None = None
+                 ) -> torch.Tensor:
+    """[C, H, W] float32 in [0, 1], C = 1 (gray) or 3 (RGB): ``decode_pixels`` then ``to_tensor``.
+    Raises ``InvalidInput`` naming ``name``."""
+    return to_tensor(decode_pixels(data, size, name, white))
 
 
 def decode_mask(data: bytes | None, size: int, name: str = "mask") -> np.ndarray:

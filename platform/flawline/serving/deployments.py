@@ -31,7 +31,8 @@ restart, and answers.
 The model side is also one piece of code (``_ModelHolder``): versions load from S3 on demand
 (``@serve.multiplexed``, an LRU of ``max_models_per_replica`` models per replica), requests for one
 model are batched (``@serve.batch``; size and wait in ``user_config``, changed in place), every
-torch call runs on one thread, and a version whose artifact cannot be loaded answers 503 for that
+torch call runs on one thread while images decode on others (two batches in flight: one decoding,
+one in the forward pass), and a version whose artifact cannot be loaded answers 503 for that
 model only.
 
 Metrics (``ray.util.metrics``, defined in ``flawline.monitoring.metrics``): ``flawline_predictions``
@@ -46,10 +47,10 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -84,7 +85,7 @@ from flawline.serving.inputs import (
     reference_policy,
 )
 from flawline.serving.models import ModelResolver, list_models, load_model
-from flawline.serving.pipeline import Item, Outcome, make_item, predict_items
+from flawline.serving.pipeline import Item, Outcome, decode_items, forward_items, make_item
 from flawline.serving.response import build_response
 
 GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
@@ -93,6 +94,8 @@ SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 
 INSPECTOR_DEFAULTS: dict[str, Any] = {**GATEWAY_DEFAULTS, **SERVER_DEFAULTS}
 LAYOUTS = ("single", "split")
 APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto", "layout": "split"}
+# Batches in flight per replica: one decodes (worker thread) while another runs the model (torch thread).
+CONCURRENT_BATCHES = 2
 LOAD_RETRY_AFTER_S = 10.0  # a failed load is answered from memory this long (no S3 fetch per request)
 
 
@@ -184,14 +187,28 @@ class _ModelHolder:
         return model
 
     async def _forward(self, model_id: str, items: list[Item]) -> list[Outcome]:
-        """``items`` of one model, in order, in forward passes of up to ``max_batch_size``."""
+        """``items`` of one model, in order, in forward passes of up to ``max_batch_size``. Decoding
+        runs on a worker thread (no torch), the forward pass on the torch thread: the next chunk
+        decodes while this one runs the model, and so does another batch (``CONCURRENT_BATCHES``)."""
         model = await self.get_model(model_id)
         loop, outcomes = asyncio.get_running_loop(), []
         references: dict = {}  # a reference image decoded once for all the passes (a batch request shares one)
-        for start in range(0, len(items), self.max_batch_size):
-            chunk = items[start:start + self.max_batch_size]
-            self._batch_sizes.observe(len(chunk))
-            outcomes += await loop.run_in_executor(self._torch, predict_items, model, chunk, references)
+        size = self.max_batch_size
+        chunks = [items[start:start + size] for start in range(0, len(items), size)]
+
+        def decode(chunk: list[Item]) -> asyncio.Future:
+            return asyncio.ensure_future(asyncio.to_thread(decode_items, model, chunk, references))
+
+        decoding = decode(chunks[0]) if chunks else None
+        try:
+            for k, chunk in enumerate(chunks):
+                decoded = await decoding
+                decoding = decode(chunks[k + 1]) if k + 1 < len(chunks) else None
+                self._batch_sizes.observe(len(chunk))
+                outcomes += await loop.run_in_executor(self._torch, forward_items, model, chunk, decoded)
+        finally:
+            if decoding is not None and not decoding.done():
+                decoding.cancel()
         return outcomes
 
 
@@ -208,7 +225,8 @@ class ModelServer(_ModelHolder):
         self._reconfigure_models(_settings(config, SERVER_DEFAULTS, "ModelServer user_config"))
 
     @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
-                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
+                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"],
+                 max_concurrent_batches=CONCURRENT_BATCHES)
     async def predict_batch(self, items: list[Item]) -> list[Outcome]:
         # Serve splits batches by multiplexed model id: every item here is for this model.
         return await self._forward(serve.get_multiplexed_model_id(), items)
@@ -235,6 +253,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_MODEL_DOC = "name (its production version, else its newest) or name:version"
+_FLAG_DOC = "true or false (also 1/0, yes/no, on/off); absent: false"
+
+
+@dataclass
+class _Query:
+    """The predict routes' query parameters, declared so that they appear in the OpenAPI schema
+    (``/docs``); the flags stay strings here and are read by ``parse_flag`` (one-line 400s)."""
+
+    heatmap: Annotated[str | None, Query(description=f"add the anomaly heatmap as a PNG: {_FLAG_DOC}")] = None
+    mask: Annotated[str | None, Query(
+        description=f"add the thresholded defect mask as a PNG: {_FLAG_DOC}")] = None
+    regions: Annotated[str | None, Query(description=f"add the defect regions' polygons: {_FLAG_DOC}")] = None
+    reference: Annotated[str | None, Query(
+        description="s3:// URI (in the server's bucket) of the defect-free reference image, for models that "
+                    "compare each image with its reference")] = None
 
 
 @dataclass
@@ -425,25 +461,32 @@ class _Front:
         except FlawlineError as err:
             return _error(http_status(err), one_line(err))
 
-    async def _http_ask(self, model: str, request: Request, *, batch: bool) -> _Ask:
+    async def _http_ask(self, model: str, request: Request, query: _Query, *, batch: bool) -> _Ask:
         """The query's flags and the bounded body (4xx errors on bad ones), and how to read the image(s)."""
-        query = request.query_params
-        flags = _flags(*(parse_flag(query.get(name), name) for name in ("heatmap", "mask", "regions")))
+        flags = _flags(*(parse_flag(value, name) for name, value in
+                         (("heatmap", query.heatmap), ("mask", query.mask), ("regions", query.regions))))
         body = await _read_body(request, self.limits.max_request_bytes)
         content_type = request.headers.get("content-type")
-        reference = query.get("reference") or None
+        reference = query.reference or None
         if batch:
             return _Ask(model, flags, lambda: images_from_batch_request(
                 content_type, body, self._fetch, limits=self.limits, max_images=self.max_batch_images), reference)
         return _Ask(model, flags, lambda: image_from_request(content_type, body, self._fetch, limits=self.limits),
                     reference)
 
-    async def predict(self, model: str, request: Request) -> JSONResponse:
-        status, body = await self._one(self._http_ask(model, request, batch=False))
+    async def predict(self, model: Annotated[str, Path(description=_MODEL_DOC)], request: Request,
+                      query: Annotated[_Query, Depends()]) -> JSONResponse:
+        """One image: its score, verdict and threshold (and the maps asked for). The body is the
+        image (``image/*``), a multipart form with one file (field ``image``), or JSON
+        ``{"uri": "s3://..."}``."""
+        status, body = await self._one(self._http_ask(model, request, query, batch=False))
         return JSONResponse(body, status_code=status)
 
-    async def predict_many(self, model: str, request: Request) -> JSONResponse:
-        status, body = await self._many(self._http_ask(model, request, batch=True))
+    async def predict_many(self, model: Annotated[str, Path(description=_MODEL_DOC)], request: Request,
+                           query: Annotated[_Query, Depends()]) -> JSONResponse:
+        """Many images in one request, answered per image in order, each with its own status: a
+        multipart form with several files, or JSON ``{"uris": ["s3://...", ...]}``."""
+        status, body = await self._many(self._http_ask(model, request, query, batch=True))
         return JSONResponse(body, status_code=status)
 
     # -- gRPC (serve/flawline.proto; Serve calls the method named like the RPC) ------------------------
@@ -516,7 +559,8 @@ class Inspector(_Front, _ModelHolder):
         self._reconfigure_models(c)
 
     @serve.batch(max_batch_size=SERVER_DEFAULTS["max_batch_size"],
-                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"])
+                 batch_wait_timeout_s=SERVER_DEFAULTS["batch_wait_timeout_s"],
+                 max_concurrent_batches=CONCURRENT_BATCHES)
     async def predict_batch(self, requests: list[tuple[str, Item]]) -> list[Outcome]:
         by_model: dict[str, list[int]] = {}
         for i, (model_id, _) in enumerate(requests):
