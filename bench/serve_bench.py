@@ -371,6 +371,15 @@ def cell(target: Target, bodies: list[bytes], n: int, concurrency: int, per_requ
     return result
 
 
+def repeated_cell(target: Target, bodies: list[bytes], n: int, concurrency: int, repeat: int,
+                  label: str = "") -> dict:
+    """``cell`` measured ``repeat`` times back to back: the median run by images/s (the upper middle
+    one for an even count), with every run's images/s in ``runs_images_per_s``."""
+    runs = sorted((cell(target, bodies, n, concurrency, label=label) for _ in range(max(1, repeat))),
+                  key=lambda c: c["images_per_s"])
+    return {**runs[len(runs) // 2], "runs_images_per_s": [c["images_per_s"] for c in runs]}
+
+
 BATCH_CELLS = ((8, 4), (32, 1))  # images per batch request, requests in flight: 32 images in flight
 
 
@@ -388,10 +397,11 @@ def layout_row(row: str, mode: str, single: list[dict], batches: list[dict]) -> 
             "batch_requests": batches}
 
 
-def write_config(path: Path, batch: int, threads: int, row: str = "split") -> Path:
+def write_config(path: Path, batch: int, threads: int, row: str = "split",
+                 wait_s: float | None = None) -> Path:
     """The row's serve config with one replica per deployment (no autoscaling during
     measurements), ``threads`` CPUs and torch threads for the replica holding the model, and
-    Serve's batch size ``batch``."""
+    Serve's batch size ``batch`` (and batch wait ``wait_s``; None: the config's)."""
     config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
     for dep in config["applications"][0]["deployments"]:
         dep.pop("autoscaling_config", None)
@@ -399,6 +409,8 @@ def write_config(path: Path, batch: int, threads: int, row: str = "split") -> Pa
         if dep["name"] in ("ModelServer", "Inspector"):
             dep["ray_actor_options"]["num_cpus"] = threads
             dep["user_config"].update(max_batch_size=batch, torch_threads=threads)
+            if wait_s is not None:
+                dep["user_config"]["batch_wait_timeout_s"] = wait_s
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -415,6 +427,12 @@ def main() -> None:
     parser.add_argument("--load-requests", type=int, default=480, help="Requests of the bounded load test.")
     parser.add_argument("--batch-rounds", type=int, default=6,
                         help="Batch request cells send at least this many requests per request in flight.")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="Each row's concurrency-32 cell is measured this many times back to back; the "
+                             "table gives the median run and the range.")
+    parser.add_argument("--batch-waits", type=float, nargs="*", default=[0.0], metavar="S",
+                        help="Serve batch waits (batch_wait_timeout_s, seconds) measured on the first row at "
+                             "concurrency 1 and 32 beside the config's value.")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--train-images", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -510,8 +528,12 @@ def main() -> None:
             for batch in (1, 8):
                 deploy(write_config(tmp / f"config-{batch}.yaml", batch, args.threads, main_row))
                 for concurrency in (1, 8, 32):
-                    grid.append({**cell(target(main_row), bodies, args.requests, concurrency,
-                                        label=f"{main_row} batch {batch}"), "batch_size": batch})
+                    label = f"{main_row} batch {batch}"
+                    if concurrency == 32 and batch == 8:
+                        got = repeated_cell(target(main_row), bodies, args.requests, 32, args.repeat, label)
+                    else:
+                        got = cell(target(main_row), bodies, args.requests, concurrency, label=label)
+                    grid.append({**got, "batch_size": batch})
             # Batch inspection requests (Serve max_batch_size 8, as deployed last): 32 images in flight
             # as in the headline cell, in requests of 8 (4 at a time) and of 32 (one at a time).
             batch_requests = batch_cells(target(main_row), bodies, args.requests, args.batch_rounds)
@@ -522,9 +544,19 @@ def main() -> None:
                 log(f"{row} ({mode}): deploying serve/{ROWS[row][0]}, requests over {ROWS[row][1]}")
                 deploy(write_config(tmp / f"config-{row}.yaml", 8, args.threads, row))
                 label = row if mode == "default" else f"{row} ({mode})"
-                single = [cell(target(row), bodies, args.requests, c, label=label) for c in (1, 32)]
+                single = [cell(target(row), bodies, args.requests, 1, label=label),
+                          repeated_cell(target(row), bodies, args.requests, 32, args.repeat, label)]
                 layouts.append(layout_row(row, mode, single, batch_cells(target(row), bodies, args.requests,
                                                                          args.batch_rounds, label)))
+
+            waits = []
+            for wait_s in args.batch_waits:
+                log(f"{main_row} with batch_wait_timeout_s={wait_s}")
+                deploy(write_config(tmp / f"config-wait-{wait_s}.yaml", 8, args.threads, main_row, wait_s))
+                label = f"{main_row} wait {wait_s}"
+                c1 = cell(target(main_row), bodies, args.requests, 1, label=label)
+                c32 = repeated_cell(target(main_row), bodies, args.requests, 32, args.repeat, label)
+                waits.append({"batch_wait_timeout_s": wait_s, "c1": c1, "c32": c32})
 
             for row in args.layouts[1:]:
                 measure_row(row, "default")
@@ -581,16 +613,21 @@ def main() -> None:
         "p50_ms": head["p50_ms"],
         "p99_ms": head["p99_ms"],
         "headline": "Serve max_batch_size 8, concurrency 32, against raw predict() in batches of 8",
-        "errors": sum(c["errors"] for c in grid) + load_test["errors"] + sum(c["errors"] for c in batch_requests),
+        "errors": sum(c["errors"] for c in grid) + load_test["errors"]
+        + sum(c["errors"] for c in batch_requests)
+        + sum(w[k]["errors"] for w in waits for k in ("c1", "c32")),
         "raw": raw,
         "serve": grid,
         "batch_requests": batch_requests,
         "batch_overhead_ratio": round(1 - max(c["images_per_s"] for c in batch_requests) / raw8["images_per_s"], 4),
         "load_test": load_test,
         "layouts": layouts,
+        "batch_wait_config_s": _config_wait(args.layouts[0]),
+        "batch_waits": waits,
         "model": {"method": "padim", "backbone": det.config.backbone, "image_size": args.image_size,
                   "train_images": len(train_files), "device": "cpu"},
         "requests_per_cell": args.requests,
+        "repeat_c32": args.repeat,
         "request_images": {"count": len(bodies), "mean_bytes": int(statistics.mean(len(b) for b in bodies)),
                            "source": "Magnetic Tile JPEGs (24 defect-free, 24 defective)"},
         "torch_threads": args.threads,
@@ -616,9 +653,26 @@ def main() -> None:
                                              "p50_ms", "p99_ms", "errors")}, indent=2))
 
 
+def _config_wait(row: str) -> float:
+    config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
+    deployments = config["applications"][0]["deployments"]
+    return next(float(d["user_config"]["batch_wait_timeout_s"]) for d in deployments
+                if d["name"] in ("ModelServer", "Inspector"))
+
+
 def _cpu_cells(cell: dict) -> str:
     """A cell's CPU ms per request (or image) of each process group, and the machine's, as table cells."""
     return " | ".join(str(cell["cpu_ms_per_request"][k]) for k in (*CPU_GROUPS, "machine"))
+
+
+def _range(c: dict, raw: float | None = None) -> str:
+    """" (lo-hi)" over a repeated cell's runs: images/s, or overhead in % against ``raw``."""
+    runs = c.get("runs_images_per_s") or []
+    if len(runs) < 2:
+        return ""
+    if raw is None:
+        return f" ({min(runs):.1f}-{max(runs):.1f})"
+    return f" ({100 * (1 - max(runs) / raw):.0f}-{100 * (1 - min(runs) / raw):.0f})"
 
 
 def _layout_line(x: dict, r: dict) -> str:
@@ -630,9 +684,31 @@ def _layout_line(x: dict, r: dict) -> str:
     mode = "" if x.get("mode", "default") == "default" else f" ({x['mode']})"
     return (f"| {x['layout']}{mode} | `{x['config']}`, {x.get('protocol', 'http')} | {c1['images_per_s']:.2f} | "
             f"{c1['p50_ms']:.0f} | "
-            f"{c32['images_per_s']:.2f} | {100 * (1 - c32['images_per_s'] / raw8):.1f} % | {c32['p50_ms']:.0f} | "
+            f"{c32['images_per_s']:.2f}{_range(c32)} | {100 * (1 - c32['images_per_s'] / raw8):.1f} %"
+            f"{_range(c32, raw8)} | {c32['p50_ms']:.0f} | "
             f"{c32['p99_ms']:.0f} | {b8['images_per_s']:.2f} | {b32['images_per_s']:.2f} | "
             f"{replicas:.1f} / {cpu['proxy']} / {cpu['machine']} | {errors} |")
+
+
+def _wait_lines(r: dict) -> list[str]:
+    """The batch-wait table: the first row with the config's wait (its cells above) and each variant."""
+    if not r.get("batch_waits"):
+        return []
+    raw8 = next(v["images_per_s"] for v in r["raw"] if v["batch_size"] == 8)
+    first = r["layouts"][0]
+    rows = [(f"{r['batch_wait_config_s']} (config)", first["c1"], first["c32"])]
+    rows += [(str(w["batch_wait_timeout_s"]), w["c1"], w["c32"]) for w in r["batch_waits"]]
+    lines = ["", f"## Serve's batch wait ({first['layout']}, max batch 8)", "",
+             "How long a replica waits for a batch to fill (`batch_wait_timeout_s`): at concurrency 1 every "
+             "request waits it in full.", "",
+             "| batch_wait_timeout_s | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | "
+             "c=32 p50 (ms) | mean batch at c=32 | errors |", "|---|---|---|---|---|---|---|---|"]
+    for label, c1, c32 in rows:
+        overhead = 100 * (1 - c32["images_per_s"] / raw8)
+        lines.append(f"| {label} | {c1['images_per_s']:.2f} | {c1['p50_ms']:.0f} | "
+                     f"{c32['images_per_s']:.2f}{_range(c32)} | {overhead:.1f} %{_range(c32, raw8)} | "
+                     f"{c32['p50_ms']:.0f} | {c32['mean_batch']} | {c1['errors'] + c32['errors']} |")
+    return lines + [""]
 
 
 def markdown(r: dict) -> str:
@@ -642,7 +718,9 @@ def markdown(r: dict) -> str:
         f"Measured {r['date']} on {r['machine']['cpus']} CPUs (load average {r['loadavg_start'][0]:.2f} at the start, "
         f"{r['loadavg_end'][0]:.2f} at the end{'; another benchmark was running' if r['other_benchmarks_running_at_start'] else ''}). "
         f"Model: {r['model']['method']} ({r['model']['backbone']}, {r['model']['image_size']} px, CPU, "
-        f"{r['torch_threads']} torch threads). {r['requests_per_cell']} requests per cell, "
+        f"{r['torch_threads']} torch threads). {r['requests_per_cell']} requests per cell"
+        + (f"; each row's concurrency-32 cell measured {r['repeat_c32']} times back to back (median run, "
+           "range in brackets)" if r.get("repeat_c32", 1) > 1 else "") + ", "
         f"{r['request_images']['count']} Magnetic Tile JPEGs (mean {r['request_images']['mean_bytes'] / 1024:.0f} KiB) "
         "sent as raw bodies over loopback.",
         "",
@@ -660,6 +738,7 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_layout_line(x, r) for x in r.get("layouts", [])],
         "",
+        *_wait_lines(r),
         "## Raw forward pass in process",
         "",
         "| batch | images/s | runs (before, after Serve) | batch p50 (ms) | batch p99 (ms) |",
