@@ -182,3 +182,23 @@ def test_bad_train_specs_are_refused(values, message):
 
     with pytest.raises(ConfigError, match=message):
         TrainSpec.from_dict(values)
+
+
+def test_a_run_without_an_image_size_trains_at_its_detectors_own_default():
+    """``train submit`` without ``--image-size`` trains each detector at the size it is built with by
+    default, which ``flawline evaluate`` uses too (it was 224 for every run against evaluate's 256)."""
+    from flawline.errors import ConfigError
+    from flawline.evaluate.pipeline import EvaluateOptions
+    from flawline.models.base import detector_class
+    from flawline.train.spec import TrainSpec
+
+    padim = TrainSpec(datasets=["d"], setting="unsupervised", method="padim")
+    assert padim.image_size == EvaluateOptions().image_size == 256
+    default = TrainSpec(datasets=["d"], setting="unsupervised")
+    assert default.image_size == detector_class("patchcore").Config().image_size
+    assert TrainSpec(datasets=["d"], setting="supervised").image_size == 224  # the classifier's own
+    assert TrainSpec(datasets=["d"], setting="supervised", image_size=96).image_size == 96
+    stored = TrainSpec(datasets=["d"], setting="fewshot").as_dict()
+    assert stored["image_size"] == 224 and TrainSpec.from_dict(stored).image_size == 224
+    with pytest.raises(ConfigError, match="trains classifier, segmenter; not 'padim'"):
+        TrainSpec(datasets=["d"], setting="supervised", method="padim")

@@ -50,7 +50,9 @@ def submit(
     cpus_per_worker: float = typer.Option(1.0, help="CPUs each worker asks Ray for."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs each worker asks Ray for (NCCL when > 0)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default: the setting's)."),
-    image_size: int = typer.Option(224, min=32, max=1024, help="Images are resized to this square size."),
+    image_size: Optional[int] = typer.Option(
+        None, min=32, max=1024, help="Images are resized to this square size (default: the detector's own, "
+        "as `flawline evaluate` uses it: 256; classifier and fewshot 224)."),
     batch_size: int = typer.Option(16, min=1, help="Per-worker batch size."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the setting's)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),

@@ -18,7 +18,7 @@ class TrainSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     backbone: str = "efficientnet_lite0"
-    image_size: int = 224
+    image_size: int | None = None  # None = the detector's own default (256; classifier and fewshot 224)
     epochs: int | None = None  # None = the setting's default
     batch_size: int = 16
     lr: float | None = None
@@ -69,6 +69,8 @@ class TrainSpec:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r} must be 'fp32' or 'bf16'")
+        if self.image_size is None:
+            self.image_size = default_image_size(self.setting, self.method)
         if not 32 <= self.image_size <= 1024:
             raise ConfigError(f"image size {self.image_size} must lie in 32..1024")
 
@@ -90,3 +92,17 @@ class TrainSpec:
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+def default_image_size(setting: str, method: str | None) -> int:
+    """The image size a run of ``setting`` with ``method`` (None: the setting's first) trains at when
+    none is given: the detector's own default, the size ``flawline evaluate`` uses for it too.
+    Raises ``ConfigError`` for an unknown setting or a method the setting does not train."""
+    from flawline.models.base import detector_class
+    from flawline.train.settings import get_setting
+
+    chosen = get_setting(setting)
+    name = method or chosen.methods[0]
+    if name not in chosen.methods:
+        raise ConfigError(f"setting {setting!r} trains {', '.join(chosen.methods)}; not {name!r}")
+    return int(detector_class(name).Config().image_size)
