@@ -299,6 +299,8 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(served):
         ({"data": good, "model": "tiles:9"}, 404, "no model 'tiles:9'"),
         ({"data": good, "model": "tiles:x"}, 400, "version must be a number"),
         ({"data": good, "query": "?heatmap=maybe"}, 400, "heatmap"),
+        ({"data": good, "query": "?heatmapp=true"}, 400, "unknown query parameter 'heatmapp'; a predict request "
+                                                         "takes heatmap, mask, regions, reference"),
         ({"data": json.dumps({"uri": "s3://elsewhere/key.jpg"}), "headers": {"Content-Type": "application/json"}},
          400, "this server reads images from s3://t-"),
         ({"data": json.dumps({"uri": served["store"].uri("incoming/missing.jpg")}),
@@ -380,10 +382,10 @@ def test_a_broken_artifact_answers_503_for_that_model_only(served):
 
 def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
     images = [served["free"][24], served["blowholes"][1]]
-    http = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "http", "--json")
+    http = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "http", "--json", "--maps")
     assert http.exit_code == 0, http.output
     remote = json.loads(http.stdout)
-    local = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "local", "--json", "--local")
+    local = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "local", "--json", "--local", "--maps")
     assert local.exit_code == 0, local.output
     here = json.loads(local.stdout)
     assert [a["batch_size"] for a in remote] == [2, 2]  # several files: one batch request, one forward pass
@@ -393,6 +395,17 @@ def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
         for folder in ("http", "local"):
             overlay = Image.open(tmp_path / folder / f"{path.stem}.overlay.png")
             assert overlay.size == Image.open(path).size and overlay.mode == "RGB"
+        # --maps: the heatmap and mask PNGs the server answered, at the model's input size, the same both ways
+        maps = {(folder, kind): np.asarray(Image.open(tmp_path / folder / f"{path.stem}.{kind}.png"), dtype=int)
+                for folder in ("http", "local") for kind in ("heatmap", "mask")}
+        assert all(m.shape == (SIZE, SIZE) for m in maps.values())
+        assert np.abs(maps["http", "heatmap"] - maps["local", "heatmap"]).max() <= 1
+        assert set(np.unique(maps["http", "mask"])) <= {0, 255}
+        assert a["heatmap"] == str(tmp_path / "http" / f"{path.stem}.heatmap.png")
+    assert not maps["http", "mask"].any() or remote[1]["is_defect"]  # no defect pixel without a defect verdict
+    no_out = _cli("predict", images[0], "--model", "tiles", "--maps")
+    assert no_out.exit_code != 0
+    assert "--maps writes the heatmap and mask PNGs into a folder: give --out DIR" in no_out.output
 
     text = _cli("predict", images[0], "--model", "tiles")
     assert text.exit_code == 0 and "tiles:1" in text.stdout and "score" in text.stdout
@@ -860,7 +873,7 @@ def torch_equal(a, b) -> bool:  # noqa: ANN001 — torch tensors (torch imported
 
 def test_the_predict_routes_declare_their_query_parameters_in_openapi():
     """``/docs`` shows what a predict request may ask (the flags and the reference) with their
-    meaning: the routes declare them instead of reading the raw query string."""
+    meaning, the bodies it takes and the errors it answers: the routes declare them."""
     from flawline.serving.deployments import _routes
 
     paths = _routes().openapi()["paths"]
@@ -872,3 +885,8 @@ def test_the_predict_routes_declare_their_query_parameters_in_openapi():
         assert all(p["in"] == "query" and not p["required"] for p in flags)
         assert "s3://" in params["reference"]["description"]
         assert "true or false" in params["mask"]["description"]
+        operation = paths[route]["post"]
+        assert {"multipart/form-data", "application/json"} <= set(operation["requestBody"]["content"])
+        assert sorted(operation["responses"]) == ["200", "400", "404", "413", "415", "503"]  # never FastAPI's 422
+    single = paths["/v1/models/{model}/predict"]["post"]["requestBody"]["content"]
+    assert "image/*" in single and single["application/json"]["schema"]["required"] == ["uri"]

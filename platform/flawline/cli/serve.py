@@ -3,11 +3,13 @@ predict`` (ask the server, or with ``--local`` this process, about images; write
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, urlencode
@@ -283,13 +285,26 @@ def _post(url: str, data: bytes, timeout: float, content_type: str = "applicatio
         raise ServiceError(f"the server at {url.split('/v1/')[0]} did not answer within {timeout:.0f} s") from None
 
 
+@dataclass(frozen=True)
+class _Maps:
+    """What ``flawline predict`` asks the server to add to each verdict: the heatmap and regions
+    for the overlay (``--out``), the defect mask for ``--maps``."""
+
+    overlay: bool = False
+    mask: bool = False
+
+    def flags(self) -> dict[str, bool]:
+        """The request flags, as the HTTP query, the gRPC request and the local path name them."""
+        return {"heatmap": self.overlay, "mask": self.mask, "regions": self.overlay}
+
+
 class _HTTPServer:
     """``flawline predict``'s requests over HTTP: one image per request, or batch requests."""
 
-    def __init__(self, base: str, model: str, want_maps: bool, timeout: float, reference: str | None = None) -> None:
+    def __init__(self, base: str, model: str, maps: _Maps, timeout: float, reference: str | None = None) -> None:
         if not base.startswith(("http://", "https://")):
             raise ConfigError(f"--url {base!r}: expected http://host:port")
-        params = {"heatmap": "true", "regions": "true"} if want_maps else {}
+        params = {k: "true" for k, v in maps.flags().items() if v}
         if reference:
             params["reference"] = reference
         query = f"?{urlencode(params)}" if params else ""
@@ -314,13 +329,13 @@ class _HTTPServer:
 class _GRPCServer:
     """``flawline predict --grpc``: the same requests through the gRPC API (``grpc_client``)."""
 
-    def __init__(self, address: str, model: str, want_maps: bool, timeout: float, reference: str | None = None) -> None:
+    def __init__(self, address: str, model: str, maps: _Maps, timeout: float, reference: str | None = None) -> None:
         from flawline.serving.grpc_client import InspectionClient
 
         if "://" in address or ":" not in address:
             raise ConfigError(f"--url {address!r}: with --grpc, expected host:port")
         self.client = InspectionClient(address, timeout=timeout, connect_timeout=min(timeout, 10.0))
-        self.model, self.want_maps, self.timeout = model, want_maps, timeout
+        self.model, self.maps, self.timeout = model, maps, timeout
         self.reference = reference or ""
 
     def _refused(self, err: Exception) -> Exception:
@@ -334,15 +349,14 @@ class _GRPCServer:
 
     def one(self, data: bytes, name: str) -> dict[str, Any]:
         try:
-            return self.client.predict(self.model, data, name=name, heatmap=self.want_maps, regions=self.want_maps,
-                                       reference_uri=self.reference)
+            return self.client.predict(self.model, data, name=name, **self.maps.flags(), reference_uri=self.reference)
         except FlawlineError as err:
             raise self._refused(err) from None
 
     def many(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any] | Exception]:
         try:
-            answer = self.client.predict_many(self.model, files, heatmap=self.want_maps, regions=self.want_maps,
-                                              reference_uri=self.reference, timeout=self.timeout * len(files))
+            answer = self.client.predict_many(self.model, files, **self.maps.flags(), reference_uri=self.reference,
+                                              timeout=self.timeout * len(files))
         except FlawlineError as err:
             refused = self._refused(err)
             if not isinstance(refused, InvalidInput):
@@ -357,10 +371,10 @@ class _InProcess:
     """``flawline predict --local``: the serving path in this process; the reference image (an s3://
     URI in the store or a local file) read and checked once, for every image."""
 
-    def __init__(self, settings: Settings, model: str, want_maps: bool, reference: str | None = None) -> None:
+    def __init__(self, settings: Settings, model: str, maps: _Maps, reference: str | None = None) -> None:
         from flawline.serving.local import LocalPredictor
 
-        self.predictor, self.model, self.want_maps = LocalPredictor(settings), model, want_maps
+        self.predictor, self.model, self.maps = LocalPredictor(settings), model, maps
         self.reference = None
         if reference and reference.startswith("s3://"):
             self.reference = self.predictor.reference(reference)
@@ -371,8 +385,7 @@ class _InProcess:
                 raise InvalidInput(f"--reference {str(err).removeprefix('reference ')}") from None
 
     def one(self, data: bytes, name: str) -> dict[str, Any]:
-        return self.predictor.predict(self.model, data, name, heatmap=self.want_maps, regions=self.want_maps,
-                                      reference=self.reference)
+        return self.predictor.predict(self.model, data, name, **self.maps.flags(), reference=self.reference)
 
 
 def predict(
@@ -384,6 +397,9 @@ def predict(
                                   "at FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT instead of HTTP."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write <image>.overlay.png (heatmap and defect "
                                        "regions over the image) into this folder."),
+    maps: bool = typer.Option(False, "--maps", help="With --out, also write <image>.heatmap.png (the anomaly map "
+                              "in gray: black at 0, white at twice the threshold; without one, at the map's maximum) "
+                              "and <image>.mask.png (the defect mask), at the model's input size."),
     url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT; with "
                                       "--grpc host:port, default FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each answer."),
@@ -414,13 +430,15 @@ def predict(
     if reference is not None and not local and not reference.startswith("s3://"):
         raise InvalidInput(f"--reference {reference}: the server reads references from its store; give an "
                            "s3://<bucket>/<key> URI (a local file works with --local)")
-    want_maps = out is not None
+    if maps and out is None:
+        raise InvalidInput("--maps writes the heatmap and mask PNGs into a folder: give --out DIR")
+    wanted = _Maps(overlay=out is not None, mask=maps)
     if local:
-        server: Any = _InProcess(settings, model, want_maps, reference)
+        server: Any = _InProcess(settings, model, wanted, reference)
     elif use_grpc:
-        server = _GRPCServer(url or settings.serve_grpc_address, model, want_maps, timeout, reference)
+        server = _GRPCServer(url or settings.serve_grpc_address, model, wanted, timeout, reference)
     else:
-        server = _HTTPServer((url or settings.serve_url).rstrip("/"), model, want_maps, timeout, reference)
+        server = _HTTPServer((url or settings.serve_url).rstrip("/"), model, wanted, timeout, reference)
 
     def answers():  # noqa: ANN202 — (path, its bytes, its answer or the error it alone gets), in order
         if local or batch == 1 or len(images) == 1:
@@ -461,6 +479,11 @@ def predict(
             target = out / f"{stem}.overlay.png"
             target.write_bytes(overlay_png(data, result))
             result["overlay"] = str(target)
+            for key, kind in (("heatmap_png", "heatmap"), ("mask_png", "mask")) if maps else ():
+                if result.get(key):
+                    written = out / f"{stem}.{kind}.png"
+                    written.write_bytes(base64.b64decode(result[key]))
+                    result[kind] = str(written)
         results.append({k: v for k, v in result.items() if k not in ("heatmap_png", "mask_png")})
         if not as_json:
             verdict = {True: "DEFECT", False: "ok", None: "no threshold"}[result["is_defect"]]

@@ -42,6 +42,7 @@ Metrics (``ray.util.metrics``, defined in ``flawline.monitoring.metrics``): ``fl
 
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,7 @@ from flawline.monitoring.metrics import metric
 from flawline.serving.errors import (
     ModelUnavailable,
     PayloadTooLarge,
+    RequestError,
     grpc_code,
     http_status,
     one_line,
@@ -273,6 +275,9 @@ class _Query:
                     "compare each image with its reference")] = None
 
 
+_QUERY_NAMES = tuple(f.name for f in dataclasses.fields(_Query))
+
+
 @dataclass
 class _Ask:
     """What a request asks, whichever protocol brought it: the model reference, what to add to the
@@ -462,7 +467,12 @@ class _Front:
             return _error(http_status(err), one_line(err))
 
     async def _http_ask(self, model: str, request: Request, query: _Query, *, batch: bool) -> _Ask:
-        """The query's flags and the bounded body (4xx errors on bad ones), and how to read the image(s)."""
+        """The query's flags and the bounded body (4xx errors on bad ones, a misspelt parameter among
+        them: it would otherwise be ignored), and how to read the image(s)."""
+        unknown = sorted(set(request.query_params) - set(_QUERY_NAMES))
+        if unknown:
+            raise RequestError(f"unknown query parameter {unknown[0]!r}; a predict request takes "
+                               f"{', '.join(_QUERY_NAMES)}")
         flags = _flags(*(parse_flag(value, name) for name, value in
                          (("heatmap", query.heatmap), ("mask", query.mask), ("regions", query.regions))))
         body = await _read_body(request, self.limits.max_request_bytes)
@@ -508,13 +518,57 @@ class _Front:
         return _grpc_answer(status, body, grpc_context, convert.many_reply_from_response, pb.PredictManyReply)
 
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERROR = {"description": "one line naming the cause", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error", "status"],
+    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}}}}
+_ERRORS = {"400": _ERROR, "404": {**_ERROR, "description": "no such model, or no such s3:// object"},
+           "413": {**_ERROR, "description": "body or image over the limits"},
+           "415": {**_ERROR, "description": "content type not accepted"},
+           "503": {**_ERROR, "description": "the model cannot be loaded"}}
+
+
+def _body(json_schema: dict[str, Any], multipart: dict[str, Any], binary: bool) -> dict[str, Any]:
+    content = {"multipart/form-data": {"schema": multipart},
+               "application/json": {"schema": json_schema}}
+    if binary:
+        content = {"image/*": _BINARY, "application/octet-stream": _BINARY, **content}
+    return {"requestBody": {"required": True, "content": content}, "responses": _ERRORS}
+
+
+_ONE_BODY = _body({"type": "object", "required": ["uri"], "properties": {"uri": {
+    "type": "string", "example": "s3://bucket/incoming/part-0001.jpg"}}},
+    {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}},
+    binary=True)
+_MANY_BODY = _body({"type": "object", "required": ["uris"], "properties": {"uris": {
+    "type": "array", "items": {"type": "string"}, "example": ["s3://bucket/a.jpg", "s3://bucket/b.jpg"]}}},
+    {"type": "object", "description": "one part per image, each with a file name",
+     "additionalProperties": {"type": "string", "format": "binary"}}, binary=False)
+
+
 def _routes() -> FastAPI:
-    """A FastAPI app with ``_Front``'s routes (one per ingress class: Serve freezes each)."""
+    """A FastAPI app with ``_Front``'s routes (one per ingress class: Serve freezes each). Its
+    OpenAPI schema (``/docs``) says what the predict routes take (the body's content types) and
+    answer (errors as ``{error, status}``); FastAPI's own 422 is never sent here, so it is dropped."""
     app = FastAPI(title="flawline", summary="Defect detection: registered flawline models behind Ray Serve.")
     app.add_api_route("/healthz", _Front.healthz, methods=["GET"])
     app.add_api_route("/v1/models", _Front.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model}/predict", _Front.predict, methods=["POST"])
-    app.add_api_route("/v1/models/{model}/predict/batch", _Front.predict_many, methods=["POST"])
+    app.add_api_route("/v1/models/{model}/predict", _Front.predict, methods=["POST"], openapi_extra=_ONE_BODY)
+    app.add_api_route("/v1/models/{model}/predict/batch", _Front.predict_many, methods=["POST"],
+                      openapi_extra=_MANY_BODY)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
