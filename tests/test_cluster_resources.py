@@ -89,3 +89,24 @@ def test_a_runs_request_is_its_workers_bundle():
     assert request.bundle == {"CPU": 1.5, "GPU": 0.5, "gpu_node": 1.0}
     assert (request.count, request.start_count, request.driver) == (3, 2, {})
     assert TrainSpec(datasets=["d"], setting="supervised").worker_bundle() == {"CPU": 1.0}
+
+
+def test_what_is_pending_but_fits_now_is_not_a_wait_and_placement_constraints_are_not_shown():
+    """A job's supervisor actor is pending for a moment at every start, pinned to the head node by a
+    ``node:__internal_head__`` share: that is scheduling, not waiting (a trial printed "waiting for
+    room … for 1 actor × node:__internal_head__=0.001 (room now for 0 of 1; free per node:
+    node:__internal_head__=0.999)"). What does not fit is still a wait, named without the pin."""
+    from flawline.cluster.resources import JOB_PREFIX, pending_line
+
+    head = {"CPU": 2.0, "node:__internal_head__": 1.0}
+    supervisor = Pending(JOB_PREFIX + "s1", "actor", [{"node:__internal_head__": 0.001}])
+    starting = ClusterResources([NodeResources("node0", "10.0.0.1", True, head, {**head, "CPU": 0.5})],
+                                pending=[supervisor])
+    assert pending_line(starting, "s1") is None
+    model_actor = Pending(JOB_PREFIX + "s1", "actor", [{"CPU": 1.0, "node:__internal_head__": 0.001}])
+    busy = replace(starting, pending=[model_actor])
+    line = pending_line(busy, "s1")
+    assert line is not None and line.startswith("waiting for 1 CPU (free: 0.5 of 2 CPU")
+    assert "node:" not in line
+    fits_now = replace(starting, pending=[Pending(JOB_PREFIX + "s1", "actor", [{"CPU": 0.5}])])
+    assert pending_line(fits_now, "s1") is None and pending_line(busy, "other") is None

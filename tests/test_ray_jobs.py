@@ -76,6 +76,7 @@ def test_whole_flow_on_two_nodes_with_postgres(elpv_small, ray_cluster, labelstu
         assert shown.exit_code == 0 and "succeeded" in shown.stdout and model in shown.stdout
         assert len({p["node_id"] for p in json.loads(_cli("runs", "show", run, "--json").stdout)["placement"]}) == 2
         assert "rank 1 on" in " ".join(shown.stdout.split())
+        assert "spec: 64 px, batch 4, 2 worker(s) × 1.5 CPU, epochs 2, seed 0" in " ".join(shown.stdout.split())
         assert row.metrics["shard_cache"].startswith("streamed every epoch: labelled"), row.metrics
         assert "decoded images: streamed every epoch" in " ".join(shown.stdout.split())
         assert '"status": "succeeded"' in _cli("runs", "list", "--json").stdout

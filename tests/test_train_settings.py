@@ -202,3 +202,7 @@ def test_a_run_without_an_image_size_trains_at_its_detectors_own_default():
     assert stored["image_size"] == 224 and TrainSpec.from_dict(stored).image_size == 224
     with pytest.raises(ConfigError, match="trains classifier, segmenter; not 'padim'"):
         TrainSpec(datasets=["d"], setting="supervised", method="padim")
+    from flawline.cli.train import _spec_line  # what `runs show` prints of it
+
+    assert _spec_line(padim.as_dict()) == ("spec: 256 px, batch 16, 1 worker(s) × 1 CPU, epochs: the setting's, "
+                                           "seed 0, efficientnet_lite0")

@@ -126,8 +126,10 @@ def _follow(catalog, settings, run_id: int, as_json: bool) -> None:  # noqa: ANN
     last = None
     for state in follow(catalog, settings, run_id):
         p = state["progress"] or {}
+        live = state["status"] in ("pending", "running")  # a finished run's last stage is history
         line = state["status"] + (f" epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}"
-                                  if "epoch" in p else _stage(p)) + (f": {state['waiting']}" if state.get("waiting") else "")
+                                  if "epoch" in p else _stage(p) if live else "") + (
+            f": {state['waiting']}" if state.get("waiting") else "")
         if line != last:
             err_console.print(line)
             last = line
@@ -165,6 +167,24 @@ def _run_dict(row, models: list[str]) -> dict:  # noqa: ANN001
             "models": models, "error": row.error, "spec": row.config.get("spec"), "plan": row.config.get("plan")}
 
 
+def _spec_line(spec: dict) -> str:
+    """``spec: 256 px, batch 16, 1 worker × 1 CPU, epochs: the setting's, seed 0, efficientnet_lite0``
+    and the detector options, from a run's stored spec."""
+    workers = spec.get("workers", 1)
+    if spec.get("min_workers"):
+        workers = f"{spec['min_workers']}-{workers}"
+    bundle = f"{spec.get('cpus_per_worker', 1):g} CPU" + (f" + {spec['gpus_per_worker']:g} GPU"
+                                                        if spec.get("gpus_per_worker") else "")
+    parts = [f"{spec.get('image_size')} px", f"batch {spec.get('batch_size')}", f"{workers} worker(s) × {bundle}",
+             f"epochs {spec['epochs']}" if spec.get("epochs") else "epochs: the setting's",
+             f"seed {spec.get('seed')}", str(spec.get("backbone"))]
+    if spec.get("precision", "fp32") != "fp32":
+        parts.append(spec["precision"])
+    if spec.get("options"):
+        parts.append("options " + ", ".join(f"{k}={v}" for k, v in spec["options"].items()))
+    return "spec: " + ", ".join(parts)
+
+
 def _models_of(run_id: int) -> list[str]:
     from sqlalchemy import select
 
@@ -189,6 +209,8 @@ def _show(run_id: int, as_json: bool, settings=None) -> None:  # noqa: ANN001
         return
     console.print(f"[bold]run {info['run']}[/] {info['status']}: {info['setting']}/{info['method']} on "
                   f"{'+'.join(info['datasets'] or [])} (Ray job {info['ray_job_id'] or '-'})")
+    if info["spec"]:
+        console.print(_spec_line(info["spec"]), highlight=False, soft_wrap=True)
     if info.get("waiting"):
         console.print(f"[yellow]{info['waiting']}[/]", highlight=False, soft_wrap=True)
     if info["progress"] and ("epoch" in info["progress"] or info["status"] in ("pending", "running")):

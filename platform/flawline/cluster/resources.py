@@ -424,13 +424,20 @@ _UNIT = {"placement group": "worker"}  # a pending group's bundles: a Ray Train 
 def job_waiting(dashboard_url: str, submission_id: str, client: Any = None, timeout: int = 10) -> str | None:
     """``waiting for …`` when the Ray job ``submission_id`` has a placement group (a run's Ray
     Train workers) or actors (a scoring job's model actors) pending for resources; None when
-    nothing of it waits. Pending tasks are left out: Ray Data's queued tasks are its normal
-    backpressure while a run trains, not a run that cannot start."""
-    cluster = read_cluster(dashboard_url, holders=True, timeout=timeout, client=client)
+    nothing of it waits (``pending_line``)."""
+    return pending_line(read_cluster(dashboard_url, holders=True, timeout=timeout, client=client), submission_id)
+
+
+def pending_line(cluster: ClusterResources, submission_id: str) -> str | None:
+    """``waiting for …`` for what the job ``submission_id`` has pending, or None when nothing of it
+    waits for resources. Pending tasks are left out (Ray Data's queued tasks are its normal
+    backpressure while a run trains); so are placement constraints (``node:…``, e.g. the job
+    supervisor's pin to the head node) and anything pending that fits in what is free now: it is
+    being scheduled (an actor's creation), not waiting."""
     mine = [p for p in cluster.pending_of(JOB_PREFIX + submission_id) if p.kind != "task"]
-    if not mine:
+    bundles = [b for p in mine for b in ({k: v for k, v in b.items() if _shown(k)} for b in p.bundles) if b]
+    if not bundles:
         return None
-    bundles = [b for p in mine for b in p.bundles]
     shapes = {tuple(sorted(b.items())) for b in bundles}
     if len(shapes) == 1:
         request = Request(bundles[0], len(bundles), unit=_UNIT.get(mine[0].kind, mine[0].kind))
@@ -440,4 +447,6 @@ def job_waiting(dashboard_url: str, submission_id: str, client: Any = None, time
             for k, v in b.items():
                 total[k] += v
         request = Request(dict(total), 1, unit="request")
+    if cluster.free_known and fits([n.free or {} for n in cluster.nodes], request, request.start_count):
+        return None
     return waiting_line(cluster, request)
