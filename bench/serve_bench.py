@@ -398,10 +398,11 @@ def layout_row(row: str, mode: str, single: list[dict], batches: list[dict]) -> 
 
 
 def write_config(path: Path, batch: int, threads: int, row: str = "split",
-                 wait_s: float | None = None) -> Path:
+                 wait_s: float | None = None, unset_env: tuple[str, ...] = ()) -> Path:
     """The row's serve config with one replica per deployment (no autoscaling during
     measurements), ``threads`` CPUs and torch threads for the replica holding the model, and
-    Serve's batch size ``batch`` (and batch wait ``wait_s``; None: the config's)."""
+    Serve's batch size ``batch`` (and batch wait ``wait_s``; None: the config's; ``unset_env``: the
+    application's environment variables to drop, e.g. OMP_WAIT_POLICY)."""
     config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
     for dep in config["applications"][0]["deployments"]:
         dep.pop("autoscaling_config", None)
@@ -411,6 +412,9 @@ def write_config(path: Path, batch: int, threads: int, row: str = "split",
             dep["user_config"].update(max_batch_size=batch, torch_threads=threads)
             if wait_s is not None:
                 dep["user_config"]["batch_wait_timeout_s"] = wait_s
+    env = config["applications"][0].get("runtime_env", {}).get("env_vars", {})
+    for name in unset_env:
+        env.pop(name, None)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -430,6 +434,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="Each row's concurrency-32 cell is measured this many times back to back; the "
                              "table gives the median run and the range.")
+    parser.add_argument("--unset-env", nargs="*", default=["OMP_WAIT_POLICY"], metavar="NAME",
+                        help="Environment variables of the serve config measured away, one variant each (first "
+                             "row, concurrency 1 and 32), e.g. OMP_WAIT_POLICY: libgomp's default then spins.")
     parser.add_argument("--batch-waits", type=float, nargs="*", default=[0.0], metavar="S",
                         help="Serve batch waits (batch_wait_timeout_s, seconds) measured on the first row at "
                              "concurrency 1 and 32 beside the config's value.")
@@ -550,13 +557,15 @@ def main() -> None:
                                                                          args.batch_rounds, label)))
 
             waits = []
-            for wait_s in args.batch_waits:
-                log(f"{main_row} with batch_wait_timeout_s={wait_s}")
-                deploy(write_config(tmp / f"config-wait-{wait_s}.yaml", 8, args.threads, main_row, wait_s))
-                label = f"{main_row} wait {wait_s}"
+            variants = [(f"batch_wait_timeout_s={w}", {"wait_s": w}) for w in args.batch_waits]
+            variants += [(f"{name} unset", {"unset_env": (name,)}) for name in args.unset_env]
+            for k, (variant, change) in enumerate(variants):
+                log(f"{main_row} with {variant}")
+                deploy(write_config(tmp / f"config-variant-{k}.yaml", 8, args.threads, main_row, **change))
+                label = f"{main_row} {variant}"
                 c1 = cell(target(main_row), bodies, args.requests, 1, label=label)
                 c32 = repeated_cell(target(main_row), bodies, args.requests, 32, args.repeat, label)
-                waits.append({"batch_wait_timeout_s": wait_s, "c1": c1, "c32": c32})
+                waits.append({"variant": variant, "c1": c1, "c32": c32})
 
             for row in args.layouts[1:]:
                 measure_row(row, "default")
@@ -623,7 +632,8 @@ def main() -> None:
         "load_test": load_test,
         "layouts": layouts,
         "batch_wait_config_s": _config_wait(args.layouts[0]),
-        "batch_waits": waits,
+        "config_env": _config_env(args.layouts[0]),
+        "variants": waits,
         "model": {"method": "padim", "backbone": det.config.backbone, "image_size": args.image_size,
                   "train_images": len(train_files), "device": "cpu"},
         "requests_per_cell": args.requests,
@@ -690,18 +700,27 @@ def _layout_line(x: dict, r: dict) -> str:
             f"{replicas:.1f} / {cpu['proxy']} / {cpu['machine']} | {errors} |")
 
 
-def _wait_lines(r: dict) -> list[str]:
-    """The batch-wait table: the first row with the config's wait (its cells above) and each variant."""
-    if not r.get("batch_waits"):
+def _config_env(row: str) -> dict[str, str]:
+    config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
+    return dict(config["applications"][0].get("runtime_env", {}).get("env_vars", {}))
+
+
+def _variant_lines(r: dict) -> list[str]:
+    """The variants table: the first row as configured (its cells above) and each variant of it."""
+    if not r.get("variants"):
         return []
     raw8 = next(v["images_per_s"] for v in r["raw"] if v["batch_size"] == 8)
     first = r["layouts"][0]
-    rows = [(f"{r['batch_wait_config_s']} (config)", first["c1"], first["c32"])]
-    rows += [(str(w["batch_wait_timeout_s"]), w["c1"], w["c32"]) for w in r["batch_waits"]]
-    lines = ["", f"## Serve's batch wait ({first['layout']}, max batch 8)", "",
-             "How long a replica waits for a batch to fill (`batch_wait_timeout_s`): at concurrency 1 every "
-             "request waits it in full.", "",
-             "| batch_wait_timeout_s | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | "
+    env = ", ".join(f"{k}={v}" for k, v in r.get("config_env", {}).items())
+    rows = [(f"as configured (batch_wait_timeout_s={r['batch_wait_config_s']}{', ' + env if env else ''})",
+             first["c1"], first["c32"])]
+    rows += [(w["variant"], w["c1"], w["c32"]) for w in r["variants"]]
+    lines = ["", f"## Variants of the {first['layout']} layout (max batch 8)", "",
+             "`batch_wait_timeout_s`: how long a replica waits for a batch to fill (at concurrency 1 every "
+             "request waits it in full). `OMP_WAIT_POLICY`: PASSIVE makes torch's OpenMP threads sleep at the "
+             "end of each parallel region instead of spinning, which wastes CPU that the proxy, gateway and "
+             "client share.", "",
+             "| variant | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | "
              "c=32 p50 (ms) | mean batch at c=32 | errors |", "|---|---|---|---|---|---|---|---|"]
     for label, c1, c32 in rows:
         overhead = 100 * (1 - c32["images_per_s"] / raw8)
@@ -738,7 +757,7 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_layout_line(x, r) for x in r.get("layouts", [])],
         "",
-        *_wait_lines(r),
+        *_variant_lines(r),
         "## Raw forward pass in process",
         "",
         "| batch | images/s | runs (before, after Serve) | batch p50 (ms) | batch p99 (ms) |",

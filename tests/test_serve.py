@@ -890,3 +890,16 @@ def test_the_predict_routes_declare_their_query_parameters_in_openapi():
         assert sorted(operation["responses"]) == ["200", "400", "404", "413", "415", "503"]  # never FastAPI's 422
     single = paths["/v1/models/{model}/predict"]["post"]["requestBody"]["content"]
     assert "image/*" in single and single["application/json"]["schema"]["required"] == ["uri"]
+
+
+@pytest.mark.parametrize("config", ["config.yaml", "config-single.yaml"])
+def test_the_shipped_configs_keep_their_environment_beside_the_settings_serve_up_adds(settings_env, config):
+    """``flawline serve up`` adds the catalog and S3 settings to the application's environment and
+    keeps what the config sets (OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of
+    spinning on the CPUs the proxy and front end share; measured in docs/benchmarks/serve.md)."""
+    from flawline.cli.serve import load_config
+
+    app = load_config(REPO / "serve" / config, get_settings(), REPO)["applications"][0]
+    env = app["runtime_env"]["env_vars"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["FLAWLINE_CATALOG_URL"] == get_settings().catalog_url
+    assert env["PYTHONPATH"].startswith(str(REPO.resolve()) + ":")
