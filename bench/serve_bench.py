@@ -398,11 +398,11 @@ def layout_row(row: str, mode: str, single: list[dict], batches: list[dict]) -> 
 
 
 def write_config(path: Path, batch: int, threads: int, row: str = "split",
-                 wait_s: float | None = None, unset_env: tuple[str, ...] = ()) -> Path:
+                 user_config: dict | None = None, env: dict | None = None) -> Path:
     """The row's serve config with one replica per deployment (no autoscaling during
     measurements), ``threads`` CPUs and torch threads for the replica holding the model, and
-    Serve's batch size ``batch`` (and batch wait ``wait_s``; None: the config's; ``unset_env``: the
-    application's environment variables to drop, e.g. OMP_WAIT_POLICY)."""
+    Serve's batch size ``batch``; ``user_config`` and ``env`` change the model replica's settings
+    and the application's environment variables (a variant)."""
     config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
     for dep in config["applications"][0]["deployments"]:
         dep.pop("autoscaling_config", None)
@@ -410,11 +410,10 @@ def write_config(path: Path, batch: int, threads: int, row: str = "split",
         if dep["name"] in ("ModelServer", "Inspector"):
             dep["ray_actor_options"]["num_cpus"] = threads
             dep["user_config"].update(max_batch_size=batch, torch_threads=threads)
-            if wait_s is not None:
-                dep["user_config"]["batch_wait_timeout_s"] = wait_s
-    env = config["applications"][0].get("runtime_env", {}).get("env_vars", {})
-    for name in unset_env:
-        env.pop(name, None)
+            dep["user_config"].update(user_config or {})
+    if env:
+        app = config["applications"][0]
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -434,12 +433,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="Each row's concurrency-32 cell is measured this many times back to back; the "
                              "table gives the median run and the range.")
-    parser.add_argument("--unset-env", nargs="*", default=["OMP_WAIT_POLICY"], metavar="NAME",
-                        help="Environment variables of the serve config measured away, one variant each (first "
-                             "row, concurrency 1 and 32), e.g. OMP_WAIT_POLICY: libgomp's default then spins.")
-    parser.add_argument("--batch-waits", type=float, nargs="*", default=[0.0], metavar="S",
-                        help="Serve batch waits (batch_wait_timeout_s, seconds) measured on the first row at "
-                             "concurrency 1 and 32 beside the config's value.")
+    parser.add_argument("--variants", nargs="*", metavar="KEY=VALUE",
+                        default=["batch_wait_timeout_s=0", "decode_threads=0", "env:OMP_WAIT_POLICY=PASSIVE"],
+                        help="Variants of the first row, each measured at concurrency 1 and 32: a model replica "
+                             "user_config setting (batch_wait_timeout_s=0, decode_threads=0) or an environment "
+                             "variable of the application (env:OMP_WAIT_POLICY=PASSIVE).")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--train-images", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -557,8 +555,7 @@ def main() -> None:
                                                                          args.batch_rounds, label)))
 
             waits = []
-            variants = [(f"batch_wait_timeout_s={w}", {"wait_s": w}) for w in args.batch_waits]
-            variants += [(f"{name} unset", {"unset_env": (name,)}) for name in args.unset_env]
+            variants = [(v, _variant(v)) for v in args.variants]
             for k, (variant, change) in enumerate(variants):
                 log(f"{main_row} with {variant}")
                 deploy(write_config(tmp / f"config-variant-{k}.yaml", 8, args.threads, main_row, **change))
@@ -700,6 +697,17 @@ def _layout_line(x: dict, r: dict) -> str:
             f"{replicas:.1f} / {cpu['proxy']} / {cpu['machine']} | {errors} |")
 
 
+def _variant(text: str) -> dict:
+    """``KEY=VALUE`` → a user_config change (the value read as YAML); ``env:NAME=VALUE`` → an
+    environment variable."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--variants {text!r}: expected KEY=VALUE or env:NAME=VALUE")
+    if key.startswith("env:"):
+        return {"env": {key[4:]: value}}
+    return {"user_config": {key: yaml.safe_load(value)}}
+
+
 def _config_env(row: str) -> dict[str, str]:
     config = yaml.safe_load((REPO / "serve" / ROWS[row][0]).read_text())
     return dict(config["applications"][0].get("runtime_env", {}).get("env_vars", {}))
@@ -717,9 +725,9 @@ def _variant_lines(r: dict) -> list[str]:
     rows += [(w["variant"], w["c1"], w["c32"]) for w in r["variants"]]
     lines = ["", f"## Variants of the {first['layout']} layout (max batch 8)", "",
              "`batch_wait_timeout_s`: how long a replica waits for a batch to fill (at concurrency 1 every "
-             "request waits it in full). `OMP_WAIT_POLICY`: PASSIVE makes torch's OpenMP threads sleep at the "
-             "end of each parallel region instead of spinning, which wastes CPU that the proxy, gateway and "
-             "client share.", "",
+             "request waits it in full). `decode_threads=0`: images decode on the torch thread, before each "
+             "forward pass, instead of on a thread beside it. `OMP_WAIT_POLICY=PASSIVE`: torch's OpenMP threads "
+             "sleep at the end of each parallel region instead of spinning for a while.", "",
              "| variant | c=1 images/s | c=1 p50 (ms) | c=32 images/s | c=32 overhead | "
              "c=32 p50 (ms) | mean batch at c=32 | errors |", "|---|---|---|---|---|---|---|---|"]
     for label, c1, c32 in rows:

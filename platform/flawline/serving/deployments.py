@@ -92,7 +92,8 @@ from flawline.serving.response import build_response
 
 GATEWAY_DEFAULTS: dict[str, Any] = {"resolve_ttl_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES,
                                     "max_image_pixels": MAX_PIXELS, "max_batch_images": 64}
-SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None}
+SERVER_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "torch_threads": None,
+                                   "decode_threads": 1}
 INSPECTOR_DEFAULTS: dict[str, Any] = {**GATEWAY_DEFAULTS, **SERVER_DEFAULTS}
 LAYOUTS = ("single", "split")
 APP_ARGS: dict[str, Any] = {"max_models_per_replica": 4, "device": "auto", "layout": "split"}
@@ -157,6 +158,7 @@ class _ModelHolder:
         # Every torch call (load, warm-up, forward, thread settings) on one thread: torch's OpenMP
         # pool is per calling thread, and two pools on the same cores halve the forward's speed.
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="flawline-torch")
+        self._decoder: ThreadPoolExecutor | None = None  # decode_threads > 0: images decode here
         self._failed: dict[str, tuple[float, Exception]] = {}
         self._batch_sizes = metric("flawline_batch_size")
 
@@ -169,6 +171,14 @@ class _ModelHolder:
         self.max_batch_size = int(c["max_batch_size"])
         self.predict_batch.set_max_batch_size(self.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(float(c["batch_wait_timeout_s"]))
+        threads = int(c["decode_threads"])
+        if threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {threads}")
+        if self._decoder is not None and self._decoder._max_workers != threads:
+            self._decoder.shutdown(wait=False)
+            self._decoder = None
+        if threads and self._decoder is None:
+            self._decoder = ThreadPoolExecutor(threads, thread_name_prefix="flawline-decode")
         if c["torch_threads"]:
             import torch
 
@@ -190,8 +200,9 @@ class _ModelHolder:
 
     async def _forward(self, model_id: str, items: list[Item]) -> list[Outcome]:
         """``items`` of one model, in order, in forward passes of up to ``max_batch_size``. Decoding
-        runs on a worker thread (no torch), the forward pass on the torch thread: the next chunk
-        decodes while this one runs the model, and so does another batch (``CONCURRENT_BATCHES``)."""
+        runs on the decode threads (no torch; ``decode_threads`` 0: on the torch thread), the forward
+        pass on the torch thread: the next chunk decodes while this one runs the model, and so does
+        another batch (``CONCURRENT_BATCHES``)."""
         model = await self.get_model(model_id)
         loop, outcomes = asyncio.get_running_loop(), []
         references: dict = {}  # a reference image decoded once for all the passes (a batch request shares one)
@@ -199,7 +210,7 @@ class _ModelHolder:
         chunks = [items[start:start + size] for start in range(0, len(items), size)]
 
         def decode(chunk: list[Item]) -> asyncio.Future:
-            return asyncio.ensure_future(asyncio.to_thread(decode_items, model, chunk, references))
+            return loop.run_in_executor(self._decoder or self._torch, decode_items, model, chunk, references)
 
         decoding = decode(chunks[0]) if chunks else None
         try:
