@@ -25,7 +25,7 @@ class ServiceHealth:
         return self.state in ("ok", "idle")
 
 
-SLOW_TIMEOUT_S = 10.0  # a server that accepted the connection but did not answer in time gets this long
+SLOW_TIMEOUT_S = 30.0  # a server that accepted the connection but did not answer in time gets this long
 
 
 def _http_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, object]:
