@@ -392,6 +392,7 @@ def test_a_broken_artifact_answers_503_for_that_model_only(served):
 
 def test_flawline_predict_over_http_and_local_writes_overlays(served, tmp_path):
     images = [served["free"][24], served["blowholes"][1]]
+    time.sleep(1.5)  # past the server's resolve_ttl_s (1 s): it reads the threshold an earlier test set, as --local does
     http = _cli("predict", *images, "--model", "tiles", "--out", tmp_path / "http", "--json", "--maps")
     assert http.exit_code == 0, http.output
     remote = json.loads(http.stdout)

@@ -159,6 +159,7 @@ class _ModelHolder:
         # pool is per calling thread, and two pools on the same cores halve the forward's speed.
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="flawline-torch")
         self._decoder: ThreadPoolExecutor | None = None  # decode_threads > 0: images decode here
+        self._decode_threads = 0
         self._failed: dict[str, tuple[float, Exception]] = {}
         self._batch_sizes = metric("flawline_batch_size")
 
@@ -174,11 +175,11 @@ class _ModelHolder:
         threads = int(c["decode_threads"])
         if threads < 0:
             raise ValueError(f"decode_threads must be >= 0, got {threads}")
-        if self._decoder is not None and self._decoder._max_workers != threads:
-            self._decoder.shutdown(wait=False)
-            self._decoder = None
-        if threads and self._decoder is None:
-            self._decoder = ThreadPoolExecutor(threads, thread_name_prefix="flawline-decode")
+        if threads != self._decode_threads:
+            if self._decoder is not None:
+                self._decoder.shutdown(wait=False)
+            self._decoder = ThreadPoolExecutor(threads, thread_name_prefix="flawline-decode") if threads else None
+            self._decode_threads = threads
         if c["torch_threads"]:
             import torch
 

@@ -70,7 +70,7 @@ class TrainSpec:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r} must be 'fp32' or 'bf16'")
         if self.image_size is None:
-            self.image_size = default_image_size(self.setting, self.method)
+            self.image_size = default_image_size(self)
         if not 32 <= self.image_size <= 1024:
             raise ConfigError(f"image size {self.image_size} must lie in 32..1024")
 
@@ -94,15 +94,11 @@ class TrainSpec:
         return cls(**values)
 
 
-def default_image_size(setting: str, method: str | None) -> int:
-    """The image size a run of ``setting`` with ``method`` (None: the setting's first) trains at when
-    none is given: the detector's own default, the size ``flawline evaluate`` uses for it too.
-    Raises ``ConfigError`` for an unknown setting or a method the setting does not train."""
+def default_image_size(spec: TrainSpec) -> int:
+    """The image size a run of ``spec`` trains at when it names none: its detector's own default
+    (the setting's ``method``: ``spec.method`` or the setting's first), the size ``flawline
+    evaluate`` uses for it too. Raises ``ConfigError`` as ``get_setting`` and ``Setting.method`` do."""
     from flawline.models.base import detector_class
     from flawline.train.settings import get_setting
 
-    chosen = get_setting(setting)
-    name = method or chosen.methods[0]
-    if name not in chosen.methods:
-        raise ConfigError(f"setting {setting!r} trains {', '.join(chosen.methods)}; not {name!r}")
-    return int(detector_class(name).Config().image_size)
+    return int(detector_class(get_setting(spec.setting).method(spec)).Config().image_size)
