@@ -31,6 +31,17 @@ def test_help_explains(args):
     assert "Usage" in result.output
 
 
+def test_predict_help_names_its_settings_whole_in_a_narrow_terminal():
+    """At 80 columns Rich cuts a word longer than its column with an ellipsis: the settings that
+    name the server's address must stay whole words."""
+    result = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "…" not in result.output
+    for name in ("FLAWLINE_SERVE_HOST", "FLAWLINE_SERVE_PORT", "FLAWLINE_SERVE_GRPC_PORT"):
+        assert name in text
+
+
 def test_data_commands(settings_env, folder_tree):
     result = _run("data", "import", str(folder_tree), "--dataset", "parts", "--json")
     assert result.exit_code == 0, result.output

@@ -180,6 +180,8 @@ def up(config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve
     console.print(f"serving at {serve_address(details) or want} ({time.monotonic() - started:.0f} s): "
                   f"POST /v1/models/<model>/predict (one image) and /predict/batch (many), GET /v1/models, "
                   "GET /healthz")
+    console.print("a replica loads each model on its first request for it: that answer takes seconds longer "
+                  "(the model's load time); later ones do not")
     if serve_grpc_port(details):
         console.print(f"gRPC (serve/flawline.proto) on port {serve_grpc_port(details)}, every interface: "
                       "flawline.Inspection/Predict and /PredictMany")
@@ -394,14 +396,15 @@ def predict(
                               "name:version."),
     local: bool = typer.Option(False, "--local", help="Run the model in this process instead of asking the server."),
     use_grpc: bool = typer.Option(False, "--grpc", help="Ask the server through its gRPC API (serve/flawline.proto) "
-                                  "at FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT instead of HTTP."),
+                                  "(host FLAWLINE_SERVE_HOST, port FLAWLINE_SERVE_GRPC_PORT) instead of HTTP."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write <image>.overlay.png (heatmap and defect "
                                        "regions over the image) into this folder."),
     maps: bool = typer.Option(False, "--maps", help="With --out, also write <image>.heatmap.png (the anomaly map "
                               "in gray: black at 0, white at twice the threshold; without one, at the map's maximum) "
                               "and <image>.mask.png (the defect mask), at the model's input size."),
-    url: Optional[str] = typer.Option(None, help="Server address (default http://FLAWLINE_SERVE_HOST:PORT; with "
-                                      "--grpc host:port, default FLAWLINE_SERVE_HOST:FLAWLINE_SERVE_GRPC_PORT)."),
+    url: Optional[str] = typer.Option(None, help="Server address, http://host:port (default: host FLAWLINE_SERVE_HOST, "
+                                      "port FLAWLINE_SERVE_PORT); with --grpc, host:port (default: host "
+                                      "FLAWLINE_SERVE_HOST, port FLAWLINE_SERVE_GRPC_PORT)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each answer."),
     batch: int = typer.Option(32, "--batch", min=1, max=64, help="Images per request to the server: several "
                               "files go as batch inspection requests of up to this many images (and 24 MiB), "
