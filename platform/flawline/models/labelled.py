@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from flawline.errors import ConfigError
@@ -27,12 +28,17 @@ class LabelTrainedDetector(Detector):
 
     @property
     def net(self) -> nn.Module:
-        """The trainable network (built on first use; training updates it in place)."""
+        """The trainable network (built on first use; training updates it in place). Its new layers
+        are initialised from ``config.seed`` alone, not from whatever the process drew before: the
+        same seed gives the same network in a fresh training job and after other work in one
+        process (a benchmark's earlier rows), and the caller's random state is left as it was."""
         if self._net is None:
             c = self.config
-            encoder = build_feature_extractor(c.backbone, c.weights, layers=(1, 2, 3, 4), trainable=True)
-            encoder.freeze_stem(c.freeze_blocks)
-            self._net = self.build_net(encoder).to(self.device).eval()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed)
+                encoder = build_feature_extractor(c.backbone, c.weights, layers=(1, 2, 3, 4), trainable=True)
+                encoder.freeze_stem(c.freeze_blocks)
+                self._net = self.build_net(encoder).to(self.device).eval()
         return self._net
 
     def state_dict(self) -> dict[str, Any]:
